@@ -1,0 +1,1 @@
+"""Datasets: registry, download, parsing, preparation into the sharded on-disk layout, and reading it back."""

@@ -1,0 +1,312 @@
+"""The on-disk layout of a prepared dataset: writing it atomically and reading it back with validation.
+
+A prepared dataset is a folder::
+
+    <name>/
+      meta.json             format version, source, options, counts, shard list with per-file sha256
+      items.parquet         item (our id) -> movie_id (original), title, year, genres
+      users.parquet         user (our id) -> user_id (original)
+      training/part-K.npz   `pairs` (N, 2) int32 [user, item] in per-user time order, `timestamps` (N,)
+      validation/part-K.npz one pair per evaluated user
+      evaluation/part-K.npz one pair per evaluated user
+
+Ids are contiguous from 1 (0 is padding). Shard K of every split covers the same user range, so that a
+fraction of the shards trains and evaluates exactly the same users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from movierec.errors import DataError
+
+FORMAT_VERSION = 1
+SPLITS = ("training", "validation", "evaluation")
+META_FILE = "meta.json"
+ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardWriter:
+    """Writes a dataset into a hidden temporary folder and moves it into place only when complete.
+
+    A crash at any point leaves the temporary folder behind (ignored by readers, removed by the next
+    prepare), never a folder that looks like a finished dataset.
+    """
+
+    out_dir: Path
+    name: str
+    overwrite: bool = False
+    shards: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.final_dir = self.out_dir / self.name
+        if self.final_dir.exists() and not self.overwrite:
+            raise DataError(
+                f"{self.final_dir} already exists; pass --overwrite to replace it or choose another --out"
+            )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(f".{self.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_dir))
+        for split in SPLITS:
+            (self.tmp_dir / split).mkdir()
+
+    def add_shard(
+        self,
+        user_range: tuple[int, int],
+        splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    ) -> None:
+        """Write shard number len(self.shards): per split a (N, 2) pair array and optional timestamps."""
+        index = len(self.shards)
+        files = {}
+        for split in SPLITS:
+            pairs, timestamps = splits[split]
+            rel = f"{split}/part-{index:05d}.npz"
+            arrays = {"pairs": np.ascontiguousarray(pairs, dtype=np.int32)}
+            if timestamps is not None:
+                arrays["timestamps"] = np.ascontiguousarray(timestamps, dtype=np.int64)
+            with open(self.tmp_dir / rel, "wb") as handle:
+                np.savez(handle, **arrays)
+            files[split] = {"path": rel, "pairs": int(len(pairs)), "sha256": sha256_file(self.tmp_dir / rel)}
+        self.shards.append({"index": index, "users": [int(user_range[0]), int(user_range[1])], "files": files})
+
+    def finish(self, meta: dict, items: pa.Table, users: pa.Table) -> Path:
+        """Write tables and meta.json, then atomically move the folder into place."""
+        pq.write_table(items, self.tmp_dir / ITEMS_FILE)
+        pq.write_table(users, self.tmp_dir / USERS_FILE)
+        meta = {"format_version": FORMAT_VERSION, **meta, "shards": self.shards}
+        meta["files_sha256"] = {
+            name: sha256_file(self.tmp_dir / name) for name in (ITEMS_FILE, USERS_FILE)
+        }
+        (self.tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.final_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_dir))
+            os.replace(self.final_dir, trash / self.name)
+            os.replace(self.tmp_dir, self.final_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp_dir, self.final_dir)
+        return self.final_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def read_meta(path: str | Path) -> dict:
+    """Read and check meta.json of a prepared dataset folder."""
+    root = Path(path)
+    meta_path = root / META_FILE
+    if not root.is_dir():
+        raise DataError(
+            f"dataset folder {root} does not exist; run `movierec prepare --dataset NAME --out DIR` "
+            "and pass DIR/NAME"
+        )
+    if not meta_path.is_file():
+        hint = ""
+        candidates = sorted(p.parent.name for p in root.glob(f"*/{META_FILE}"))
+        if candidates:
+            hint = f" (it contains prepared datasets: {', '.join(candidates)}; pass one of those folders)"
+        raise DataError(f"{root} is not a prepared dataset: {META_FILE} is missing{hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{meta_path} is not valid JSON ({exc}); re-run `movierec prepare`") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{meta_path} has format version {version!r}, this movierec reads version {FORMAT_VERSION}; "
+            "re-run `movierec prepare` with this version"
+        )
+    for key in ("name", "num_users", "num_items", "shards"):
+        if key not in meta:
+            raise DataError(f"{meta_path} lacks the field {key!r}; re-run `movierec prepare`")
+    return meta
+
+
+def select_shards(num_shards: int, fraction: float | None = None, shards: str | Sequence[int] | None = None) -> list[int]:
+    """Resolve `--fraction F` (the first ceil(F * n) shards) or `--shards 0-3,7` into shard indices."""
+    if fraction is not None and shards is not None:
+        raise DataError("give either --fraction or --shards, not both")
+    if shards is not None:
+        if isinstance(shards, str):
+            chosen: list[int] = []
+            for part in shards.split(","):
+                part = part.strip()
+                try:
+                    if "-" in part:
+                        lo, hi = (int(x) for x in part.split("-", 1))
+                        chosen.extend(range(lo, hi + 1))
+                    else:
+                        chosen.append(int(part))
+                except ValueError as exc:
+                    raise DataError(f"--shards {shards!r}: expected indices like '0-3,7'") from exc
+        else:
+            chosen = [int(s) for s in shards]
+        bad = [s for s in chosen if not 0 <= s < num_shards]
+        if bad or not chosen:
+            raise DataError(f"--shards {shards!r}: this dataset has shards 0-{num_shards - 1}")
+        return sorted(set(chosen))
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise DataError(f"--fraction must be in (0, 1], got {fraction}")
+        return list(range(max(1, int(np.ceil(fraction * num_shards - 1e-9)))))
+    return list(range(num_shards))
+
+
+def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items: int, verify: bool):
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing; the dataset is incomplete, re-run `movierec prepare`")
+    if verify and sha256_file(path) != expected["sha256"]:
+        raise DataError(
+            f"shard {path} is corrupt: its sha256 differs from meta.json; re-run `movierec prepare`"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            pairs = npz["pairs"]
+            timestamps = npz["timestamps"] if "timestamps" in npz.files else None
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as exc:
+        raise DataError(f"shard {path} cannot be read ({exc}); re-run `movierec prepare`") from exc
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
+        raise DataError(f"shard {path}: expected an (N, 2) integer array, got {pairs.dtype} {pairs.shape}")
+    if len(pairs) != expected["pairs"]:
+        raise DataError(f"shard {path} holds {len(pairs)} pairs, meta.json says {expected['pairs']}")
+    if len(pairs):
+        users, items = pairs[:, 0], pairs[:, 1]
+        lo, hi = user_range
+        if users.min() < lo or users.max() >= hi:
+            raise DataError(f"shard {path}: user ids outside the shard's range [{lo}, {hi})")
+        if items.min() < 1 or items.max() > num_items:
+            raise DataError(f"shard {path}: item ids outside 1..{num_items}")
+        if np.any(np.diff(users) < 0):
+            raise DataError(f"shard {path}: pairs are not grouped by user")
+    return pairs, timestamps
+
+
+@dataclass
+class SequenceData:
+    """Per-user sequences of a prepared dataset, indexed by our user id (1..num_users).
+
+    `train_items[train_offsets[u]:train_offsets[u + 1]]` is user u's training sequence in time order;
+    `valid_item[u]` / `test_item[u]` are the held-out items (0 when the user is not evaluated).
+    Users outside the selected shards have empty sequences and are not in `users`.
+    """
+
+    path: Path
+    meta: dict
+    num_users: int
+    num_items: int
+    users: np.ndarray
+    train_offsets: np.ndarray
+    train_items: np.ndarray
+    valid_item: np.ndarray
+    test_item: np.ndarray
+    shard_indices: list[int]
+
+    def train_sequence(self, user: int) -> np.ndarray:
+        return self.train_items[self.train_offsets[user] : self.train_offsets[user + 1]]
+
+    @property
+    def train_lengths(self) -> np.ndarray:
+        return np.diff(self.train_offsets)
+
+    @property
+    def evaluated_users(self) -> np.ndarray:
+        return np.flatnonzero(self.test_item)
+
+    def history(self, user: int, split: str = "evaluation") -> np.ndarray:
+        """Input sequence for predicting `split`: training items, plus the validation item for evaluation."""
+        seq = self.train_sequence(user)
+        if split == "evaluation" and self.valid_item[user]:
+            seq = np.append(seq, self.valid_item[user])
+        elif split == "all":
+            extra = [x for x in (self.valid_item[user], self.test_item[user]) if x]
+            seq = np.append(seq, np.asarray(extra, dtype=seq.dtype))
+        return seq
+
+
+def load_sequences(
+    path: str | Path,
+    fraction: float | None = None,
+    shards: str | Sequence[int] | None = None,
+    verify: bool = True,
+) -> SequenceData:
+    """Load the selected shards of a prepared dataset into per-user arrays, validating every file."""
+    root = Path(path)
+    meta = read_meta(root)
+    num_users, num_items = int(meta["num_users"]), int(meta["num_items"])
+    chosen = select_shards(len(meta["shards"]), fraction, shards)
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for index in chosen:
+        shard = meta["shards"][index]
+        user_range = (int(shard["users"][0]), int(shard["users"][1]))
+        for split in SPLITS:
+            try:
+                expected = shard["files"][split]
+            except KeyError as exc:
+                raise DataError(f"{root / META_FILE}: shard {index} has no {split} file") from exc
+            pairs, _ = _load_npz(root / expected["path"], expected, user_range, num_items, verify)
+            parts[split].append(pairs)
+    train = np.concatenate(parts["training"]) if parts["training"] else np.zeros((0, 2), np.int32)
+    counts = np.bincount(train[:, 0], minlength=num_users + 2)[: num_users + 2]
+    offsets = np.zeros(num_users + 2, dtype=np.int64)
+    np.cumsum(counts[: num_users + 1], out=offsets[1:])
+    held_out = {}
+    for split in ("validation", "evaluation"):
+        pairs = np.concatenate(parts[split]) if parts[split] else np.zeros((0, 2), np.int32)
+        column = np.zeros(num_users + 1, dtype=np.int32)
+        if len(np.unique(pairs[:, 0])) != len(pairs):
+            raise DataError(f"{root}/{split}: a user has more than one held-out pair")
+        column[pairs[:, 0]] = pairs[:, 1]
+        held_out[split] = column
+    users = np.flatnonzero(counts[: num_users + 1] + (held_out["evaluation"] > 0))
+    return SequenceData(
+        path=root,
+        meta=meta,
+        num_users=num_users,
+        num_items=num_items,
+        users=users.astype(np.int64),
+        train_offsets=offsets,
+        train_items=train[:, 1].astype(np.int64),
+        valid_item=held_out["validation"],
+        test_item=held_out["evaluation"],
+        shard_indices=chosen,
+    )
+
+
+def read_items(path: str | Path) -> pa.Table:
+    """items.parquet: item (our id), movie_id, title, year, genres."""
+    file = Path(path) / ITEMS_FILE
+    if not file.is_file():
+        raise DataError(f"{file} is missing; re-run `movierec prepare`")
+    return pq.read_table(file)
+
+
+def read_users(path: str | Path) -> pa.Table:
+    """users.parquet: user (our id), user_id (original)."""
+    file = Path(path) / USERS_FILE
+    if not file.is_file():
+        raise DataError(f"{file} is missing; re-run `movierec prepare`")
+    return pq.read_table(file)
