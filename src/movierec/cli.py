@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from movierec.errors import MovierecError
+from movierec.errors import ConfigError, MovierecError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -34,14 +34,34 @@ def command(name: str, help_text: str):
 def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="synthetic, ml-1m-sasrec, or a MovieLens release name")
     p.add_argument("--out", default="data", type=Path, help="parent folder of the prepared dataset (default: data)")
-    p.add_argument("--input", type=Path, help="a local source file or folder (ml-1m-sasrec: the ml-1m.txt file)")
+    p.add_argument(
+        "--input",
+        type=Path,
+        help="a local source: ml-1m-sasrec: the ml-1m.txt file; a release: its extracted folder; "
+        "ml-20mx16x32: the folder with trainx16x32_K.npz/testx16x32_K.npz",
+    )
     p.add_argument("--titles", type=Path, help="ml-1m-sasrec: folder with movies.dat and sas_to_original_items.txt")
+    _add_source_options(p)
+    p.add_argument("--fraction", type=float, default=None, help="ml-20mx16x32: convert the first F of its shards")
+    p.add_argument("--shards", default=None, help="ml-20mx16x32: convert these shards, e.g. 0-3,7")
     p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     p.add_argument("--min-rating", type=float, default=None, help="drop ratings below this (default: keep all)")
     p.add_argument("--min-user-interactions", type=int, default=None, help="k-core minimum per user (default 5)")
     p.add_argument("--min-item-interactions", type=int, default=None, help="k-core minimum per item (default 5)")
     p.add_argument("--num-shards", type=int, default=None, help="number of user shards (default: by size)")
+    p.add_argument(
+        "--shard-pairs", type=int, default=2_000_000, help="target interactions per shard (default 2,000,000)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--archive", type=Path, help="use this archive (zip/tar) instead of downloading (offline use)")
+    p.add_argument(
+        "--data-home", type=Path, help="download cache (default: $MOVIEREC_DATA_HOME, else ~/.cache/movierec)"
+    )
+    p.add_argument("--base-url", help="mirror to download from (default: $MOVIEREC_BASE_URL, else GroupLens)")
+    p.add_argument("--no-verify", action="store_true", help="skip the MD5 check of the archive")
 
 
 @command("prepare", "prepare a dataset into sharded training/validation/evaluation splits")
@@ -59,7 +79,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         min_user_interactions=args.min_user_interactions,
         min_item_interactions=args.min_item_interactions,
         num_shards=args.num_shards,
+        shard_pairs=args.shard_pairs,
         overwrite=args.overwrite,
+        archive=args.archive,
+        data_home=args.data_home,
+        base_url=args.base_url,
+        verify=not args.no_verify,
+        fraction=args.fraction,
+        shards=args.shards,
+        progress=sys.stderr.isatty(),
     )
     print_summary(path)
     return 0
@@ -74,6 +102,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     from movierec.data.summary import print_summary
 
     print_summary(args.path)
+    return 0
+
+
+def add_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="a MovieLens release (see --list)")
+    p.add_argument("--list", action="store_true", help="list the known releases and exit")
+    _add_source_options(p)
+
+
+@command("download", "download a MovieLens release into the cache (or copy --archive there), MD5-verified")
+def cmd_download(args: argparse.Namespace) -> int:
+    from movierec.data.download import data_home, download
+    from movierec.data.registry import RELEASES
+
+    if args.list:
+        for release in RELEASES.values():
+            checksum = release.md5 or "no pinned MD5"
+            print(f"{release.name:16} {release.url()}  {checksum}\n{'':16} {release.description}")
+        return 0
+    if not args.name:
+        raise ConfigError("give a release name, e.g. `movierec download ml-1m` (`--list` shows them all)")
+    path = download(
+        args.name,
+        home=args.data_home,
+        url=args.base_url,
+        archive=args.archive,
+        verify=not args.no_verify,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"{path}  (cache: {data_home(args.data_home)})")
     return 0
 
 

@@ -64,9 +64,7 @@ class ShardWriter:
         self.out_dir = Path(self.out_dir)
         self.final_dir = self.out_dir / self.name
         if self.final_dir.exists() and not self.overwrite:
-            raise DataError(
-                f"{self.final_dir} already exists; pass --overwrite to replace it or choose another --out"
-            )
+            raise DataError(f"{self.final_dir} already exists; pass --overwrite to replace it or choose another --out")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.out_dir.glob(f".{self.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -90,7 +88,7 @@ class ShardWriter:
                 arrays["timestamps"] = np.ascontiguousarray(timestamps, dtype=np.int64)
             with open(self.tmp_dir / rel, "wb") as handle:
                 np.savez(handle, **arrays)
-            files[split] = {"path": rel, "pairs": int(len(pairs)), "sha256": sha256_file(self.tmp_dir / rel)}
+            files[split] = {"path": rel, "pairs": len(pairs), "sha256": sha256_file(self.tmp_dir / rel)}
         self.shards.append({"index": index, "users": [int(user_range[0]), int(user_range[1])], "files": files})
 
     def finish(self, meta: dict, items: pa.Table, users: pa.Table) -> Path:
@@ -98,9 +96,7 @@ class ShardWriter:
         pq.write_table(items, self.tmp_dir / ITEMS_FILE)
         pq.write_table(users, self.tmp_dir / USERS_FILE)
         meta = {"format_version": FORMAT_VERSION, **meta, "shards": self.shards}
-        meta["files_sha256"] = {
-            name: sha256_file(self.tmp_dir / name) for name in (ITEMS_FILE, USERS_FILE)
-        }
+        meta["files_sha256"] = {name: sha256_file(self.tmp_dir / name) for name in (ITEMS_FILE, USERS_FILE)}
         (self.tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.final_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_dir))
@@ -121,8 +117,7 @@ def read_meta(path: str | Path) -> dict:
     meta_path = root / META_FILE
     if not root.is_dir():
         raise DataError(
-            f"dataset folder {root} does not exist; run `movierec prepare --dataset NAME --out DIR` "
-            "and pass DIR/NAME"
+            f"dataset folder {root} does not exist; run `movierec prepare --dataset NAME --out DIR` and pass DIR/NAME"
         )
     if not meta_path.is_file():
         hint = ""
@@ -146,7 +141,9 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def select_shards(num_shards: int, fraction: float | None = None, shards: str | Sequence[int] | None = None) -> list[int]:
+def select_shards(
+    num_shards: int, fraction: float | None = None, shards: str | Sequence[int] | None = None
+) -> list[int]:
     """Resolve `--fraction F` (the first ceil(F * n) shards) or `--shards 0-3,7` into shard indices."""
     if fraction is not None and shards is not None:
         raise DataError("give either --fraction or --shards, not both")
@@ -180,9 +177,7 @@ def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items
     if not path.is_file():
         raise DataError(f"shard {path} is missing; the dataset is incomplete, re-run `movierec prepare`")
     if verify and sha256_file(path) != expected["sha256"]:
-        raise DataError(
-            f"shard {path} is corrupt: its sha256 differs from meta.json; re-run `movierec prepare`"
-        )
+        raise DataError(f"shard {path} is corrupt: its sha256 differs from meta.json; re-run `movierec prepare`")
     try:
         with np.load(path, allow_pickle=False) as npz:
             pairs = npz["pairs"]

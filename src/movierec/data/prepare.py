@@ -5,13 +5,14 @@ Every step is vectorised with numpy (no per-row Python), so ML-20M's 20 M rating
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from movierec.data.layout import ShardWriter
+from movierec.data.layout import SPLITS, ShardWriter
 from movierec.errors import DataError
 
 DEFAULT_SHARD_PAIRS = 2_000_000
@@ -113,7 +114,7 @@ def shard_boundaries(user_counts: np.ndarray, shard_pairs: int, num_shards: int 
     targets = total * np.arange(1, num_shards) / num_shards
     cuts = np.searchsorted(cumulative, targets, side="left") + 2  # first user of the next shard
     bounds = np.unique(np.concatenate([[1], cuts, [num_users + 1]]))
-    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
 
 
 def _year_from_title(titles: pa.Array) -> pa.Array:
@@ -183,7 +184,7 @@ def write_dataset(
                 rows = lab == code
                 parts[split_name] = (np.stack([u[rows], i[rows]], axis=1), t[rows])
             writer.add_shard((lo, hi), parts)
-        counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in ("training", "validation", "evaluation")}
+        counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in SPLITS}
         meta = {
             "name": name,
             "source": source,

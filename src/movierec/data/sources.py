@@ -43,14 +43,23 @@ def prepare_synthetic(out: str | Path, seed: int = 0, overwrite: bool = False, n
 
     interactions, titles = generate_synthetic(seed=seed)
     return write_dataset(
-        interactions, out, "synthetic", source={"kind": "synthetic", "seed": seed}, titles=titles,
-        num_shards=num_shards, overwrite=overwrite,
+        interactions,
+        out,
+        "synthetic",
+        source={"kind": "synthetic", "seed": seed},
+        titles=titles,
+        num_shards=num_shards,
+        overwrite=overwrite,
     )
 
 
 def prepare_sasrec_text(
-    input_path: str | Path, out: str | Path, name: str = "ml-1m-sasrec", titles: pa.Table | None = None,
-    overwrite: bool = False, **options,
+    input_path: str | Path,
+    out: str | Path,
+    name: str = "ml-1m-sasrec",
+    titles: pa.Table | None = None,
+    overwrite: bool = False,
+    **options,
 ) -> Path:
     """Prepare a SASRec text file. It is already filtered and 1-based, so no k-core by default."""
     interactions = read_sasrec_text(input_path)
@@ -58,3 +67,111 @@ def prepare_sasrec_text(
     options.setdefault("min_item_interactions", 0)
     source = {"kind": "sasrec-text", "path": str(Path(input_path).resolve()), "sha256": sha256_file(Path(input_path))}
     return write_dataset(interactions, out, name, source=source, titles=titles, overwrite=overwrite, **options)
+
+
+class ReleaseFiles:
+    """The files of a MovieLens release, read from its zip archive or from an extracted folder.
+
+    Members are found at their place in the official archive (`ml-1m/ratings.dat`); a re-packed archive or
+    a folder that holds the files directly (`DIR/ratings.dat`) or one level down (`DIR/ml-1m/ratings.dat`)
+    works too. Zip members are decompressed while they are parsed, never extracted to disk.
+    """
+
+    def __init__(self, release, archive: str | Path | None = None, folder: str | Path | None = None):
+        import zipfile
+
+        self.release = release
+        self.archive = Path(archive) if archive is not None else None
+        self.folder = Path(folder) if folder is not None else None
+        self._zip = None
+        if self.archive is not None:
+            try:
+                self._zip = zipfile.ZipFile(self.archive)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise DataError(
+                    f"{self.archive} is not a readable zip archive ({exc}); it may be truncated: download it "
+                    "again (a cached download is re-verified) or check --archive"
+                ) from exc
+            self._names = [n for n in self._zip.namelist() if not n.endswith("/")]
+        elif self.folder is None or not self.folder.is_dir():
+            raise DataError(f"--input {self.folder} is not a folder; pass the extracted {release.name} folder")
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def where(self) -> str:
+        return str(self.archive if self.archive is not None else self.folder)
+
+    def locate(self, filename: str) -> str | Path | None:
+        """The zip member name or file path of `filename`, or None when the release lacks it."""
+        root = self.release.root
+        if self._zip is not None:
+            exact = f"{root}/{filename}"
+            if exact in self._names:
+                return exact
+            matches = sorted((n for n in self._names if n == filename or n.endswith(f"/{filename}")), key=len)
+            return matches[0] if matches else None
+        for candidate in (self.folder / filename, self.folder / root / filename):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def require(self, filename: str) -> str | Path:
+        found = self.locate(filename)
+        if found is None:
+            if self._zip is not None:
+                raise DataError(
+                    f"{self.archive} has no {self.release.root}/{filename}: is it the {self.release.name} archive "
+                    f"({self.release.filename})?"
+                )
+            raise DataError(
+                f"{self.folder} holds neither {filename} nor {self.release.root}/{filename}: pass the extracted "
+                f"{self.release.name} folder with --input"
+            )
+        return found
+
+    def open(self, member: str | Path):
+        """A binary file object for a located member, and its display name."""
+        if self._zip is not None:
+            return self._zip.open(str(member)), f"{self.archive}:{member}"
+        return open(member, "rb"), str(member)
+
+
+def read_release(files: ReleaseFiles) -> tuple[Interactions, pa.Table | None]:
+    """Ratings as Interactions (rows in file order) and the titles table, for any zip/csv/dat release."""
+    from movierec.data import parsers
+    from movierec.data.registry import FORMAT_CSV, FORMAT_DAT, FORMAT_ML100K
+
+    release = files.release
+    readers = {
+        FORMAT_ML100K: (parsers.read_u_data, parsers.read_u_item),
+        FORMAT_DAT: (parsers.read_ratings_dat, parsers.read_movies_dat),
+        FORMAT_CSV: (parsers.read_ratings_csv, parsers.read_movies_csv),
+    }
+    if release.format not in readers:
+        raise DataError(f"{release.name} is not a ratings-file release")
+    read_ratings, read_titles = readers[release.format]
+    handle, name = files.open(files.require(release.ratings))
+    with handle:
+        interactions = read_ratings(handle, name)
+    titles = None
+    member = files.locate(release.titles) if release.titles else None
+    if member is not None:
+        extra = {}
+        genre_member = files.locate("u.genre") if release.format == FORMAT_ML100K else None
+        if genre_member is not None:
+            handle, _ = files.open(genre_member)
+            with handle:
+                extra["genre_names"] = parsers.read_u_genre(handle)
+        handle, name = files.open(member)
+        with handle:
+            titles = read_titles(handle, name, **extra)
+    return interactions, titles

@@ -14,8 +14,20 @@ import pyarrow as pa
 
 from movierec.data.prepare import Interactions
 
-GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation", "Western",
-          "Documentary", "Musical", "Crime")
+GENRES = (
+    "Action",
+    "Comedy",
+    "Drama",
+    "Horror",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "Animation",
+    "Western",
+    "Documentary",
+    "Musical",
+    "Crime",
+)
 
 
 def generate_synthetic(

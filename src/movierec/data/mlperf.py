@@ -1,0 +1,263 @@
+"""MLPerf's `ml-20mx16x32` (fractal expansion of ML-20M) converted into our sharded layout, streaming.
+
+Input: a folder with `trainx16x32_{k}.npz` and `testx16x32_{k}.npz` (k = 0..15), each holding one array
+`arr_0` of shape (N, 2), `[user, item]`, int64, as written by MLPerf's generator: file k holds a block of
+users, each user's pairs together with its items in increasing id order. There are no timestamps and so
+**no time order**: "sequences" are in item-id order, meta.json says `time_ordered: false`, and sequential
+models trained on it learn no real temporal signal.
+
+Conversion, one input file pair at a time (memory is bounded by one input shard, not by the 1.2 B pairs):
+
+- items: MLPerf's item 0 is a real item, so every item id is shifted by one (our id = MLPerf id + 1; 0 stays
+  padding); `items.parquet` keeps the MLPerf id in `movie_id`. `num_items` = largest id seen + 1.
+- users: renumbered contiguously from 1 in the order of the input files and, within a file, of MLPerf's user
+  id (for the full data set this is MLPerf id + 1); `users.parquet` keeps the MLPerf id in `user_id`.
+- evaluation: the test pair of each user (MLPerf's one test item per user), unchanged. Should a user have
+  several test pairs, the last one in file order is the evaluation pair and the others join its training
+  pairs (counted in meta.json as `extra_test_pairs_to_training`).
+- validation: the **last training pair of each user in file order** (its largest item id) is held out, for
+  users with at least two training pairs; a user with a single training pair keeps it for training.
+- training: the remaining pairs, in file order.
+
+`--fraction F` / `--shards 0-3` choose which input files are converted (the first ceil(F * 16) files for a
+fraction). Each input file becomes one or more output shards of about `shard_pairs` pairs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from movierec.data.layout import SPLITS, ShardWriter, select_shards, sha256_file
+from movierec.data.prepare import DEFAULT_SHARD_PAIRS, shard_boundaries
+from movierec.errors import DataError
+
+TRAIN_FILE = "trainx16x32_{k}.npz"
+TEST_FILE = "testx16x32_{k}.npz"
+_TRAIN_RE = re.compile(r"^trainx16x32_(\d+)\.npz$")
+VALIDATION_RULE = (
+    "last training pair of each user in file order (its largest item id), for users with >= 2 training pairs"
+)
+
+
+def find_shards(folder: str | Path) -> tuple[Path, list[int]]:
+    """The folder holding the .npz files (DIR or DIR/ml-20mx16x32) and the sorted shard numbers in it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--input {folder} is not a folder; pass the folder with trainx16x32_*.npz files")
+    for candidate in (folder, folder / "ml-20mx16x32"):
+        numbers = sorted(int(m.group(1)) for p in candidate.glob("trainx16x32_*.npz") if (m := _TRAIN_RE.match(p.name)))
+        if numbers:
+            return candidate, numbers
+    raise DataError(f"{folder} holds no trainx16x32_K.npz files: pass the extracted ml-20mx16x32 folder with --input")
+
+
+def _open_tar(archive: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(archive)
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"{archive} is not a readable tar archive ({exc}); download it again") from exc
+
+
+def choose(numbers: list[int], fraction=None, shards=None, where: str | Path = "") -> list[int]:
+    """Shard numbers k chosen by --fraction (of 0..max k) or --shards, each present in `numbers`."""
+    chosen = select_shards(max(numbers) + 1, fraction, shards)
+    missing = [k for k in chosen if k not in set(numbers)]
+    if missing:
+        raise DataError(f"{where} lacks {TRAIN_FILE.format(k=missing[0])} (chosen shards: {chosen})")
+    return chosen
+
+
+def extract_shards(archive: str | Path, dest: str | Path, fraction=None, shards=None) -> tuple[Path, list[int]]:
+    """Extract the chosen shards of `ml-20mx16x32.tar` into `dest` (each file atomically).
+
+    Returns dest and the chosen shard numbers. Files already extracted with the right size are kept.
+    """
+    archive, dest = Path(archive), Path(dest)
+    with _open_tar(archive) as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        numbers = sorted(int(m.group(1)) for n in members if (m := _TRAIN_RE.match(n)))
+        if not numbers:
+            raise DataError(f"{archive} holds no trainx16x32_K.npz files: is it ml-20mx16x32.tar?")
+        chosen = choose(numbers, fraction, shards, archive)
+        dest.mkdir(parents=True, exist_ok=True)
+        for k in chosen:
+            for pattern in (TRAIN_FILE, TEST_FILE):
+                name = pattern.format(k=k)
+                if name not in members:
+                    raise DataError(f"{archive} lacks {name}")
+                target = dest / name
+                if target.is_file() and target.stat().st_size == members[name].size:
+                    continue
+                part = dest / (name + ".part")
+                with tar.extractfile(members[name]) as src, open(part, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 22)
+                part.replace(target)
+    return dest, chosen
+
+
+def _load_pairs(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path} is missing; every trainx16x32_K.npz needs its testx16x32_K.npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "arr_0" not in npz.files:
+                raise DataError(f"{path} has no array arr_0 (it has {npz.files}); not an MLPerf ml-20mx16x32 file")
+            pairs = npz["arr_0"]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} cannot be read ({exc}); it is corrupt or truncated: extract it again") from exc
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
+        raise DataError(f"{path}: expected arr_0 of shape (N, 2) integers, got {pairs.dtype} {pairs.shape}")
+    if len(pairs) and pairs.min() < 0:
+        raise DataError(f"{path}: negative user or item ids")
+    return pairs
+
+
+def _group_by_user(pairs: np.ndarray) -> np.ndarray:
+    users = pairs[:, 0]
+    if len(users) > 1 and np.any(users[1:] < users[:-1]):
+        pairs = pairs[np.argsort(users, kind="stable")]  # keeps file order within a user
+    return pairs
+
+
+def _last_of_each_user(users: np.ndarray) -> np.ndarray:
+    """Boolean mask of the last row of each run of equal (sorted) user ids."""
+    last = np.ones(len(users), dtype=bool)
+    last[:-1] = users[1:] != users[:-1]
+    return last
+
+
+def convert_file_pair(train: np.ndarray, test: np.ndarray, name: str) -> dict:
+    """Split one input shard: returns MLPerf user ids and per-split [mlperf_user, item + 1] arrays."""
+    train, test = _group_by_user(train), _group_by_user(test)
+    extra = 0
+    if len(test):
+        last_test = _last_of_each_user(test[:, 0])
+        if not last_test.all():
+            extra = int((~last_test).sum())
+            train = _group_by_user(np.concatenate([train, test[~last_test]]))
+            test = test[last_test]
+    users = np.union1d(train[:, 0], test[:, 0])
+    counts = np.bincount(np.searchsorted(users, train[:, 0]), minlength=len(users))
+    valid_rows = _last_of_each_user(train[:, 0]) & (counts[np.searchsorted(users, train[:, 0])] >= 2)
+    return {
+        "users": users,
+        "training": train[~valid_rows],
+        "validation": train[valid_rows],
+        "evaluation": test,
+        "extra_test": extra,
+        "name": name,
+    }
+
+
+def prepare_mlperf(
+    input_dir: str | Path,
+    out: str | Path,
+    name: str = "ml-20mx16x32",
+    *,
+    fraction: float | None = None,
+    shards: str | None = None,
+    shard_pairs: int = DEFAULT_SHARD_PAIRS,
+    overwrite: bool = False,
+    checksums: bool = True,
+    source: dict | None = None,
+) -> Path:
+    """Convert the chosen input shards into `out/name`, one input shard in memory at a time."""
+    folder, numbers = find_shards(input_dir)
+    chosen = choose(numbers, fraction, shards, folder)
+    writer = ShardWriter(Path(out), name, overwrite=overwrite)
+    try:
+        next_user = 1
+        max_item = -1
+        original_users: list[np.ndarray] = []
+        inputs = []
+        extra_total = 0
+        last_user = -1
+        for k in chosen:
+            train_path, test_path = folder / TRAIN_FILE.format(k=k), folder / TEST_FILE.format(k=k)
+            part = convert_file_pair(_load_pairs(train_path), _load_pairs(test_path), train_path.name)
+            users = part["users"]
+            if len(users) and users[0] <= last_user:
+                raise DataError(
+                    f"{train_path}: its users overlap or precede those of the previous file; the converter needs "
+                    "each file to hold its own block of users, as MLPerf's files do"
+                )
+            extra_total += part["extra_test"]
+            for split in SPLITS:
+                if len(part[split]):
+                    max_item = max(max_item, int(part[split][:, 1].max()))
+            # global ids: this file's users become next_user .. next_user + len(users) - 1
+            counts = np.zeros(len(users) + 1, dtype=np.int64)
+            remapped = {}
+            for split in SPLITS:
+                local = np.searchsorted(users, part[split][:, 0]) + 1
+                counts += np.bincount(local, minlength=len(users) + 1)
+                pairs = np.empty((len(local), 2), dtype=np.int64)
+                pairs[:, 0] = local + (next_user - 1)
+                pairs[:, 1] = part[split][:, 1] + 1
+                remapped[split] = pairs
+            del part
+            for lo, hi in shard_boundaries(counts, shard_pairs, None):
+                g_lo, g_hi = lo + next_user - 1, hi + next_user - 1
+                pieces = {}
+                for split, pairs in remapped.items():
+                    a, b = np.searchsorted(pairs[:, 0], [g_lo, g_hi])
+                    pieces[split] = (pairs[a:b], None)
+                writer.add_shard((g_lo, g_hi), pieces)
+            next_user += len(users)
+            original_users.append(users)
+            last_user = int(users[-1]) if len(users) else last_user
+            entry = {"shard": k, "train": train_path.name, "test": test_path.name}
+            if checksums:
+                entry["train_sha256"] = sha256_file(train_path)
+                entry["test_sha256"] = sha256_file(test_path)
+            inputs.append(entry)
+            del remapped
+        if next_user == 1:
+            raise DataError(f"{folder}: the chosen files hold no pairs")
+        num_items = max_item + 1
+        counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in SPLITS}
+        meta = {
+            "name": name,
+            "source": {"kind": "mlperf-ml-20mx16x32", "input": str(folder.resolve()), "files": inputs,
+                       **(source or {})},
+            "options": {
+                "input_shards": chosen,
+                "item_ids": "MLPerf item id + 1 (MLPerf's item 0 is a real item; 0 is our padding id)",
+                "user_ids": "contiguous from 1 in file order, then MLPerf user id order (users.parquet maps back)",
+                "validation": VALIDATION_RULE,
+                "evaluation": "MLPerf's test pair of each user",
+                "extra_test_pairs_to_training": extra_total,
+                "tie_break": "none: MLPerf lists each user's items in item-id order, there are no timestamps",
+            },
+            "time_ordered": False,
+            "num_users": next_user - 1,
+            "num_items": num_items,
+            "num_interactions": sum(counts.values()),
+            "num_evaluated_users": counts["evaluation"],
+            "split_counts": counts,
+        }  # fmt: skip
+        all_users = np.concatenate(original_users)
+        user_ids = np.arange(1, len(all_users) + 1, dtype=np.int64)
+        users = pa.table({"user": user_ids, "user_id": all_users.astype(np.int64)})
+        item_ids = np.arange(1, num_items + 1, dtype=np.int64)
+        items = pa.table(
+            {
+                "item": item_ids,
+                "movie_id": item_ids - 1,
+                "title": pc.binary_join_element_wise("MLPerf item ", pc.cast(pa.array(item_ids - 1), pa.string()), ""),
+                "year": pa.nulls(num_items, pa.int32()),
+                "genres": pa.nulls(num_items, pa.string()),
+            }
+        )
+        return writer.finish(meta, items, users)
+    except BaseException:
+        writer.abort()
+        raise
