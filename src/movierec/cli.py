@@ -135,6 +135,147 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- training and evaluation
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.d_item=100")
+    p.add_argument("--data", help="a prepared dataset folder (data.path)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--run-dir", help="folder for checkpoints and local outputs (run_dir)")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--run-name", help="MLflow run name")
+    p.add_argument("--resume", help="continue a run exactly from its run folder or checkpoint")
+    p.add_argument("--init-from", help="start from the weights of a checkpoint (matching tensors are loaded)")
+    p.add_argument("--fraction", type=float, help="train on the first ceil(F * shards) shards")
+    p.add_argument("--shards", help="train on these shards, e.g. 0-3,7")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"], help="train.precision")
+    p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
+
+
+def config_from_args(args: argparse.Namespace):
+    """Layer the config: checkpoint (on resume) or defaults, YAML file, KEY=VALUE overrides, named flags."""
+    from movierec.training.checkpoint import load_checkpoint
+    from movierec.training.config import config_from_dict, load_config, parse_override, validate
+
+    if args.resume and not args.config:
+        config = config_from_dict(load_checkpoint(args.resume)["config"])
+        for override in args.overrides:
+            from movierec.training.config import _merge
+
+            _merge(config, parse_override(override), "")
+    else:
+        config = load_config(args.config, args.overrides)
+    flags = {
+        "data.path": args.data,
+        "train.epochs": args.epochs,
+        "run_dir": args.run_dir,
+        "train.seed": args.seed,
+        "tracking.uri": args.tracking_uri,
+        "tracking.experiment": args.experiment,
+        "tracking.run_name": args.run_name,
+        "init.from_checkpoint": args.init_from,
+        "data.fraction": args.fraction,
+        "data.shards": args.shards,
+        "train.precision": args.precision,
+        "train.device": args.device,
+    }
+    for key, value in flags.items():
+        if value is None:
+            continue
+        target = config
+        *sections, name = key.split(".")
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, value)
+    validate(config)
+    return config
+
+
+def print_metrics(title: str, metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    protocols = list(dict.fromkeys(k.split("/")[0] for k in metrics if "/" in k))
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics if "/" in k))
+    table.add_column("metric")
+    for protocol in protocols:
+        table.add_column(protocol, justify="right")
+    for name in names:
+        table.add_row(name, *(f"{metrics.get(f'{p}/{name}', float('nan')):.4f}" for p in protocols))
+    Console().print(table)
+
+
+@command("train", "train SSE-PT or SASRec with MLflow tracking, checkpoints, resume and fine-tuning")
+def cmd_train(args: argparse.Namespace) -> int:
+    from movierec.training.trainer import train
+
+    config = config_from_args(args)
+    result = train(config, resume=args.resume)
+    test = {k.removeprefix("test_"): v for k, v in result.test_metrics.items()}
+    print_metrics(f"test metrics (best epoch {result.best_epoch} of {result.epochs_run})", test)
+    print(f"mlflow run id: {result.run_id}")
+    print(f"run dir: {result.run_dir}")
+    return 0
+
+
+def add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint file or run folder (uses best.ckpt)")
+    p.add_argument("--data", help="prepared dataset folder (default: the one the model was trained on)")
+    p.add_argument("--split", choices=["evaluation", "validation"], default="evaluation")
+    p.add_argument(
+        "--protocol",
+        default="full,sampled-uniform-100,sampled-popularity-100",
+        help="comma-separated: full, sampled-uniform-100, sampled-popularity-100",
+    )
+    p.add_argument("--k", default="1,5,10,20", help="cut-offs, comma-separated")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+
+
+@command("evaluate", "HR/NDCG/MRR@k of a checkpoint, full ranking and sampled negatives, all users")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from movierec.errors import ConfigError
+    from movierec.evaluation.evaluate import PROTOCOLS, evaluate_checkpoint
+
+    protocols = tuple(p.strip() for p in args.protocol.split(",") if p.strip())
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise ConfigError(f"--protocol: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--k {args.k!r}: expected integers like 1,5,10") from exc
+    if any(k <= 0 for k in ks):
+        raise ConfigError("--k values must be positive")
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, protocols, ks, args.seed, args.device)
+    print_metrics(f"{args.split} split, {int(metrics['users']):,} users", metrics)
+    if args.json:
+        args.json.write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_quickstart(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for data, runs and MLflow store")
+    p.add_argument("--config", type=Path, default=None, help="run config (default: configs/synthetic.yaml)")
+    p.add_argument("--epochs", type=int, default=None)
+
+
+@command("quickstart", "the main job on the embedded synthetic dataset: prepare, train, evaluate, recommend")
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from movierec.quickstart import quickstart
+
+    quickstart(args.out, args.config, args.epochs)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 

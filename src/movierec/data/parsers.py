@@ -50,7 +50,7 @@ def _check_path(source: Source, what: str) -> None:
 def _read_csv(source: Source, name: str, expected: str, **options) -> pa.Table:
     try:
         return pacsv.read_csv(source, **options)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError) as exc:
+    except (pa.ArrowException, UnicodeDecodeError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{name} is not in the expected format ({expected}): {message}") from exc
 

@@ -1,0 +1,29 @@
+"""Ranking metrics from the rank of the held-out item among its candidates.
+
+`rank` is 0-based: the number of other candidates scored at least as high as the target (ties count
+against the target, so a model that scores everything equally gets no credit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rank_of_target(target_scores: np.ndarray, candidate_scores: np.ndarray) -> np.ndarray:
+    """Ranks for targets (N,) against other candidates (N, C); -inf candidates are excluded."""
+    return (candidate_scores >= target_scores[:, None]).sum(axis=1)
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10, 20)) -> dict[str, float]:
+    """HR@k, NDCG@k for each k and MRR, averaged over users. Empty input gives NaN."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, float] = {}
+    if len(ranks) == 0:
+        return {**{f"{m}@{k}": float("nan") for k in ks for m in ("hr", "ndcg")}, "mrr": float("nan")}
+    gains = 1.0 / np.log2(ranks + 2.0)
+    for k in ks:
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, gains, 0.0).mean())
+    out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
+    return out

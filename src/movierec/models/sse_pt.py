@@ -1,0 +1,200 @@
+"""SSE-PT (Wu et al., RecSys 2020) and SASRec (Kang & McAuley, ICDM 2018) in one readable module.
+
+SSE-PT is SASRec with a user embedding concatenated to every item embedding, regularised by Stochastic
+Shared Embeddings (SSE): during training a sequence's user is replaced by a random user with probability
+1 - keep_user and each item by a random item with probability 1 - keep_item. SASRec is the same network
+with d_user = 0 and no SSE. Everything below follows the official TensorFlow code (`model_v1.py`,
+`modules.py`): queries are LN(x), keys/values are x, no attention output projection, residuals added to
+the normalised input, padding re-masked after each block, final LayerNorm with eps 1e-8, output item
+embeddings tied to the input table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-8
+
+
+@dataclass
+class ModelConfig:
+    num_users: int
+    num_items: int
+    kind: str = "sse-pt"  # "sse-pt" or "sasrec"
+    max_len: int = 200
+    d_item: int = 100
+    d_user: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    keep_user: float = 0.08  # SSE keep probabilities (the official flags --threshold_user/--threshold_item)
+    keep_item: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sse-pt", "sasrec"):
+            raise ValueError(f"model.kind must be 'sse-pt' or 'sasrec', got {self.kind!r}")
+        if self.kind == "sasrec":
+            self.d_user, self.keep_user = 0, 1.0
+        if self.kind == "sse-pt" and self.d_user <= 0:
+            raise ValueError("SSE-PT needs model.d_user > 0 (use kind: sasrec for no user embedding)")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_item + d_user = {self.d_model} must be divisible by num_heads={self.num_heads}")
+
+    @property
+    def d_model(self) -> int:
+        return self.d_item + self.d_user
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, as F.dropout, drawing the mask from uniform floats (about 2x faster on CPU)."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class Block(nn.Module):
+    """Causal self-attention + point-wise feed-forward, as in SASRec's TensorFlow code."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.attn_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.ffn_in, self.ffn_out = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        batch, length, d = x.shape
+        normed = self.attn_norm(x)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.heads, d // self.heads).transpose(1, 2)
+
+        query, key, value = split(self.query(normed)), split(self.key(x)), split(self.value(x))
+        if self.training and self.dropout > 0:
+            # what sdpa computes with dropout_p, with a cheaper dropout mask (sdpa's CPU path for
+            # dropout is this same unfused math, with a slower Bernoulli sampler)
+            scores = (query @ key.transpose(-2, -1)) * (query.shape[-1] ** -0.5)
+            weights = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
+            attended = fast_dropout(weights, self.dropout, True) @ value
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        x = attended.transpose(1, 2).reshape(batch, length, d) + normed
+        normed = self.ffn_norm(x)
+        hidden = fast_dropout(F.relu(self.ffn_in(normed)), self.dropout, self.training)
+        x = fast_dropout(self.ffn_out(hidden), self.dropout, self.training) + normed
+        return x * keep
+
+
+class SSEPT(nn.Module):
+    """Input at each position: [item_emb(i)·√d_i ; user_emb(u)·√d_u] + positional embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.item_emb = nn.Embedding(c.num_items + 1, c.d_item, padding_idx=0)
+        self.user_emb = nn.Embedding(c.num_users + 1, c.d_user) if c.d_user else None
+        self.pos_emb = nn.Embedding(c.max_len, c.d_model)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.num_heads, c.dropout) for _ in range(c.num_blocks))
+        self.final_norm = nn.LayerNorm(c.d_model, eps=LN_EPS)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, param in self.named_parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+            elif name.endswith("bias") and "norm" not in name:
+                nn.init.zeros_(param)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
+        """The scaled user embedding used on both the input and the output side (None for SASRec)."""
+        if self.user_emb is None:
+            return None
+        return self.user_emb(users) * math.sqrt(self.config.d_user)
+
+    def forward(self, seqs: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states (B, L, d) for left-padded item sequences (B, L), L <= max_len.
+
+        A batch may be shorter than max_len (dynamic padding): positions are counted from the right, as
+        with the full left-padded width, so the result is the same function.
+        """
+        batch, length = seqs.shape
+        keep = (seqs != 0).unsqueeze(-1)
+        x = self.item_emb(seqs) * math.sqrt(self.config.d_item)
+        if user_vecs is not None:
+            x = torch.cat([x, user_vecs.unsqueeze(1).expand(batch, length, -1)], dim=-1)
+        positions = torch.arange(self.config.max_len - length, self.config.max_len, device=seqs.device)
+        x = fast_dropout(x + self.pos_emb(positions), self.config.dropout, self.training)
+        keep = keep.to(x.dtype)
+        x = x * keep
+        # causal, and padding keys masked; each position always sees itself, so that padding queries
+        # (zeroed afterwards) never form an all-masked row
+        causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).tril()
+        diagonal = torch.eye(length, dtype=torch.bool, device=seqs.device)
+        attn_mask = (causal & (seqs != 0).unsqueeze(1)) | diagonal
+        attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L), broadcast over heads
+        for block in self.blocks:
+            x = block(x, attn_mask, keep)
+        return self.final_norm(x)
+
+    def score(self, hidden: torch.Tensor, items: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
+        """Logits of `items` (..., K) given `hidden` (..., d): h · [item_emb(j) ; user_vec], tied weights."""
+        d_i = self.config.d_item
+        logits = (hidden[..., :d_i].unsqueeze(-2) * self.item_emb(items)).sum(-1)
+        if user_vecs is not None:
+            user_term = (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
+            logits = logits + user_term
+        return logits
+
+    def score_all(self, hidden: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
+        """Logits over every item id (..., num_items + 1); column 0 (padding) is meaningless."""
+        d_i = self.config.d_item
+        logits = hidden[..., :d_i] @ self.item_emb.weight.t()
+        if user_vecs is not None:
+            logits = logits + (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
+        return logits
+
+    def last_hidden(self, seqs: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden state after the last item of each sequence (for next-item prediction) and user vectors."""
+        user_vecs = self.user_vectors(users)
+        return self(seqs, user_vecs)[:, -1], user_vecs
+
+
+def _broadcast_user(user_vecs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    while user_vecs.dim() < hidden.dim():
+        user_vecs = user_vecs.unsqueeze(1)
+    return user_vecs
+
+
+def apply_sse(
+    users: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: ModelConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stochastic Shared Embeddings: random user w.p. 1-keep_user, random item w.p. 1-keep_item (not padding)."""
+    if config.d_user and config.keep_user < 1:
+        swap = torch.rand(users.shape, generator=generator, device=users.device) >= config.keep_user
+        random_users = torch.randint(1, config.num_users + 1, users.shape, generator=generator, device=users.device)
+        users = torch.where(swap, random_users, users)
+    if config.keep_item < 1:
+        inputs, targets = (_replace_items(t, config, generator) for t in (inputs, targets))
+    return users, inputs, targets
+
+
+def _replace_items(items: torch.Tensor, config: ModelConfig, generator: torch.Generator | None) -> torch.Tensor:
+    swap = (torch.rand(items.shape, generator=generator, device=items.device) >= config.keep_item) & (items != 0)
+    random_items = torch.randint(1, config.num_items + 1, items.shape, generator=generator, device=items.device)
+    return torch.where(swap, random_items, items)

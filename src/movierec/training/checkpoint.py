@@ -1,0 +1,151 @@
+"""Checkpoints: everything needed to continue a run exactly, or to start a new one from its weights.
+
+A checkpoint is a `torch.save` dict loaded with `weights_only=True` (no code runs on load) holding the
+model, optimizer and grad-scaler states, epoch, global step, RNG states, early-stopping state, the
+resolved config, and the dataset's identity (path, meta.json checksum, original movie/user ids).
+Writes go to a temporary file in the same folder, then `os.replace`, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from movierec.errors import CheckpointError
+from movierec.models.sse_pt import SSEPT, ModelConfig
+
+FORMAT = "movierec-checkpoint-v1"
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = LAST) -> Path:
+    """A checkpoint file, or a run folder (its `last.ckpt`, or `best.ckpt` when asked)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (prefer, LAST, BEST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} is a folder without {LAST} or {BEST}; pass a run folder or a .ckpt file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path, prefer: str = LAST, map_location: str | torch.device = "cpu") -> dict:
+    file = resolve_checkpoint(path, prefer)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{file} is not a readable movierec checkpoint ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a movierec checkpoint (no '{FORMAT}' marker)")
+    state["path"] = str(file)
+    return state
+
+
+def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> SSEPT:
+    model = SSEPT(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def rng_state(np_rng: np.random.Generator) -> dict:
+    state = {"numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, np_rng: np.random.Generator) -> None:
+    np_rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def match_ids(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in new_ids, in old_ids) of the ids both arrays contain."""
+    order = np.argsort(old_ids)
+    pos = np.minimum(np.searchsorted(old_ids[order], new_ids), max(len(old_ids) - 1, 0))
+    found = old_ids[order][pos] == new_ids if len(old_ids) else np.zeros(len(new_ids), bool)
+    return np.flatnonzero(found), order[pos[found]]
+
+
+def init_from_pretrained(
+    model: SSEPT,
+    state: dict,
+    item_movie_ids: np.ndarray | None = None,
+    map_items_by_movie_id: bool = True,
+) -> list[tuple[str, str, str]]:
+    """Load every tensor of `state` whose name and shape match; report (name, action, detail) per tensor.
+
+    Tables whose shape differs (another dataset) keep their fresh initialisation, except that with
+    `map_items_by_movie_id` the item rows of movies both datasets share are copied by original movieId.
+    """
+    old_kind = state["model_config"]["kind"]
+    if old_kind != model.config.kind:
+        raise CheckpointError(
+            f"{state.get('path', 'checkpoint')} holds a {old_kind} model, this run trains {model.config.kind}; "
+            f"use a {model.config.kind} checkpoint or set model.kind={old_kind}"
+        )
+    pretrained = state["model"]
+    report: list[tuple[str, str, str]] = []
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in own.items():
+            old = pretrained.get(name)
+            if old is None:
+                report.append((name, "new", "not in the checkpoint, initialised"))
+            elif old.shape == tensor.shape:
+                tensor.copy_(old)
+                report.append((name, "loaded", str(tuple(tensor.shape))))
+            elif name == "item_emb.weight" and map_items_by_movie_id and item_movie_ids is not None:
+                old_ids = state.get("dataset", {}).get("item_movie_ids")
+                detail = f"{tuple(old.shape)} -> {tuple(tensor.shape)}"
+                if old_ids is None or old.shape[1] != tensor.shape[1]:
+                    report.append((name, "skipped", f"shape {detail}, no movieId map"))
+                    continue
+                new_rows, old_rows = match_ids(np.asarray(item_movie_ids), np.asarray(old_ids))
+                tensor[torch.from_numpy(new_rows + 1)] = old[torch.from_numpy(old_rows + 1)].to(tensor.dtype)
+                report.append((name, "mapped", f"{len(new_rows)} of {len(item_movie_ids)} items by movieId; {detail}"))
+            else:
+                report.append((name, "skipped", f"shape {tuple(old.shape)} -> {tuple(tensor.shape)}, re-initialised"))
+    unused = sorted(set(pretrained) - set(own))
+    report.extend((name, "unused", "in the checkpoint only") for name in unused)
+    model.load_state_dict(own)
+    return report
+
+
+def print_init_report(report: list[tuple[str, str, str]], console: Console | None = None) -> str:
+    table = Table(title="init-from: pretrained tensors")
+    for column in ("tensor", "action", "detail"):
+        table.add_column(column)
+    for row in report:
+        table.add_row(*row)
+    (console or Console()).print(table)
+    return "\n".join("\t".join(row) for row in report) + "\n"

@@ -1,0 +1,217 @@
+"""Run configuration: YAML files in `configs/`, overridden by flags and dotted `section.key=value` pairs.
+
+Layering (lowest to highest): the defaults below, the YAML file, `key=value` overrides, then the named
+flags (`--epochs`, `--data`, ...). Unknown keys are errors, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from movierec.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic"
+    fraction: float | None = None
+    shards: str | None = None
+    verify_checksums: bool = True
+
+
+@dataclass
+class ModelSection:
+    kind: str = "sse-pt"
+    max_len: int = 200
+    d_item: int = 100
+    d_user: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    keep_user: float = 0.08
+    keep_item: float = 0.9
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    loss: str = "bce"  # bce | sampled-softmax | ce
+    num_negatives: int = 256  # sampled-softmax only
+    negative_sampling: str = "uniform"  # sampled-softmax: uniform | popularity (with log-Q correction)
+    precision: str = "auto"  # fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 42
+    bucket_batches: int = 32  # sort users by length within windows of this many batches (0: off)
+    num_threads: int | None = None
+    grad_clip: float | None = None
+
+
+@dataclass
+class EvalSection:
+    every: int = 1  # validate every N epochs
+    patience: int = 10  # early stopping: validations without improvement
+    protocol: str = "sampled-uniform-100"  # protocol of the early-stopping metric
+    metric: str = "ndcg@10"
+    protocols: list[str] = field(default_factory=lambda: ["full", "sampled-uniform-100", "sampled-popularity-100"])
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class TrackingSection:
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "movierec"
+    run_name: str | None = None
+    system_metrics: bool = True
+    log_model: bool = True
+
+
+@dataclass
+class InitSection:
+    from_checkpoint: str | None = None
+    map_items_by_movie_id: bool = True  # copy item vectors of shared movieIds across datasets
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    init: InitSection = field(default_factory=InitSection)
+    run_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, as logged to MLflow."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _merge(target: Any, values: dict[str, Any], where: str) -> None:
+    for key, value in values.items():
+        if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
+            known = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ConfigError(f"unknown config key {where}{key!r}; known here: {known}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {where}{key} must be a mapping, got {value!r}")
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(target, key, _coerce(value, current, f"{where}{key}"))
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int | float) and not isinstance(value, bool):
+        try:
+            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float)) else value
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from exc
+    if isinstance(current, tuple | list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return type(current)(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.lr=0.01` -> {"train": {"lr": 0.01}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+    nested: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (shipped configs are in configs/)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections")
+        _merge(config, values, "")
+    for override in overrides:
+        _merge(config, parse_override(override), "")
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    config = RunConfig()
+    _merge(config, values, "")
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    from movierec.evaluation.evaluate import PROTOCOLS
+    from movierec.training.losses import LOSSES
+
+    t, m, e = config.train, config.model, config.eval
+    checks = [
+        (m.kind in ("sse-pt", "sasrec"), f"model.kind must be sse-pt or sasrec, got {m.kind!r}"),
+        (t.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}, got {t.loss!r}"),
+        (
+            t.precision in ("fp32", "fp16", "bf16", "auto"),
+            f"train.precision must be fp32|fp16|bf16|auto, got {t.precision!r}",
+        ),
+        (t.negative_sampling in ("uniform", "popularity"), "train.negative_sampling must be uniform or popularity"),
+        (t.epochs >= 0 and t.batch_size > 0 and t.lr > 0, "train.epochs >= 0, train.batch_size > 0 and train.lr > 0"),
+        (
+            m.max_len > 0 and m.d_item > 0 and m.num_blocks > 0,
+            "model.max_len, model.d_item, model.num_blocks must be > 0",
+        ),
+        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
+        (0 <= m.keep_user <= 1 and 0 <= m.keep_item <= 1, "model.keep_user and model.keep_item are probabilities"),
+        (e.protocol in PROTOCOLS, f"eval.protocol must be one of {', '.join(PROTOCOLS)}"),
+        (all(p in PROTOCOLS for p in e.protocols), f"eval.protocols must be among {', '.join(PROTOCOLS)}"),
+        (e.every > 0 and e.patience > 0, "eval.every and eval.patience must be > 0"),
+        (e.metric.split("@")[0] in ("ndcg", "hr", "mrr"), "eval.metric must be ndcg@K, hr@K or mrr"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def dump_config(config: RunConfig) -> str:
+    data = config.to_dict()
+    data["train"]["betas"] = list(data["train"]["betas"])
+    return yaml.safe_dump(data, sort_keys=False)

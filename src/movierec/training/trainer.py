@@ -1,0 +1,379 @@
+"""The training loop: mixed precision, early stopping, MLflow tracking, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_items, read_users, sha256_file
+from movierec.errors import CheckpointError, ConfigError
+from movierec.evaluation.evaluate import Evaluator
+from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
+from movierec.training import losses
+from movierec.training.batches import HistoryIndex, TrainBatches, sample_negatives
+from movierec.training.checkpoint import (
+    BEST,
+    LAST,
+    init_from_pretrained,
+    load_checkpoint,
+    print_init_report,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from movierec.training.config import RunConfig, dump_config
+from movierec.training.tracking import ensure_experiment, git_commit, plot_curves, run_params, tracking_uri
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    test_metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow metric names may not contain '@'."""
+    return name.replace("@", "_at_")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether to use a GradScaler)."""
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "fp32"
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        return torch.float16, True
+    if name == "bf16":
+        return torch.bfloat16, False
+    return None, False
+
+
+def dataset_identity(data: SequenceData) -> dict:
+    items, users = read_items(data.path), read_users(data.path)
+    return {
+        "path": str(Path(data.path).resolve()),
+        "name": data.meta["name"],
+        "meta_sha256": sha256_file(Path(data.path) / META_FILE),
+        "num_users": data.num_users,
+        "num_items": data.num_items,
+        "item_movie_ids": torch.from_numpy(items["movie_id"].to_numpy().astype(np.int64)),
+        "user_ids": torch.from_numpy(users["user_id"].to_numpy().astype(np.int64)),
+        "shards": list(data.shard_indices),
+    }
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, resume: str | Path | None = None, console: Console | None = None):
+        self.console = console or Console()
+        self.resume_state = load_checkpoint(resume) if resume else None
+        if self.resume_state is not None and self.resume_state.get("finished"):
+            raise CheckpointError(
+                f"{self.resume_state['path']} is from a finished run; use --init-from to start a new run from it"
+            )
+        self.config = config
+        c = config
+        if c.train.num_threads:
+            torch.set_num_threads(c.train.num_threads)
+        self.device = resolve_device(c.train.device)
+        self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
+        torch.manual_seed(c.train.seed)
+        self.rng = np.random.default_rng(c.train.seed)
+
+        self.data = load_sequences(c.data.path, c.data.fraction, c.data.shards, verify=c.data.verify_checksums)
+        self.identity = dataset_identity(self.data)
+        self.model_config = ModelConfig(num_users=self.data.num_users, num_items=self.data.num_items, **vars(c.model))
+        self.model = SSEPT(self.model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=c.train.lr, betas=tuple(c.train.betas), weight_decay=c.train.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.batches = TrainBatches(self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches)
+        if len(self.batches) == 0:
+            raise ConfigError(f"{c.data.path}: no user has two or more training items in the selected shards")
+        self.history_index = HistoryIndex.from_sequences(self.data)
+        self.log_q = None
+        if c.train.loss == "sampled-softmax" and c.train.negative_sampling == "popularity":
+            log_q = losses.popularity_log_q(self.data.train_items, self.data.num_items)
+            self.log_q = torch.from_numpy(log_q).float().to(self.device)
+            self.sample_cdf = np.cumsum(np.exp(log_q))
+        protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
+        self.validator = Evaluator(self.data, "validation", protocols, tuple(c.eval.ks), c.eval.seed, c.eval.batch_size)
+        self.metric_name = f"{c.eval.protocol}/{c.eval.metric}"
+
+        self.epoch, self.step = 0, 0
+        self.best_metric, self.best_epoch, self.bad_evals = -math.inf, 0, 0
+        self.history: list[dict] = []
+        self.run_id: str | None = None
+        self.init_report: list[tuple[str, str, str]] | None = None
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        elif c.init.from_checkpoint:
+            pretrained = load_checkpoint(c.init.from_checkpoint, prefer=BEST)
+            self.init_report = init_from_pretrained(
+                self.model, pretrained, self.identity["item_movie_ids"].numpy(), c.init.map_items_by_movie_id
+            )
+
+    # ------------------------------------------------------------------ state
+
+    def _restore(self, state: dict) -> None:
+        if state["model_config"] != self.model_config.to_dict():
+            raise CheckpointError(
+                f"{state['path']} was trained with model {state['model_config']}, this run builds "
+                f"{self.model_config.to_dict()}; resume with the checkpoint's own config (omit --config)"
+            )
+        if state["dataset"]["meta_sha256"] != self.identity["meta_sha256"]:
+            raise CheckpointError(
+                f"{state['path']} was trained on another dataset ({state['dataset']['path']}); "
+                "pass --data with that one"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_metric, self.best_epoch, self.bad_evals = (
+            state["best_metric"],
+            state["best_epoch"],
+            state["bad_evals"],
+        )
+        self.history = list(state["history"])
+        self.run_id = state.get("mlflow_run_id")
+        restore_rng(state["rng"], self.rng)
+
+    def state(self, finished: bool = False) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "model_config": self.model_config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+            "rng": rng_state(self.rng),
+            "config": json.loads(json.dumps(self.config.to_dict())),
+            "dataset": self.identity,
+            "mlflow_run_id": self.run_id,
+            "finished": finished,
+        }
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _negatives(self, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        t = self.config.train
+        if t.loss == "bce":
+            return sample_negatives(self.rng, self.history_index, users[:, None], targets.shape, self.data.num_items)
+        if t.loss == "sampled-softmax":
+            if self.log_q is not None:
+                draws = np.searchsorted(self.sample_cdf, self.rng.random(t.num_negatives) * self.sample_cdf[-1])
+                return np.clip(draws, 1, self.data.num_items)
+            return self.rng.integers(1, self.data.num_items + 1, size=t.num_negatives)
+        return np.zeros(0, dtype=np.int64)
+
+    def _loss(self, users, inputs, targets, negatives) -> torch.Tensor:
+        kind = self.config.train.loss
+        user_vecs = self.model.user_vectors(users)
+        hidden = self.model(inputs, user_vecs)
+        if kind == "bce":
+            return losses.bce_loss(self.model, hidden, user_vecs, targets, negatives)
+        if kind == "sampled-softmax":
+            return losses.sampled_softmax_loss(self.model, hidden, user_vecs, targets, negatives, self.log_q)
+        return losses.full_softmax_loss(self.model, hidden, targets)
+
+    def train_epoch(self, progress: Progress | None = None) -> dict:
+        self.model.train()
+        dev, total_loss, seqs, tokens = self.device, 0.0, 0, 0
+        task = progress.add_task(f"epoch {self.epoch + 1}", total=len(self.batches)) if progress else None
+        started = time.perf_counter()
+        for steps, batch in enumerate(self.batches.epoch(self.rng), 1):
+            negatives = torch.from_numpy(self._negatives(batch.users, batch.targets)).to(dev)
+            users, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
+            users, inputs, targets = apply_sse(users, inputs, targets, self.model_config)
+            with torch.autocast(
+                dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+            ):
+                loss = self._loss(users, inputs, targets, negatives)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower train.lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.config.train.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            total_loss += loss.item()
+            seqs += len(batch.users)
+            tokens += batch.num_tokens
+            if progress is not None:
+                rate = seqs / (time.perf_counter() - started)
+                mean_loss = total_loss / steps
+                description = f"epoch {self.epoch + 1} loss {mean_loss:.4f} {rate:,.0f} seq/s"
+                progress.update(task, advance=1, description=description)
+        elapsed = time.perf_counter() - started
+        if progress is not None:
+            progress.remove_task(task)
+        return {
+            "train_loss": total_loss / len(self.batches),
+            "seconds": elapsed,
+            "sequences_per_s": seqs / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> TrainResult:
+        import mlflow
+
+        c = self.config
+        run_dir = Path(c.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(c))
+        uri = tracking_uri(c.tracking.uri)
+        experiment_id = ensure_experiment(c.tracking.experiment, uri)
+        if c.tracking.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(5)
+            mlflow.set_system_metrics_samples_before_logging(1)
+        with mlflow.start_run(
+            run_id=self.run_id,
+            experiment_id=None if self.run_id else experiment_id,
+            run_name=None if self.run_id else c.tracking.run_name,
+            log_system_metrics=c.tracking.system_metrics,
+        ) as run:
+            if self.run_id is None:
+                self.run_id = run.info.run_id
+                mlflow.log_params(
+                    run_params(
+                        c,
+                        {
+                            "dataset.name": self.identity["name"],
+                            "dataset.meta_sha256": self.identity["meta_sha256"],
+                            "dataset.num_users": self.data.num_users,
+                            "dataset.num_items": self.data.num_items,
+                            "dataset.shards": ",".join(map(str, self.data.shard_indices)),
+                            "model.num_parameters": sum(p.numel() for p in self.model.parameters()),
+                            "device": str(self.device),
+                            "git_commit": git_commit(),
+                            "torch_version": torch.__version__,
+                        },
+                    )
+                )
+                if self.init_report is not None:
+                    mlflow.log_text(print_init_report(self.init_report, self.console), "init_from.tsv")
+            self.console.print(
+                f"[bold]run {self.run_id}[/] on {self.device} ({c.train.precision}); {self.data.meta['name']}: "
+                f"{len(self.batches.users):,} training users, {self.data.num_items:,} items; "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters; run dir {run_dir}",
+                soft_wrap=True,
+            )
+            self._loop(run_dir)
+            return self._finish(run_dir)
+
+    def _loop(self, run_dir: Path) -> None:
+        import mlflow
+
+        c = self.config
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            while self.epoch < c.train.epochs and self.bad_evals < c.eval.patience:
+                record = {"epoch": self.epoch + 1, **self.train_epoch(progress)}
+                self.epoch += 1
+                improved = False
+                if self.epoch % c.eval.every == 0 or self.epoch == c.train.epochs:
+                    started = time.perf_counter()
+                    metrics = self.validator.run(self.model, self.device, self.autocast_dtype, c.train.loss)
+                    record["val_loss"] = metrics.pop("loss")
+                    metrics.pop("users")
+                    record.update({f"val_{k}": v for k, v in metrics.items()})
+                    record["eval_seconds"] = time.perf_counter() - started
+                    value = metrics[self.metric_name]
+                    improved = value > self.best_metric
+                    if improved:
+                        self.best_metric, self.best_epoch, self.bad_evals = value, self.epoch, 0
+                    else:
+                        self.bad_evals += 1
+                self.history.append(record)
+                mlflow.log_metrics({mlflow_key(k): v for k, v in record.items() if k != "epoch"}, step=self.epoch)
+                state = self.state()
+                save_checkpoint(run_dir / LAST, state)
+                if improved:
+                    save_checkpoint(run_dir / BEST, state)
+                (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+                self.console.print(self._summary_line(record, improved), soft_wrap=True)
+
+    def _summary_line(self, r: dict, improved: bool) -> str:
+        line = (
+            f"epoch {r['epoch']:4d}  loss {r['train_loss']:.4f}  {r['seconds']:.1f}s  {r['sequences_per_s']:,.0f} seq/s"
+        )
+        if "val_loss" in r:
+            line += f"  val loss {r['val_loss']:.4f}  val {self.metric_name} {r[f'val_{self.metric_name}']:.4f}"
+            line += f"  full ndcg@10 {r.get('val_full/ndcg@10', float('nan')):.4f}" + ("  *" if improved else "")
+        return line
+
+    def _finish(self, run_dir: Path) -> TrainResult:
+        import mlflow
+
+        c = self.config
+        best_path = run_dir / BEST
+        if best_path.is_file():
+            self.model.load_state_dict(load_checkpoint(best_path)["model"])
+        tester = Evaluator(
+            self.data, "evaluation", tuple(c.eval.protocols), tuple(c.eval.ks), c.eval.seed, c.eval.batch_size
+        )
+        test = tester.run(self.model, self.device, self.autocast_dtype, c.train.loss)
+        test_metrics = {f"test_{k}": v for k, v in test.items() if k != "users"}
+        mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=self.best_epoch)
+        mlflow.log_metric("best_epoch", self.best_epoch)
+        final = self.state(finished=True)
+        final["model"] = self.model.state_dict()
+        save_checkpoint(best_path, final)
+        mlflow.log_artifact(str(best_path), artifact_path="checkpoints")
+        mlflow.log_artifact(str(run_dir / "config.yaml"))
+        mlflow.log_artifact(str(run_dir / "history.json"))
+        if self.history:
+            mlflow.log_artifact(str(plot_curves(self.history, run_dir / "curves.png", self.metric_name)))
+        if c.tracking.log_model:
+            import mlflow.pytorch
+
+            mlflow.pytorch.log_model(self.model.cpu().eval(), name="model", serialization_format="pickle")
+            self.model.to(self.device)
+        return TrainResult(
+            run_id=self.run_id or "",
+            run_dir=run_dir,
+            best_epoch=self.best_epoch,
+            best_metric=self.best_metric,
+            epochs_run=self.epoch,
+            test_metrics=test_metrics,
+            history=self.history,
+        )
+
+
+def train(config: RunConfig, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
+    """Train (or resume) a model as configured; returns the MLflow run id and test metrics of the best model."""
+    return Trainer(config, resume=resume, console=console).fit()
