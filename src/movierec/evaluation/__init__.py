@@ -1,0 +1,1 @@
+"""Ranking metrics and leave-one-out evaluation."""

@@ -1,0 +1,1 @@
+"""SSE-PT and SASRec."""

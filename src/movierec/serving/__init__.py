@@ -1,0 +1,1 @@
+"""Recommendations from trained models: CLI, HTTP, export."""

@@ -1,0 +1,1 @@
+"""Training loop, losses, batches, checkpoints and MLflow tracking."""
