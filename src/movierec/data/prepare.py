@@ -48,12 +48,44 @@ def _kcore(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_it
         keep &= ~bad
 
 
-def _contiguous(codes: np.ndarray, keep: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Map kept codes to 1..K (in order of the original id); return (new ids of kept rows, kept codes)."""
+def _contiguous(codes: np.ndarray, keep: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map kept codes to 1..K (in order of the original id); return (new ids of kept rows, kept codes).
+
+    `keep=None` keeps every row.
+    """
+    kept = codes if keep is None else codes[keep]
     present = np.zeros(size, dtype=bool)
-    present[codes[keep]] = True
-    new_ids = np.cumsum(present, dtype=np.int64)
-    return new_ids[codes[keep]], np.flatnonzero(present)
+    present[kept] = True
+    new_ids = np.cumsum(present, dtype=np.int32 if size < 2**31 else np.int64)
+    return new_ids[kept], np.flatnonzero(present)
+
+
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, code of each row) like np.unique(return_inverse=True), but O(n) for the
+    small non-negative ids of MovieLens: a lookup table instead of a sort of all rows."""
+    if len(values) and values.min() >= 0 and values.max() <= max(4 * len(values), 1 << 24):
+        present = np.zeros(int(values.max()) + 1, dtype=bool)
+        present[values] = True
+        codes = np.cumsum(present, dtype=np.int32 if len(values) < 2**31 else np.int64) - 1
+        return np.flatnonzero(present).astype(values.dtype), codes[values]
+    return np.unique(values, return_inverse=True)
+
+
+def _time_order(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """Row order sorted by (user, timestamp), ties kept in source row order (a stable sort).
+
+    One stable argsort of the combined key user * span + (t - t_min) when it fits in 63 bits (much faster
+    than np.lexsort on tens of millions of rows), else np.lexsort.
+    """
+    if len(users) == 0:
+        return np.zeros(0, dtype=np.int64)
+    t_min = int(timestamps.min())
+    span = int(timestamps.max()) - t_min + 1
+    if int(users.max()) < (1 << 62) // span:
+        key = users.astype(np.int64) * span
+        key += timestamps - t_min
+        return np.argsort(key, kind="stable")
+    return np.lexsort((timestamps, users))
 
 
 def build_split(
@@ -71,19 +103,26 @@ def build_split(
         if interactions.ratings is None:
             raise DataError("--min-rating needs a source with ratings")
         keep &= interactions.ratings >= min_rating
-    user_values, user_codes = np.unique(users, return_inverse=True)
-    item_values, item_codes = np.unique(items, return_inverse=True)
+    user_values, user_codes = _factorize(users)
+    item_values, item_codes = _factorize(items)
     if min_user_interactions > 1 or min_item_interactions > 1:
-        sub = np.flatnonzero(keep)
-        core = _kcore(user_codes[sub], item_codes[sub], min_user_interactions, min_item_interactions)
-        keep[sub[~core]] = False
+        if keep.all():
+            keep = _kcore(user_codes, item_codes, min_user_interactions, min_item_interactions)
+        else:
+            sub = np.flatnonzero(keep)
+            core = _kcore(user_codes[sub], item_codes[sub], min_user_interactions, min_item_interactions)
+            keep[sub[~core]] = False
     if not keep.any():
         raise DataError("no interaction survives the filters; lower --min-rating or the k-core minimums")
-    new_users, kept_user_codes = _contiguous(user_codes, keep, len(user_values))
-    new_items, kept_item_codes = _contiguous(item_codes, keep, len(item_values))
-    kept_ts = ts[keep].astype(np.int64)
-    order = np.lexsort((kept_ts, new_users))  # stable: equal timestamps keep source row order
+    mask = None if keep.all() else keep
+    new_users, kept_user_codes = _contiguous(user_codes, mask, len(user_values))
+    del user_codes
+    new_items, kept_item_codes = _contiguous(item_codes, mask, len(item_values))
+    del item_codes
+    kept_ts = (ts if mask is None else ts[mask]).astype(np.int64, copy=False)
+    order = _time_order(new_users, kept_ts)  # stable: equal timestamps keep source row order
     new_users, new_items, kept_ts = new_users[order], new_items[order], kept_ts[order]
+    del order
     num_users = len(kept_user_codes)
     counts = np.bincount(new_users, minlength=num_users + 1)
     ends = np.cumsum(counts)
