@@ -73,6 +73,7 @@ class TrackingSection:
     experiment: str = "movierec"
     run_name: str | None = None
     system_metrics: bool = True
+    system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples
     log_model: bool = True
 
 
@@ -110,7 +111,7 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
             known = ", ".join(f.name for f in dataclasses.fields(target))
-            raise ConfigError(f"unknown config key {where}{key!r}; known here: {known}")
+            raise ConfigError(f"unknown config key '{where}{key}'; known here: {known}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

@@ -65,4 +65,5 @@ def popularity_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
     counts = np.bincount(train_items, minlength=num_items + 1).astype(np.float64)
     counts[0] = 0
     counts[1:] += 1  # every item can be drawn
-    return np.log(counts / counts.sum())
+    with np.errstate(divide="ignore"):  # index 0 (padding) gets log 0 = -inf: never sampled
+        return np.log(counts / counts.sum())

@@ -258,7 +258,7 @@ class Trainer:
         uri = tracking_uri(c.tracking.uri)
         experiment_id = ensure_experiment(c.tracking.experiment, uri)
         if c.tracking.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(5)
+            mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
         with mlflow.start_run(
             run_id=self.run_id,

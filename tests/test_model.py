@@ -1,0 +1,108 @@
+"""The pieces of SSE-PT that are easy to get wrong: causality, padding, SSE rates, tied scoring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
+
+
+def make_model(kind: str = "sse-pt", **overrides) -> SSEPT:
+    torch.manual_seed(0)
+    options = {"num_users": 7, "num_items": 30, "kind": kind, "max_len": 8, "d_item": 12, "d_user": 4, "dropout": 0.0}
+    options.update(overrides)
+    return SSEPT(ModelConfig(**options)).eval()
+
+
+@pytest.mark.parametrize("kind", ["sse-pt", "sasrec"])
+def test_position_t_never_sees_later_positions(kind):
+    model = make_model(kind)
+    seqs = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13]])
+    users = torch.tensor([2])
+    base = model(seqs, model.user_vectors(users))
+    changed = seqs.clone()
+    changed[0, 5:] = torch.tensor([20, 21, 22])
+    after = model(changed, model.user_vectors(users))
+    torch.testing.assert_close(base[0, :5], after[0, :5])
+    assert not torch.allclose(base[0, 5:], after[0, 5:])
+
+
+@pytest.mark.parametrize("kind", ["sse-pt", "sasrec"])
+def test_padding_never_changes_non_padding_outputs(kind):
+    model = make_model(kind)
+    users = torch.tensor([3])
+    short = torch.tensor([[4, 8, 15]])  # dynamic padding: width 3
+    padded = torch.tensor([[0, 0, 0, 0, 0, 4, 8, 15]])  # full width, left padding
+    out_short = model(short, model.user_vectors(users))
+    out_padded = model(padded, model.user_vectors(users))
+    torch.testing.assert_close(out_short[0], out_padded[0, -3:], atol=1e-5, rtol=1e-5)
+    # padding rows are zeroed before the final LayerNorm, so they carry no information about the items
+    other = torch.tensor([[0, 0, 0, 0, 0, 16, 23, 29]])
+    out_other = model(other, model.user_vectors(users))
+    torch.testing.assert_close(out_padded[0, :5], out_other[0, :5])
+
+
+def test_batch_rows_are_independent():
+    model = make_model()
+    seqs = torch.tensor([[0, 0, 3, 5], [1, 2, 3, 4]])
+    users = torch.tensor([1, 2])
+    together = model(seqs, model.user_vectors(users))
+    alone = model(seqs[:1], model.user_vectors(users[:1]))
+    torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_input_is_scaled_concatenation_of_item_and_user_embeddings():
+    model = make_model()
+    assert model.config.d_model == 16
+    users = torch.tensor([5])
+    torch.testing.assert_close(model.user_vectors(users), model.user_emb.weight[5:6] * math.sqrt(4))
+    assert torch.all(model.item_emb.weight[0] == 0)  # row 0 is padding
+
+
+def test_scores_are_tied_to_the_input_tables():
+    model = make_model()
+    hidden = torch.randn(2, 16)
+    users = torch.tensor([1, 6])
+    user_vecs = model.user_vectors(users)
+    items = torch.tensor([[3, 9, 29], [1, 2, 30]])
+    scores = model.score(hidden, items, user_vecs)
+    for row in range(2):
+        for col in range(3):
+            out_emb = torch.cat([model.item_emb.weight[items[row, col]], user_vecs[row]])
+            torch.testing.assert_close(scores[row, col], hidden[row] @ out_emb)
+    every = model.score_all(hidden, user_vecs)
+    torch.testing.assert_close(every.gather(1, items), scores)
+
+
+def test_sasrec_has_no_user_embedding_and_no_user_sse():
+    model = make_model("sasrec", d_item=16)
+    assert model.user_emb is None and model.user_vectors(torch.tensor([1])) is None
+    assert model.config.keep_user == 1.0 and model.config.d_model == 16
+
+
+def test_sse_replacement_rates():
+    config = ModelConfig(num_users=1000, num_items=1000, keep_user=0.08, keep_item=0.9)
+    gen = torch.Generator().manual_seed(0)
+    users = torch.full((20000,), 7)
+    items = torch.randint(1, 1001, (200, 100), generator=gen)
+    items[:, :30] = 0  # padding
+    new_users, new_inputs, new_targets = apply_sse(users, items, items.clone(), config, gen)
+    user_rate = (new_users != users).float().mean().item()
+    assert abs(user_rate - 0.92 * 999 / 1000) < 0.01
+    real = items != 0
+    for replaced in (new_inputs, new_targets):
+        rate = (replaced != items)[real].float().mean().item()
+        assert abs(rate - 0.1 * 999 / 1000) < 0.01
+        assert torch.all(replaced[~real] == 0)  # padding is never replaced
+    assert not torch.equal(new_inputs != items, new_targets != items)  # independent draws
+    assert new_users.min() >= 1 and new_users.max() <= 1000
+
+
+def test_config_rejects_inconsistent_shapes():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(num_users=2, num_items=2, d_item=10, d_user=3, num_heads=2)
+    with pytest.raises(ValueError, match="d_user"):
+        ModelConfig(num_users=2, num_items=2, d_user=0)

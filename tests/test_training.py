@@ -1,0 +1,249 @@
+"""Tiny trainings on synthetic data: MLflow tracking, determinism, exact resume, fine-tuning, losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from movierec.cli import main
+from movierec.data.prepare import write_dataset
+from movierec.data.synthetic import generate_synthetic
+from movierec.errors import CheckpointError, ConfigError
+from movierec.training.checkpoint import load_checkpoint
+from movierec.training.config import load_config
+from movierec.training.trainer import train
+
+TINY = [
+    "model.max_len=20",
+    "model.d_item=16",
+    "model.d_user=8",
+    "train.batch_size=64",
+    "eval.patience=50",
+    "eval.ks=[5,10]",
+    "tracking.log_model=false",
+    "tracking.system_metrics=false",
+]
+
+
+def make_dataset(root: Path, seed: int, num_users: int, num_items: int = 120, name: str = "synthetic") -> Path:
+    interactions, titles = generate_synthetic(seed=seed, num_users=num_users, num_items=num_items, num_clusters=4)
+    return write_dataset(
+        interactions, root, name, source={"kind": "synthetic", "seed": seed}, titles=titles, num_shards=4
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("training")
+    return {
+        "root": root,
+        "data": make_dataset(root / "data", seed=1, num_users=200),
+        "other": make_dataset(root / "other", seed=2, num_users=150, num_items=140, name="other"),
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+    }
+
+
+def tiny_config(ws: dict, run: str, *extra: str, epochs: int = 2):
+    config = load_config(None, [*TINY, *extra])
+    config.data.path = str(ws["data"])
+    config.run_dir = str(ws["root"] / "runs" / run)
+    config.tracking.uri = ws["uri"]
+    config.train.epochs = epochs
+    return config
+
+
+def cli_args(ws: dict, run: str, *extra: str, epochs: int = 2) -> list[str]:
+    return [
+        "train", "--data", str(ws["data"]), "--run-dir", str(ws["root"] / "runs" / run),
+        "--tracking-uri", ws["uri"], "--epochs", str(epochs), *TINY, *extra,
+    ]  # fmt: skip
+
+
+def test_training_is_tracked_in_mlflow(workspace):
+    config = tiny_config(
+        workspace, "tracked", "tracking.log_model=true", "tracking.system_metrics=true",
+        "tracking.system_metrics_interval=0.5", "tracking.run_name=tiny",
+    )  # fmt: skip
+    result = train(config)
+    client = MlflowClient(workspace["uri"])
+    run = client.get_run(result.run_id)
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.d_item"] == "16" and params["train.lr"] == "0.001" and params["model.kind"] == "sse-pt"
+    assert params["model.keep_user"] == "0.08" and params["train.loss"] == "bce"
+    assert params["train.precision"] == "auto" and params["train.seed"] == "42"
+    assert len(params["dataset.meta_sha256"]) == 64 and params["git_commit"]
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_sampled-uniform-100/ndcg_at_10",
+        "val_full/hr_at_10",
+        "tokens_per_s",
+        "lr",
+    ):
+        history = client.get_metric_history(result.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert "test_sampled-uniform-100/ndcg_at_10" in run.data.metrics
+    assert any(key.startswith("system/cpu") for key in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"checkpoints", "config.yaml", "curves.png", "history.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+    # the logged model loads back by run id and scores like the checkpoint
+    logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    state = load_checkpoint(Path(config.run_dir) / "best.ckpt")
+    seqs, users = torch.tensor([[0, 3, 4, 5]]), torch.tensor([2])
+    from movierec.training.checkpoint import model_from_checkpoint
+
+    expected = model_from_checkpoint(state).last_hidden(seqs, users)[0]
+    torch.testing.assert_close(logged.eval().last_hidden(seqs, users)[0], expected)
+    assert state["finished"] and state["epoch"] == 2 and state["mlflow_run_id"] == result.run_id
+
+
+def test_same_seed_gives_the_same_metrics(workspace):
+    first = train(tiny_config(workspace, "seed-a"))
+    second = train(tiny_config(workspace, "seed-b"))
+    assert first.test_metrics == second.test_metrics
+    assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in second.history]
+    third = train(tiny_config(workspace, "seed-c", "train.seed=7"))
+    assert third.test_metrics != first.test_metrics
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
+    epochs = 4
+    reference = train(tiny_config(workspace, "uninterrupted", epochs=epochs))
+    run_dir = workspace["root"] / "runs" / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "movierec.cli", *cli_args(workspace, "killed", epochs=epochs)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    history = run_dir / "history.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if history.is_file() and len(json.loads(history.read_text() or "[]")) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run_dir)["epoch"]
+    assert 2 <= killed_at < epochs, "the run should be killed mid-way"
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    resumed = load_checkpoint(run_dir / "best.ckpt")
+    assert resumed["epoch"] == epochs and resumed["mlflow_run_id"]
+    reference_state = load_checkpoint(Path(reference.run_dir) / "best.ckpt")
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in reference_state["history"]]
+    for name, tensor in reference_state["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0)
+    out = capsys.readouterr().out
+    assert "mlflow run id: " + resumed["mlflow_run_id"] in out
+    # the resumed run continues the same MLflow run: one train_loss value per epoch
+    steps = [m.step for m in MlflowClient(workspace["uri"]).get_metric_history(resumed["mlflow_run_id"], "train_loss")]
+    assert sorted(set(steps)) == list(range(1, epochs + 1))
+
+
+def test_resume_of_a_finished_run_is_refused(workspace):
+    result = train(tiny_config(workspace, "finished", epochs=1))
+    with pytest.raises(CheckpointError, match="finished run"):
+        train(tiny_config(workspace, "finished", epochs=1), resume=Path(result.run_dir) / "best.ckpt")
+
+
+def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
+    source = train(tiny_config(workspace, "pretrained", epochs=1))
+    source_state = load_checkpoint(Path(source.run_dir) / "best.ckpt")
+    config = tiny_config(workspace, "finetuned", epochs=1)
+    config.data.path = str(workspace["other"])
+    config.init.from_checkpoint = str(source.run_dir)
+    from movierec.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    actions = {name: action for name, action, _ in trainer.init_report}
+    assert actions["user_emb.weight"] == "skipped"  # 150 users vs 200
+    assert actions["item_emb.weight"] == "mapped"  # 140 items vs 120, movieIds 1..120 shared
+    assert actions["blocks.0.query.weight"] == "loaded" and actions["pos_emb.weight"] == "loaded"
+    model = trainer.model.state_dict()
+    torch.testing.assert_close(model["blocks.1.ffn_in.weight"], source_state["model"]["blocks.1.ffn_in.weight"])
+    # movieId m is item m in both synthetic datasets
+    torch.testing.assert_close(model["item_emb.weight"][1:121], source_state["model"]["item_emb.weight"][1:121])
+    result = trainer.fit()
+    artifacts = {a.path for a in MlflowClient(workspace["uri"]).list_artifacts(result.run_id)}
+    assert "init_from.tsv" in artifacts
+
+
+def test_init_from_a_checkpoint_of_another_model_kind_is_an_error(workspace):
+    sasrec = train(tiny_config(workspace, "sasrec", "model.kind=sasrec", epochs=1))
+    config = tiny_config(workspace, "into-ssept", epochs=1)
+    config.init.from_checkpoint = str(sasrec.run_dir)
+    with pytest.raises(CheckpointError, match="holds a sasrec model"):
+        train(config)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["train.loss=ce"],
+        ["train.loss=sampled-softmax", "train.negative_sampling=popularity", "train.num_negatives=32"],
+        ["train.loss=sampled-softmax", "model.kind=sasrec"],
+        ["train.precision=bf16"],
+    ],
+)
+def test_other_losses_and_precisions_train(workspace, extra):
+    result = train(tiny_config(workspace, "-".join(extra).replace("=", "_"), *extra, epochs=1))
+    assert np.isfinite(result.history[0]["train_loss"]) and np.isfinite(result.history[0]["val_loss"])
+    assert 0 <= result.test_metrics["test_full/ndcg@10"] <= 1
+
+
+def test_fraction_trains_and_evaluates_the_same_users(workspace):
+    config = tiny_config(workspace, "fraction-half", epochs=1)
+    config.data.fraction = 0.5
+    from movierec.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    shards = json.loads((workspace["data"] / "meta.json").read_text())["shards"][:2]
+    lo, hi = shards[0]["users"][0], shards[1]["users"][1]
+    assert trainer.batches.users.min() >= lo and trainer.batches.users.max() < hi
+    assert set(trainer.validator.histories.users) <= set(range(lo, hi))
+    assert trainer.validator.num_users == hi - lo
+
+
+def test_bad_configuration_is_a_clear_error(workspace, capsys):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.d_items'"):
+        load_config(None, ["model.d_items=3"])
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        train(tiny_config(workspace, "fp16", "train.precision=fp16", epochs=1))
+    assert main(["train", "--data", str(workspace["root"] / "missing"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert main(["train", "--config", "nope.yaml"]) == 2
+
+
+def test_evaluate_command(workspace, tmp_path, capsys):
+    result = train(tiny_config(workspace, "evaluated", epochs=1))
+    out_json = tmp_path / "metrics.json"
+    args = ["evaluate", str(result.run_dir), "--protocol", "full,sampled-uniform-100", "--k", "5,10"]
+    assert main([*args, "--json", str(out_json)]) == 0
+    metrics = json.loads(out_json.read_text())
+    assert metrics["users"] == 200
+    assert metrics["sampled-uniform-100/ndcg@10"] == pytest.approx(
+        result.test_metrics["test_sampled-uniform-100/ndcg@10"]
+    )
+    assert "full" in capsys.readouterr().out
+    assert main(["evaluate", str(result.run_dir), "--split", "validation", "--protocol", "full"]) == 0
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["evaluate", str(bad)]) == 2
+    assert "not a readable movierec checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", str(result.run_dir), "--data", str(workspace["other"])]) == 2
+    assert "pass the dataset it was trained on" in capsys.readouterr().err
+    assert main(["evaluate", str(result.run_dir), "--protocol", "sampled-1000"]) == 2
