@@ -204,7 +204,8 @@ class Trainer:
             return losses.sampled_softmax_loss(self.model, hidden, user_vecs, targets, negatives, self.log_q)
         return losses.full_softmax_loss(self.model, hidden, targets)
 
-    def train_epoch(self, progress: Progress | None = None) -> dict:
+    def train_epoch(self, progress: Progress | None = None, max_steps: int | None = None) -> dict:
+        """One pass over the training users (or its first `max_steps` batches, for benchmarks)."""
         self.model.train()
         dev, total_loss, seqs, tokens = self.device, 0.0, 0, 0
         task = progress.add_task(f"epoch {self.epoch + 1}", total=len(self.batches)) if progress else None
@@ -235,11 +236,13 @@ class Trainer:
                 mean_loss = total_loss / steps
                 description = f"epoch {self.epoch + 1} loss {mean_loss:.4f} {rate:,.0f} seq/s"
                 progress.update(task, advance=1, description=description)
+            if steps == max_steps:
+                break
         elapsed = time.perf_counter() - started
         if progress is not None:
             progress.remove_task(task)
         return {
-            "train_loss": total_loss / len(self.batches),
+            "train_loss": total_loss / steps,
             "seconds": elapsed,
             "sequences_per_s": seqs / elapsed,
             "tokens_per_s": tokens / elapsed,
