@@ -276,6 +276,43 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export and model registry
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint file or run folder (uses best.ckpt), runs:/... or models:/NAME/VERSION")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("--out", type=Path, help="file to write, e.g. model.onnx or model.pt")
+    p.add_argument("--no-verify", action="store_true", help="skip comparing the export's scores with PyTorch's")
+    p.add_argument("--register", metavar="NAME", help="also register the run's MLflow model under NAME")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store for runs:/ and models:/ references and --register (default: for a checkpoint the "
+        "store its run logged to; else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+
+
+@command("export", "export the scoring function to ONNX or TorchScript; register the model in MLflow")
+def cmd_export(args: argparse.Namespace) -> int:
+    from movierec.serving.export import load_source, register
+
+    if args.out is None and args.register is None:
+        raise ConfigError("give --out FILE to export, --register NAME to register, or both")
+    source = load_source(args.model, args.tracking_uri)
+    if args.out is not None:
+        from movierec.serving.export import export_model, verify_export
+
+        path = export_model(source, args.format, args.out)
+        print(f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.2f} MB)")
+        if not args.no_verify:
+            error = verify_export(path, args.format, source.model)
+            print(f"max |export - PyTorch| on random batches of 1 and 7: {error:.2e}")
+    if args.register is not None:
+        name, version = register(source.run_id, args.register, source.tracking_uri)
+        print(f"registered models:/{name}/{version}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
