@@ -87,17 +87,23 @@ def test_sse_replacement_rates():
     config = ModelConfig(num_users=1000, num_items=1000, keep_user=0.08, keep_item=0.9)
     gen = torch.Generator().manual_seed(0)
     users = torch.full((20000,), 7)
-    items = torch.randint(1, 1001, (200, 100), generator=gen)
-    items[:, :30] = 0  # padding
-    new_users, new_inputs, new_targets = apply_sse(users, items, items.clone(), config, gen)
+    items = torch.randint(1, 1001, (400, 101), generator=gen)
+    items[:, :30] = 0  # left padding
+    inputs, targets = items[:, :-1], items[:, 1:].clone()
+    new_users, new_inputs, new_targets = apply_sse(users, inputs, targets, config, gen)
     user_rate = (new_users != users).float().mean().item()
     assert abs(user_rate - 0.92 * 999 / 1000) < 0.01
-    real = items != 0
-    for replaced in (new_inputs, new_targets):
-        rate = (replaced != items)[real].float().mean().item()
-        assert abs(rate - 0.1 * 999 / 1000) < 0.01
-        assert torch.all(replaced[~real] == 0)  # padding is never replaced
-    assert not torch.equal(new_inputs != items, new_targets != items)  # independent draws
+    real = inputs != 0
+    input_rate = (new_inputs != inputs)[real].float().mean().item()
+    assert abs(input_rate - 0.1 * 999 / 1000) < 0.01
+    # a target is replaced with its own position, or with the next position's input (official sampler)
+    target_rate = (new_targets != targets)[real].float().mean().item()
+    assert abs(target_rate - (1 - 0.9**2) * 999 / 1000) < 0.01
+    assert torch.all(new_inputs[~real] == 0) and torch.all(new_targets[targets == 0] == 0)  # padding stays
+    # where position t was not drawn (its input kept), its target is the possibly replaced input at t + 1
+    undrawn = real[:, :-1] & (new_inputs[:, :-1] == inputs[:, :-1])
+    consistent = (new_targets[:, :-1] == new_inputs[:, 1:])[undrawn].float().mean().item()
+    assert consistent > 0.998  # a drawn position keeps its input only if the random item equals it
     assert new_users.min() >= 1 and new_users.max() <= 1000
 
 

@@ -184,17 +184,26 @@ def apply_sse(
     config: ModelConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stochastic Shared Embeddings: random user w.p. 1-keep_user, random item w.p. 1-keep_item (not padding)."""
+    """Stochastic Shared Embeddings, as the official SSE-PT sampler applies them.
+
+    The user of a sequence becomes a random user with probability 1 - keep_user (input and output side
+    alike). At each non-padding position, with probability 1 - keep_item, the input item and the target
+    are both replaced by (independent) random items. Because the official sampler walks the sequence
+    backwards, a replaced input item is also the previous position's target unless that position was
+    replaced itself: inputs are replaced with probability 1 - keep_item, targets with 1 - keep_item².
+    """
+    device = users.device
     if config.d_user and config.keep_user < 1:
-        swap = torch.rand(users.shape, generator=generator, device=users.device) >= config.keep_user
-        random_users = torch.randint(1, config.num_users + 1, users.shape, generator=generator, device=users.device)
+        swap = torch.rand(users.shape, generator=generator, device=device) >= config.keep_user
+        random_users = torch.randint(1, config.num_users + 1, users.shape, generator=generator, device=device)
         users = torch.where(swap, random_users, users)
     if config.keep_item < 1:
-        inputs, targets = (_replace_items(t, config, generator) for t in (inputs, targets))
+        real = inputs != 0
+        coin = (torch.rand(inputs.shape, generator=generator, device=device) >= config.keep_item) & real
+        random_inputs, random_targets = (
+            torch.randint(1, config.num_items + 1, inputs.shape, generator=generator, device=device) for _ in range(2)
+        )
+        inputs = torch.where(coin, random_inputs, inputs)
+        carried = torch.cat([inputs[:, 1:], targets[:, -1:]], dim=1)  # target t is the item at t + 1
+        targets = torch.where(coin, random_targets, torch.where(targets != 0, carried, targets))
     return users, inputs, targets
-
-
-def _replace_items(items: torch.Tensor, config: ModelConfig, generator: torch.Generator | None) -> torch.Tensor:
-    swap = (torch.rand(items.shape, generator=generator, device=items.device) >= config.keep_item) & (items != 0)
-    random_items = torch.randint(1, config.num_items + 1, items.shape, generator=generator, device=items.device)
-    return torch.where(swap, random_items, items)
