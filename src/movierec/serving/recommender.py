@@ -1,0 +1,361 @@
+"""Top-k recommendations with titles from a trained SSE-PT or SASRec model.
+
+A :class:`Recommender` holds the model in eval mode, the original MovieLens ids of our items and users,
+the titles, and every known user's whole history (training + validation + evaluation items, in time
+order). It scores in batches under ``torch.inference_mode()``: rows are sorted by history length and
+each batch is padded only to its longest row (dynamic padding), so exporting every user of ML-1M takes
+seconds on a CPU.
+
+**A person the model has no user embedding for** (``recommend_history``): SSE-PT concatenates a user
+vector to every input item and adds a user term to every score, so it needs *some* user vector. We use
+the mean of the trained users' embeddings. Stochastic Shared Embeddings train the network to cope with
+that: with probability ``1 - keep_user`` (0.92 for the paper's ML-1M setting ``keep_user = 0.08``) a
+training sequence is paired with a *random* other user's vector, so the network learns to predict from
+the item history under user vectors drawn from the embedding table; the mean of that table is the
+least committal such vector (its score term favours no particular user's taste) and is deterministic.
+SASRec has no user embedding and needs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from movierec.data.layout import META_FILE, load_sequences, read_items, sha256_file
+from movierec.errors import DataError, MovierecError
+from movierec.models.sse_pt import SSEPT
+from movierec.training.batches import left_padded, ragged_indices
+
+
+class RecommendError(MovierecError):
+    """A request the model cannot answer as asked (bad k, empty or unknown history)."""
+
+
+class UnknownUserError(RecommendError):
+    """A userId that is not a user of the model's training data."""
+
+
+class UnknownItemError(RecommendError):
+    """A movieId that is not an item of the model's training data."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    rank: int
+    movie_id: int
+    title: str | None
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "movieId": self.movie_id, "title": self.title, "score": self.score}
+
+
+@dataclass(frozen=True)
+class Item:
+    movie_id: int
+    title: str | None
+    year: int | None
+    genres: str | None
+
+
+@dataclass
+class HistoryResult:
+    """Recommendations for a new person's history, and the movieIds of that history we did not know."""
+
+    recommendations: list[Recommendation]
+    unknown_movie_ids: list[int]
+
+
+def _csr_append(offsets: np.ndarray, items: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a CSR (offsets, items) with each column's non-zero entry appended to its row."""
+    lengths = np.diff(offsets)
+    extra = [c > 0 for c in columns]
+    new_lengths = lengths + sum(e.astype(np.int64) for e in extra)
+    new_offsets = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64)
+    out = np.zeros(int(new_offsets[-1]), dtype=np.int64)
+    out[ragged_indices(new_offsets[:-1], lengths)] = items[ragged_indices(offsets[:-1], lengths)]
+    position = new_offsets[:-1] + lengths
+    for column, has in zip(columns, extra, strict=True):
+        out[position[has]] = column[has]
+        position = position + has
+    return new_offsets, out
+
+
+class Recommender:
+    """A trained model with everything needed to turn scores into movieIds and titles.
+
+    Ids: our item i (1..num_items) is MovieLens movieId ``item_movie_ids[i - 1]``; our user u is userId
+    ``user_ids[u - 1]``. ``offsets``/``items`` hold user u's history at ``items[offsets[u]:offsets[u + 1]]``
+    (row 0 is the padding user, always empty); users with an empty history are unknown to this model
+    (for example users outside the shards it was trained on).
+    """
+
+    def __init__(
+        self,
+        model: SSEPT,
+        item_movie_ids: np.ndarray,
+        user_ids: np.ndarray,
+        titles: Sequence[str | None],
+        offsets: np.ndarray,
+        items: np.ndarray,
+        years: Sequence[int | None] | None = None,
+        genres: Sequence[str | None] | None = None,
+        source: str = "",
+        dataset_name: str = "",
+        batch_size: int = 256,
+    ):
+        self.model = model.eval()
+        self.config = model.config
+        self.num_items, self.num_users = self.config.num_items, self.config.num_users
+        self.item_movie_ids = np.asarray(item_movie_ids, dtype=np.int64)
+        self.user_ids = np.asarray(user_ids, dtype=np.int64)
+        if len(self.item_movie_ids) != self.num_items or len(self.user_ids) != self.num_users:
+            raise DataError(
+                f"id maps hold {len(self.item_movie_ids)} items and {len(self.user_ids)} users, the model has "
+                f"{self.num_items} and {self.num_users}; the dataset does not belong to this model"
+            )
+        self.titles = list(titles)
+        self.years = list(years) if years is not None else [None] * self.num_items
+        self.genres = list(genres) if genres is not None else [None] * self.num_items
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.items = np.asarray(items, dtype=np.int64)
+        self.source, self.dataset_name, self.batch_size = source, dataset_name, batch_size
+        self._item_of = {int(m): i + 1 for i, m in enumerate(self.item_movie_ids)}
+        self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
+        self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
+        self.known_users = np.flatnonzero(np.diff(self.offsets) > 0)
+        self.mean_user_vector: torch.Tensor | None = None
+        if model.user_emb is not None:
+            with torch.inference_mode():
+                rows = (
+                    torch.from_numpy(self.known_users) if len(self.known_users) else torch.arange(1, self.num_users + 1)
+                )
+                weight = model.user_emb.weight[rows.to(model.user_emb.weight.device)]
+                self.mean_user_vector = weight.mean(0) * math.sqrt(self.config.d_user)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, data: str | Path | None = None, source: str = "") -> Recommender:
+        """Build from a loaded checkpoint and its prepared dataset (``data`` overrides the recorded path)."""
+        from movierec.training.checkpoint import model_from_checkpoint
+
+        identity = state.get("dataset") or {}
+        recorded = identity.get("path")
+        path = Path(data) if data is not None else Path(recorded) if recorded else None
+        if path is None:
+            raise DataError("the checkpoint does not record its dataset folder; pass --data with the prepared dataset")
+        fix = "pass --data with the prepared dataset folder the model was trained on"
+        if not (path / META_FILE).is_file():
+            raise DataError(f"the model's dataset {path} is missing ({path / META_FILE} not found); {fix}")
+        if identity.get("meta_sha256") and sha256_file(path / META_FILE) != identity["meta_sha256"]:
+            raise DataError(f"{path} is not the dataset this model was trained on (its meta.json differs); {fix}")
+        try:
+            data_seq = load_sequences(path, shards=identity.get("shards"))
+            items_table = read_items(path)
+        except DataError as exc:
+            raise DataError(f"{exc}; or {fix}") from exc
+        model = model_from_checkpoint(state)
+        items_table = items_table.sort_by("item")
+        movie_ids = items_table["movie_id"].to_numpy().astype(np.int64)
+        recorded_ids = identity.get("item_movie_ids")
+        if recorded_ids is not None and not np.array_equal(np.asarray(recorded_ids), movie_ids):
+            raise DataError(f"{path}/items.parquet does not match the checkpoint's movieIds; {fix}")
+        user_ids = identity.get("user_ids")
+        if user_ids is None:
+            from movierec.data.layout import read_users
+
+            user_ids = read_users(path).sort_by("user")["user_id"].to_numpy()
+        offsets = data_seq.train_offsets[: data_seq.num_users + 2]
+        offsets, items = _csr_append(offsets, data_seq.train_items, data_seq.valid_item, data_seq.test_item)
+
+        def column(name: str) -> list | None:
+            return items_table[name].to_pylist() if name in items_table.column_names else None
+
+        return cls(
+            model,
+            movie_ids,
+            np.asarray(user_ids),
+            column("title") or [None] * len(movie_ids),
+            offsets,
+            items,
+            years=column("year"),
+            genres=column("genres"),
+            source=source or state.get("path", ""),
+            dataset_name=identity.get("name", data_seq.meta.get("name", "")),
+        )
+
+    # ------------------------------------------------------------------ look-ups
+
+    def has_user(self, user_id: int) -> bool:
+        index = self._user_of.get(int(user_id))
+        return index is not None and self.offsets[index + 1] > self.offsets[index]
+
+    def user_index(self, user_id: int) -> int:
+        if not self.has_user(user_id):
+            raise UnknownUserError(f"unknown user {user_id}: not a user of the data this model was trained on")
+        return self._user_of[int(user_id)]
+
+    def item(self, movie_id: int) -> Item:
+        index = self._item_of.get(int(movie_id))
+        if index is None:
+            raise UnknownItemError(f"unknown movieId {movie_id}: not an item of this model")
+        return Item(int(movie_id), self.titles[index - 1], self.years[index - 1], self.genres[index - 1])
+
+    def history_of(self, user_id: int) -> list[int]:
+        """The user's history as original movieIds, oldest first."""
+        u = self.user_index(user_id)
+        return self.item_movie_ids[self.items[self.offsets[u] : self.offsets[u + 1]] - 1].tolist()
+
+    def check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.num_items:
+            raise RecommendError(f"k must be an integer from 1 to {self.num_items} (the number of items), got {k}")
+        return int(k)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _top_k(
+        self, offsets: np.ndarray, items: np.ndarray, users: np.ndarray, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, k) item ids and scores for CSR histories; users[r] = 0 means "no user embedding".
+
+        Scores of excluded items are -inf (drop them); rows are scored in length-sorted batches.
+        """
+        rows_total = len(offsets) - 1
+        lengths = np.diff(offsets)
+        order = np.argsort(lengths, kind="stable")
+        top_items = np.zeros((rows_total, k), dtype=np.int64)
+        top_scores = np.full((rows_total, k), -np.inf, dtype=np.float32)
+        model, max_len = self.model, self.config.max_len
+        device = next(model.parameters()).device
+        with self._lock, torch.inference_mode():
+            for start in range(0, rows_total, self.batch_size):
+                rows = order[start : start + self.batch_size]
+                starts, ends = offsets[rows], offsets[rows + 1]
+                width = int(min(max_len, max(1, (ends - starts).max())))
+                seqs, _ = left_padded(items, ends, starts, width)
+                batch_users = torch.from_numpy(users[rows]).to(device)
+                user_vecs = model.user_vectors(batch_users)
+                if user_vecs is not None and (batch_users == 0).any():
+                    user_vecs = torch.where((batch_users == 0)[:, None], self.mean_user_vector, user_vecs)
+                hidden = model(torch.from_numpy(seqs).to(device), user_vecs)[:, -1]
+                scores = model.score_all(hidden, user_vecs).float()
+                scores[:, 0] = -torch.inf
+                if exclude_seen:
+                    row_lengths = ends - starts
+                    seen = items[ragged_indices(starts, row_lengths)]
+                    which = np.repeat(np.arange(len(rows)), row_lengths)
+                    scores[torch.from_numpy(which).to(device), torch.from_numpy(seen).to(device)] = -torch.inf
+                values, indices = torch.topk(scores, k, dim=1)
+                top_items[rows] = indices.cpu().numpy()
+                top_scores[rows] = values.cpu().numpy()
+        return top_items, top_scores
+
+    def _to_recommendations(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
+        keep = np.isfinite(scores)
+        return [
+            Recommendation(rank, int(self.item_movie_ids[i - 1]), self.titles[i - 1], float(s))
+            for rank, (i, s) in enumerate(zip(items[keep], scores[keep], strict=True), start=1)
+        ]
+
+    def recommend_users(
+        self, user_ids: Iterable[int], k: int = 10, include_seen: bool = False
+    ) -> dict[int, list[Recommendation]]:
+        """Top-k for known users (original userIds), scored on each whole history, in one batched pass."""
+        k = self.check_k(k)
+        wanted = list(dict.fromkeys(int(u) for u in user_ids))
+        unknown = [u for u in wanted if not self.has_user(u)]
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise UnknownUserError(
+                f"unknown user{'s' if len(unknown) > 1 else ''} {shown}: not a user of the data this model was "
+                "trained on"
+            )
+        if not wanted:
+            return {}
+        users = np.asarray([self._user_of[u] for u in wanted], dtype=np.int64)
+        lengths = self.offsets[users + 1] - self.offsets[users]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        items = self.items[ragged_indices(self.offsets[users], lengths)]
+        top_items, top_scores = self._top_k(offsets, items, users, k, not include_seen)
+        return {u: self._to_recommendations(top_items[r], top_scores[r]) for r, u in enumerate(wanted)}
+
+    def recommend_user(self, user_id: int, k: int = 10, include_seen: bool = False) -> list[Recommendation]:
+        """Top-k for a known user (original MovieLens userId); already-seen items excluded by default."""
+        self.user_index(user_id)
+        return self.recommend_users([user_id], k, include_seen)[int(user_id)]
+
+    def recommend_history(self, movie_ids: Iterable[int], k: int = 10, include_seen: bool = False) -> HistoryResult:
+        """Top-k for a new person from the movieIds they watched, oldest first; unknown ids are ignored.
+
+        SSE-PT uses the mean user vector (see the module docstring); the given movies are excluded.
+        """
+        k = self.check_k(k)
+        given = [int(m) for m in movie_ids]
+        if not given:
+            raise RecommendError("the history is empty; give at least one movieId the model knows")
+        known = [self._item_of[m] for m in given if m in self._item_of]
+        unknown = list(dict.fromkeys(m for m in given if m not in self._item_of))
+        if not known:
+            shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise RecommendError(f"none of the history's movieIds is known to this model ({shown})")
+        items = np.asarray(known, dtype=np.int64)
+        top_items, top_scores = self._top_k(
+            np.asarray([0, len(items)]), items, np.zeros(1, dtype=np.int64), k, not include_seen
+        )
+        return HistoryResult(self._to_recommendations(top_items[0], top_scores[0]), unknown)
+
+    def export_all(self, path: str | Path, k: int = 100, include_seen: bool = False) -> int:
+        """Top-k for every known user into a parquet file (user_id, rank, movie_id, title, score), atomically.
+
+        Returns the number of rows. Users with fewer than k unseen items get fewer rows.
+        """
+        k = self.check_k(k)
+        path = Path(path)
+        users = self.known_users
+        lengths = self.offsets[users + 1] - self.offsets[users]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        items = self.items[ragged_indices(self.offsets[users], lengths)]
+        top_items, top_scores = self._top_k(offsets, items, users, k, not include_seen)
+        keep = np.isfinite(top_scores)
+        ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), top_items.shape)
+        chosen = top_items[keep]
+        titles = pa.array(self.titles, type=pa.string()).take(pa.array(chosen - 1))
+        table = pa.table(
+            {
+                "user_id": np.broadcast_to(self.user_ids[users - 1][:, None], top_items.shape)[keep],
+                "rank": ranks[keep],
+                "movie_id": self.item_movie_ids[chosen - 1],
+                "title": titles,
+                "score": top_scores[keep],
+            }
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return table.num_rows
+
+    def describe(self) -> dict:
+        return {
+            "model": self.config.kind,
+            "dataset": self.dataset_name,
+            "num_users": len(self.known_users),
+            "num_items": int(self.num_items),
+            "max_len": int(self.config.max_len),
+        }
