@@ -313,6 +313,134 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- recommendations and serving
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a checkpoint file, a run folder, runs:/<run_id>[/path] or models:/<name>/<version>",
+    )
+    p.add_argument("--data", help="prepared dataset folder (default: the one recorded in the checkpoint)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or mlflow.db)",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _load_recommender(args: argparse.Namespace):
+    from movierec.serving.loader import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be positive, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, data=args.data, tracking_uri=args.tracking_uri)
+
+
+def _parse_ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {text!r}: expected movieIds separated by commas, like 1,260,1196") from exc
+
+
+def add_recommend(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="a user of the training data (original MovieLens userId)")
+    who.add_argument("--history", help="a new person's movieIds in the order watched, e.g. 1,260,1196")
+    p.add_argument("--k", type=int, default=10, help="number of recommendations (default 10)")
+    p.add_argument("--include-seen", action="store_true", help="also recommend movies already in the history")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("recommend", "top-k movies with titles for a known user or for a new person's history")
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    history = _parse_ids(args.history, "--history") if args.history is not None else None
+    recommender = _load_recommender(args)
+    unknown: list[int] = []
+    if history is not None:
+        result = recommender.recommend_history(history, args.k, args.include_seen)
+        recs, unknown = result.recommendations, result.unknown_movie_ids
+        title = f"top {args.k} for a history of {len(history)} movies"
+    else:
+        recs = recommender.recommend_user(args.user, args.k, args.include_seen)
+        title = f"top {args.k} for user {args.user}"
+    if args.json:
+        out = {"recommendations": [r.to_dict() for r in recs]}
+        out.update({"userId": args.user} if history is None else {"unknownMovieIds": unknown})
+        print(json.dumps(out, indent=2))
+        return 0
+    if unknown:
+        shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+        print(f"ignored {len(unknown)} unknown movieId(s): {shown}", file=sys.stderr)
+    table = Table(title=f"{title} ({recommender.config.kind}, {recommender.dataset_name})")
+    table.add_column("rank", justify="right")
+    table.add_column("movieId", justify="right")
+    table.add_column("title")
+    table.add_column("score", justify="right")
+    for r in recs:
+        table.add_row(str(r.rank), str(r.movie_id), r.title or "", f"{r.score:.4f}")
+    Console().print(table)
+    return 0
+
+
+def add_export_recs(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--out", required=True, type=Path, help="parquet file: user_id, rank, movie_id, title, score")
+    p.add_argument("--k", type=int, default=100, help="recommendations per user (default 100)")
+    p.add_argument("--include-seen", action="store_true", help="also recommend movies already in the history")
+    p.add_argument("--batch-size", type=int, default=256, help="users scored per batch (default 256)")
+
+
+@command("export-recs", "top-k recommendations for every user into a parquet file, batched, written atomically")
+def cmd_export_recs(args: argparse.Namespace) -> int:
+    import time
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.out.suffix != ".parquet":
+        raise ConfigError(f"--out {args.out}: give a .parquet file")
+    recommender = _load_recommender(args)
+    recommender.check_k(args.k)
+    recommender.batch_size = args.batch_size
+    started = time.perf_counter()
+    rows = recommender.export_all(args.out, args.k, args.include_seen)
+    users = len(recommender.known_users)
+    print(f"{rows:,} rows for {users:,} users (k={args.k}) -> {args.out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+@command("serve", "serve recommendations over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs")
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from movierec.serving.api import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    app = create_app(_load_recommender(args))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
