@@ -51,5 +51,25 @@ def quickstart(out: str | Path, config_path: str | Path | None = None, epochs: i
     console.rule("3. evaluate the best checkpoint on the held-out last items")
     test = {k.removeprefix("test_"): v for k, v in result.test_metrics.items()}
     print_metrics(f"test metrics (best epoch {result.best_epoch} of {result.epochs_run})", test)
+
+    console.rule("4. recommend: the next movies for a user of the data, with titles")
+    from rich.table import Table
+
+    from movierec.serving.loader import load_model
+
+    recommender = load_model(result.run_dir)
+    user_id = int(recommender.known_users[0])
+    history = recommender.history_of(user_id)
+    console.print(
+        f"user {user_id} watched {len(history)} movies, the last three: "
+        + "; ".join(str(recommender.item(m).title) for m in history[-3:])
+    )
+    table = Table(title=f"top 5 for user {user_id}")
+    for column in ("rank", "movieId", "title", "score"):
+        table.add_column(column)
+    for rec in recommender.recommend_user(user_id, k=5):
+        table.add_row(str(rec.rank), str(rec.movie_id), str(rec.title), f"{rec.score:.3f}")
+    console.print(table)
     console.print(f"MLflow run {result.run_id}: `mlflow ui --backend-store-uri {config.tracking.uri}`")
-    return {"run_id": result.run_id, "run_dir": result.run_dir, "test": test}
+    console.print(f"More: `movierec recommend {result.run_dir} --user {user_id}`")
+    return {"run_id": result.run_id, "run_dir": result.run_dir, "test": test, "user_id": user_id}
