@@ -110,8 +110,9 @@ INVALID = {422: {"model": ErrorOut, "description": "the request is invalid; `det
 
 
 def _location(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        return ".".join(str(p) for p in loc[1:]) or str(loc[0])
+    return ".".join(str(p) for p in loc) or "request"
 
 
 def create_app(recommender: Recommender) -> FastAPI:
