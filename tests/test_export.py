@@ -40,18 +40,26 @@ def tiny_checkpoint(path: Path, kind: str, seed: int = 0) -> Path:
 
 
 def histories(config: ModelConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded histories of every length from empty to full, and users."""
+    """Left-padded histories of every length from empty to full; users, every third a new person (0)."""
     rng = np.random.default_rng(seed)
     history = rng.integers(1, config.num_items + 1, size=(batch, config.max_len))
     lengths = rng.integers(0, config.max_len + 1, size=batch)
     lengths[0] = config.max_len
     history[np.arange(config.max_len)[None, :] < (config.max_len - lengths)[:, None]] = 0
-    return history.astype(np.int64), rng.integers(1, config.num_users + 1, size=batch).astype(np.int64)
+    users = rng.integers(1, config.num_users + 1, size=batch)
+    users[1::3] = 0  # new persons
+    return history.astype(np.int64), users.astype(np.int64)
 
 
 def pytorch_scores(model: SSEPT, history: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """The model's own scores; SSE-PT user 0 (a new person) gets the mean trained user vector."""
     with torch.inference_mode():
-        hidden, user_vecs = model.last_hidden(torch.from_numpy(history), torch.from_numpy(users))
+        users_t = torch.from_numpy(users)
+        user_vecs = model.user_vectors(users_t)
+        if user_vecs is not None:
+            mean = model.user_emb.weight[1:].mean(0) * model.config.d_user**0.5
+            user_vecs[users_t == 0] = mean
+        hidden = model(torch.from_numpy(history), user_vecs)[:, -1]
         return model.score_all(hidden, user_vecs).numpy()
 
 

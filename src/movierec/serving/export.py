@@ -6,8 +6,9 @@ The exported function is the whole model at inference time, with no Python from 
 
 - `history`: int64 (B, max_len), each row a user's item indices (1..num_items) in viewing order, the most
   recent last, **left-padded with 0** to exactly `max_len` (keep the last `max_len` items of a longer history);
-- `users`: int64 (B,), user indices (1..num_users). SASRec has no user embedding: the input is accepted and
-  ignored (pass zeros), so both kinds have the same signature;
+- `users`: int64 (B,), user indices (1..num_users), or 0 for a person the model has no embedding for (SSE-PT
+  then uses the mean of the trained users' vectors, as `movierec recommend --history` does). SASRec has no
+  user embedding: the input is accepted and ignored (pass zeros), so both kinds have the same signature;
 - `scores`: float32 (B, num_items + 1), the score of every item index as the next item; column 0 (padding) is
   -inf so it never ranks.
 
@@ -47,7 +48,11 @@ ONNX_OPSET = 18
 
 
 class ScoringModule(nn.Module):
-    """(history (B, max_len), users (B,)) -> scores over every item index (B, num_items + 1)."""
+    """(history (B, max_len), users (B,)) -> scores over every item index (B, num_items + 1).
+
+    SSE-PT: user index 0 means "a person the model has no embedding for" and gets the mean of the trained
+    users' vectors, as `movierec recommend --history` does. SASRec ignores `users`.
+    """
 
     def __init__(self, model: SSEPT):
         super().__init__()
@@ -55,9 +60,16 @@ class ScoringModule(nn.Module):
         padding = torch.zeros(model.config.num_items + 1, dtype=torch.bool)
         padding[0] = True
         self.register_buffer("padding", padding, persistent=False)
+        if model.user_emb is not None:
+            with torch.no_grad():
+                mean = model.user_vectors(torch.arange(1, model.config.num_users + 1)).mean(0)
+            self.register_buffer("mean_user_vector", mean.detach().clone(), persistent=False)
 
     def forward(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-        hidden, user_vecs = self.model.last_hidden(history, users)
+        user_vecs = self.model.user_vectors(users)
+        if user_vecs is not None:
+            user_vecs = torch.where((users == 0).unsqueeze(-1), self.mean_user_vector, user_vecs)
+        hidden = self.model(history, user_vecs)[:, -1]
         scores = self.model.score_all(hidden, user_vecs)
         return scores.masked_fill(self.padding, float("-inf"))
 
@@ -109,8 +121,8 @@ def metadata(source: ExportSource, fmt: str) -> dict:
         "num_users": c.num_users,
         "inputs": {
             "history": f"int64 (batch, {c.max_len}): item indices 1..{c.num_items}, oldest first, left-padded with 0",
-            "users": f"int64 (batch,): user indices 1..{c.num_users}"
-            + (" (ignored: SASRec has no user embedding)" if c.kind == "sasrec" else ""),
+            "users": f"int64 (batch,): user indices 1..{c.num_users}, 0 for a new person"
+            + (" (ignored: SASRec has no user embedding)" if c.kind == "sasrec" else " (mean user vector)"),
         },
         "output": f"float32 (batch, {c.num_items + 1}): score of each item index; column 0 (padding) is -inf",
         "model_config": c.to_dict(),
@@ -127,7 +139,7 @@ def metadata(source: ExportSource, fmt: str) -> dict:
 
 
 def example_inputs(model: SSEPT, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-padded histories of varied length (one empty) and random users."""
+    """Random left-padded histories of varied length (one empty), random users and one new person (0)."""
     c = model.config
     generator = torch.Generator().manual_seed(seed)
     history = torch.randint(1, c.num_items + 1, (batch, c.max_len), generator=generator)
@@ -135,6 +147,8 @@ def example_inputs(model: SSEPT, batch: int = 3, seed: int = 0) -> tuple[torch.T
     lengths[0], lengths[-1] = 0, c.max_len
     history[torch.arange(c.max_len).unsqueeze(0) < (c.max_len - lengths).unsqueeze(1)] = 0
     users = torch.randint(1, c.num_users + 1, (batch,), generator=generator)
+    if batch > 1:
+        users[-1] = 0  # a new person
     return history, users
 
 
