@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from serving_docs import documented_commands, quickstart_layout
 
 from movierec.serving.api import MAX_BATCH, MAX_BODY_BYTES, MAX_HISTORY, MAX_K, create_app
 from movierec.serving.loader import load_model
@@ -31,7 +34,7 @@ def client(rec):
 
 @pytest.fixture(scope="module")
 def users(rec) -> list[int]:
-    return [int(rec.user_ids[u - 1]) for u in rec.known_users[[0, 5, -1]]]
+    return rec.known_user_ids[[0, 5, -1]].tolist()
 
 
 def assert_error(response: httpx.Response, status: int, *fragments: str) -> None:
@@ -222,6 +225,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(proc: subprocess.Popen, port: int, log: Path) -> httpx.Response:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+
+
 def test_movierec_serve_runs_uvicorn_on_localhost(trained_run, users, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed below, after the process)
@@ -229,15 +243,7 @@ def test_movierec_serve_runs_uvicorn_on_localhost(trained_run, users, tmp_path):
     argv = [sys.executable, "-m", "movierec.cli", "serve", str(trained_run.run_dir), "--port", str(port)]
     proc = subprocess.Popen([*argv, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        health = wait_for_health(proc, port, tmp_path / "serve.log")
         assert health.status_code == 200 and health.json()["status"] == "ok"
         base = f"http://127.0.0.1:{port}"
         recs = httpx.get(f"{base}/v1/users/{users[0]}/recommendations?k=3", timeout=10).json()
@@ -261,3 +267,62 @@ def test_serve_with_a_bad_model_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be 0-65535" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- docs/serving.md
+
+
+def curl(command: str, port: int) -> httpx.Response:
+    """Send what a documented `curl [-X M] [-H H] [-d BODY] URL` line sends, to `port` instead of 8000."""
+    tokens = shlex.split(command)[1:]
+    method, headers, body, url = "GET", {}, None, None
+    while tokens:
+        token = tokens.pop(0)
+        if token == "-X":
+            method = tokens.pop(0)
+        elif token == "-H":
+            name, value = tokens.pop(0).split(":", 1)
+            headers[name.strip()] = value.strip()
+        elif token == "-d":
+            body = tokens.pop(0).encode()
+        else:
+            assert url is None and token.startswith("http://127.0.0.1:8000/"), command
+            url = token.replace(":8000/", f":{port}/")
+    return httpx.request(method, url, headers=headers, content=body, timeout=30)
+
+
+def test_documented_server_and_requests(trained_run, rec, tmp_path, monkeypatch):
+    (serve,) = documented_commands("movierec serve")
+    requests = documented_commands("curl ")
+    assert len(requests) == 6
+    quickstart_layout(trained_run, tmp_path)
+    port = free_port()
+    argv = shlex.split(serve.replace("--port 8000", f"--port {port}"))[1:]
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed below, after the process)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "movierec.cli", *argv], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_health(proc, port, tmp_path / "serve.log")
+        for command in requests:
+            response = curl(command, port)
+            assert response.status_code == 200, f"{command}: {response.text}"
+            body = response.json()
+            if "/v1/users/1042/" in command:
+                recs = body["recommendations"]
+                assert len(recs) == 5
+                if "include_seen=true" not in command:
+                    assert not {r["movieId"] for r in recs} & set(rec.history_of(1042))
+            elif "/v1/recommendations" in command:
+                expected = rec.recommend_history([13, 263, 1193], 5).recommendations
+                assert [r["movieId"] for r in body["recommendations"]] == [r.movie_id for r in expected]
+            elif "/v1/users/recommendations" in command:
+                assert [r["userId"] for r in body["results"]] == [1042, 1049] and body["unknownUserIds"] == []
+            elif "/v1/items/" in command:
+                assert body["movieId"] == 1193 and body["title"] == rec.item(1193).title
+            else:
+                assert body["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from serving_docs import documented_commands, quickstart_layout
 
 from movierec.cli import main
 from movierec.data.layout import load_sequences
@@ -33,7 +35,7 @@ def rec(trained_run) -> Recommender:
 
 @pytest.fixture(scope="module")
 def some_users(rec) -> list[int]:
-    return [int(rec.user_ids[u - 1]) for u in rec.known_users[[0, 7, -1]]]
+    return rec.known_user_ids[[0, 7, -1]].tolist()
 
 
 def reference_scores(rec: Recommender, items: list[int], user: int | None) -> np.ndarray:
@@ -334,3 +336,33 @@ def test_item_lookup(rec):
     assert item.year == int(item.title[-5:-1])
     with pytest.raises(RecommendError, match="unknown movieId 12"):
         rec.item(12)
+
+
+# --------------------------------------------------------------------------- docs/serving.md
+
+
+def test_documented_commands(trained_run, rec, tmp_path, capsys, monkeypatch):
+    commands = documented_commands("movierec ")
+    assert {c.split()[1] for c in commands} == {"recommend", "export-recs", "serve"}
+    for user in (1042, 1049):
+        assert rec.has_user(user), f"docs/serving.md uses user {user}, unknown to the test model"
+    for movie in (13, 263, 1193):
+        rec.item(movie)
+    monkeypatch.chdir(quickstart_layout(trained_run, tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    expected_user = [r.movie_id for r in rec.recommend_user(1042, 10)]
+    for command in commands:
+        if command.startswith("movierec serve"):
+            continue  # run by tests/test_api.py::test_documented_server_and_requests
+        argv = shlex.split(command.replace("<RUN_ID>", trained_run.run_id))[1:]
+        code, out, err = run(capsys, *argv)
+        assert code == 0, f"{command}: {err}"
+        if "--json" in argv:
+            recs = json.loads(out)["recommendations"]
+            assert len(recs) == 20 and {r["movieId"] for r in recs} & set(rec.history_of(1042))  # --include-seen
+        elif "--user" in argv:
+            assert all(str(m) in out for m in expected_user)
+        elif "--history" in argv:
+            top = rec.recommend_history([13, 263, 1193], 5).recommendations
+            assert all(r.title in out for r in top)
+    assert pq.read_table(tmp_path / "recs.parquet").num_rows == 100 * len(rec.known_users)

@@ -133,7 +133,7 @@ class Recommender:
         self._item_of = {int(m): i + 1 for i, m in enumerate(self.item_movie_ids)}
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
         self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
-        self.known_users = np.flatnonzero(np.diff(self.offsets) > 0)
+        self.known_users = np.flatnonzero(np.diff(self.offsets) > 0)  # our indices, not userIds
         self.mean_user_vector: torch.Tensor | None = None
         if model.user_emb is not None:
             with torch.inference_mode():
@@ -196,6 +196,11 @@ class Recommender:
         )
 
     # ------------------------------------------------------------------ look-ups
+
+    @property
+    def known_user_ids(self) -> np.ndarray:
+        """Original userIds of the users with a history (``known_users`` holds our indices of the same users)."""
+        return self.user_ids[self.known_users - 1]
 
     def has_user(self, user_id: int) -> bool:
         index = self._user_of.get(int(user_id))
