@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +142,15 @@ def test_export_of_a_missing_checkpoint_is_an_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory) -> dict:
-    """One tiny training (1 epoch) that logs its model to a SQLite MLflow store."""
+    """One tiny training (1 epoch) that logs its model to a SQLite MLflow store, laid out like `make run`'s
+    runs/quickstart (data/, run/, mlflow.db) so that docs/deploy.md's commands run as written."""
     from movierec.data.prepare import write_dataset
     from movierec.data.synthetic import generate_synthetic
     from movierec.training.config import load_config
     from movierec.training.trainer import train
 
-    root = tmp_path_factory.mktemp("export-run")
+    workdir = tmp_path_factory.mktemp("export-run")
+    root = workdir / "runs" / "quickstart"
     interactions, titles = generate_synthetic(seed=3, num_users=120, num_items=80, num_clusters=4)
     data = write_dataset(interactions, root / "data", "synthetic", source={"kind": "synthetic"}, titles=titles)
     config = load_config(None, ["model.max_len=16", "model.d_item=16", "model.d_user=8", "eval.ks=[10]"])
@@ -148,7 +158,12 @@ def logged_run(tmp_path_factory) -> dict:
     config.tracking.uri, config.tracking.system_metrics = f"sqlite:///{root / 'mlflow.db'}", False
     config.train.epochs = 1
     result = train(config)
-    return {"root": root, "run_dir": Path(result.run_dir), "run_id": result.run_id, "uri": config.tracking.uri}
+    return {
+        "workdir": workdir,
+        "run_dir": Path(result.run_dir),
+        "run_id": result.run_id,
+        "uri": config.tracking.uri,
+    }
 
 
 def test_register_and_load_back_by_models_uri(logged_run, tmp_path, capsys, monkeypatch):
@@ -208,3 +223,85 @@ def test_register_in_a_store_without_the_run_is_an_error(logged_run, tmp_path, c
     assert main([*argv, f"sqlite:///{tmp_path}/other.db"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot register run {logged_run['run_id']}" in err
+
+
+# --------------------------------------------------------------------------- docs/deploy.md, as written
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_mlflow_ui(argv: list[str], run_id: str) -> None:
+    """Start the documented `mlflow ui` (on a free port, one worker), see the run and the registered model."""
+    port = free_port()
+    argv = [a if a != "5000" else str(port) for a in argv]
+    assert str(port) in argv
+    bin_dir = Path(sys.executable).parent
+    process = subprocess.Popen(
+        [str(bin_dir / argv[0]), *argv[1:], "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, "mlflow ui exited"
+            assert time.monotonic() < deadline, "mlflow ui did not start in 120 s"
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30) as response:
+            run = json.load(response)["run"]
+        assert any(p["key"] == "model.kind" for p in run["data"]["params"])
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/registered-models/get?name=movierec", timeout=30) as r:
+            assert json.load(r)["registered_model"]["name"] == "movierec"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_documented_export_and_registry_commands_run_as_written(logged_run, monkeypatch, capsys):
+    monkeypatch.chdir(logged_run["workdir"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = DOCS.read_text()
+    section = text[text.index("## Export a model") : text.index("## Docker")]
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
+    assert [language for language, _ in blocks] == ["bash", "python", "bash", "bash"]
+    commands, ui = 0, None
+    for language, code in blocks:
+        if language == "python":
+            exec(compile(code, str(DOCS), "exec"), {})
+            top10 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            movie_ids = load_metadata("model.onnx")["item_movie_ids"]
+            assert len(top10) == 10 and set(top10) <= set(movie_ids) and not set(top10) & set(movie_ids[:5])
+            continue
+        for line in filter(None, (line.strip() for line in code.splitlines())):
+            argv = shlex.split(line)
+            commands += 1
+            if argv[0] == "mlflow":
+                ui = argv  # started last, to also show the model registered below
+                continue
+            assert argv[0] == "movierec" and main(argv[1:]) == 0, line
+            out = capsys.readouterr().out
+            if "--register" in argv:
+                assert "registered models:/movierec/1" in out  # the version the next command uses
+            if "--out" in argv:
+                assert Path(argv[argv.index("--out") + 1]).is_file()
+    assert commands == 5
+    check_mlflow_ui(ui, logged_run["run_id"])
+    model = model_from_checkpoint(load_checkpoint(logged_run["run_dir"], prefer="best.ckpt"))
+    history, users = histories(model.config, 4, 0)
+    expected = pytorch_scores(model, history, users)[:, 1:]
+    for path, fmt in (("model.onnx", "onnx"), ("model.pt", "torchscript"), ("registered.onnx", "onnx")):
+        np.testing.assert_allclose(export_scores(Path(path), fmt, history, users)[:, 1:], expected, atol=ATOL)
