@@ -8,8 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from movierec.data.layout import sha256_file
-from movierec.data.prepare import Interactions, write_dataset
+from movierec.data.prepare import Interactions
 from movierec.errors import DataError
 
 
@@ -36,37 +35,6 @@ def read_sasrec_text(path: str | Path) -> Interactions:
     if len(users) and (users.min() < 1 or items.min() < 1):
         raise DataError(f"{path}: SASRec ids start at 1, found an id below 1")
     return Interactions(users=users, items=items, timestamps=np.arange(len(users), dtype=np.int64))
-
-
-def prepare_synthetic(out: str | Path, seed: int = 0, overwrite: bool = False, num_shards: int = 4) -> Path:
-    from movierec.data.synthetic import generate_synthetic
-
-    interactions, titles = generate_synthetic(seed=seed)
-    return write_dataset(
-        interactions,
-        out,
-        "synthetic",
-        source={"kind": "synthetic", "seed": seed},
-        titles=titles,
-        num_shards=num_shards,
-        overwrite=overwrite,
-    )
-
-
-def prepare_sasrec_text(
-    input_path: str | Path,
-    out: str | Path,
-    name: str = "ml-1m-sasrec",
-    titles: pa.Table | None = None,
-    overwrite: bool = False,
-    **options,
-) -> Path:
-    """Prepare a SASRec text file. It is already filtered and 1-based, so no k-core by default."""
-    interactions = read_sasrec_text(input_path)
-    options.setdefault("min_user_interactions", 0)
-    options.setdefault("min_item_interactions", 0)
-    source = {"kind": "sasrec-text", "path": str(Path(input_path).resolve()), "sha256": sha256_file(Path(input_path))}
-    return write_dataset(interactions, out, name, source=source, titles=titles, overwrite=overwrite, **options)
 
 
 class ReleaseFiles:

@@ -22,9 +22,9 @@ LN_EPS = 1e-8
 
 
 @dataclass
-class ModelConfig:
-    num_users: int
-    num_items: int
+class Architecture:
+    """The model's hyper-parameters: the `model:` section of a run config."""
+
     kind: str = "sse-pt"  # "sse-pt" or "sasrec"
     max_len: int = 200
     d_item: int = 100
@@ -34,6 +34,14 @@ class ModelConfig:
     dropout: float = 0.2
     keep_user: float = 0.08  # SSE keep probabilities (the official flags --threshold_user/--threshold_item)
     keep_item: float = 0.9
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Architecture):
+    """An architecture sized for a dataset."""
+
+    num_users: int
+    num_items: int
 
     def __post_init__(self) -> None:
         if self.kind not in ("sse-pt", "sasrec"):

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from movierec.errors import ConfigError
+from movierec.models.sse_pt import Architecture
 
 
 @dataclass
@@ -22,19 +23,6 @@ class DataConfig:
     fraction: float | None = None
     shards: str | None = None
     verify_checksums: bool = True
-
-
-@dataclass
-class ModelSection:
-    kind: str = "sse-pt"
-    max_len: int = 200
-    d_item: int = 100
-    d_user: int = 50
-    num_blocks: int = 2
-    num_heads: int = 1
-    dropout: float = 0.2
-    keep_user: float = 0.08
-    keep_item: float = 0.9
 
 
 @dataclass
@@ -86,7 +74,7 @@ class InitSection:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: Architecture = field(default_factory=Architecture)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
