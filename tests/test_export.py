@@ -305,3 +305,13 @@ def test_documented_export_and_registry_commands_run_as_written(logged_run, monk
     expected = pytorch_scores(model, history, users)[:, 1:]
     for path, fmt in (("model.onnx", "onnx"), ("model.pt", "torchscript"), ("registered.onnx", "onnx")):
         np.testing.assert_allclose(export_scores(Path(path), fmt, history, users)[:, 1:], expected, atol=ATOL)
+
+
+def test_relative_sqlite_uris_are_made_absolute(tmp_path, monkeypatch):
+    """MLflow caches stores by URI string: a relative SQLite URI would stay bound to the first folder."""
+    from movierec.serving.export import absolute_sqlite_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_sqlite_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
+    for uri in ("sqlite:////abs/mlflow.db", "http://mlflow:5000", "file:///x"):
+        assert absolute_sqlite_uri(uri) == uri
