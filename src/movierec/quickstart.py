@@ -58,7 +58,7 @@ def quickstart(out: str | Path, config_path: str | Path | None = None, epochs: i
     from movierec.serving.loader import load_model
 
     recommender = load_model(result.run_dir)
-    user_id = int(recommender.known_users[0])
+    user_id = int(recommender.known_user_ids[0])
     history = recommender.history_of(user_id)
     console.print(
         f"user {user_id} watched {len(history)} movies, the last three: "
