@@ -54,6 +54,16 @@ def test_batch_rows_are_independent():
     torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sse-pt", "sasrec"])
+def test_last_only_computes_the_last_position_exactly(kind):
+    model = make_model(kind, num_heads=2)
+    seqs = torch.tensor([[0, 0, 3, 5, 7], [1, 2, 3, 4, 6], [0, 0, 0, 0, 9]])
+    users = torch.tensor([1, 2, 3])
+    full = model(seqs, model.user_vectors(users))[:, -1]
+    hidden, _ = model.last_hidden(seqs, users)
+    torch.testing.assert_close(hidden, full, atol=1e-5, rtol=1e-5)
+
+
 def test_input_is_scaled_concatenation_of_item_and_user_embeddings():
     model = make_model()
     assert model.config.d_model == 16

@@ -79,12 +79,17 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.ffn_in, self.ffn_out = nn.Linear(d, d), nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        batch, length, d = x.shape
-        normed = self.attn_norm(x)
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor, keep: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """(B, L, d) -> (B, L, d); with `last_only`, only the last position's output (B, 1, d)."""
+        batch, _, d = x.shape
+        if last_only:  # inference: the other queries are never read, so they are never computed
+            attn_mask, keep = attn_mask[..., -1:, :], keep[:, -1:]
+        normed = self.attn_norm(x[:, -1:] if last_only else x)
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, self.heads, d // self.heads).transpose(1, 2)
+            return t.view(batch, t.shape[1], self.heads, d // self.heads).transpose(1, 2)
 
         query, key, value = split(self.query(normed)), split(self.key(x)), split(self.value(x))
         if self.training and self.dropout > 0:
@@ -95,7 +100,7 @@ class Block(nn.Module):
             attended = fast_dropout(weights, self.dropout, True) @ value
         else:
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-        x = attended.transpose(1, 2).reshape(batch, length, d) + normed
+        x = attended.transpose(1, 2).reshape(batch, normed.shape[1], d) + normed
         normed = self.ffn_norm(x)
         hidden = fast_dropout(F.relu(self.ffn_in(normed)), self.dropout, self.training)
         x = fast_dropout(self.ffn_out(hidden), self.dropout, self.training) + normed
@@ -131,11 +136,12 @@ class SSEPT(nn.Module):
             return None
         return self.user_emb(users) * math.sqrt(self.config.d_user)
 
-    def forward(self, seqs: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, user_vecs: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """Hidden states (B, L, d) for left-padded item sequences (B, L), L <= max_len.
 
         A batch may be shorter than max_len (dynamic padding): positions are counted from the right, as
-        with the full left-padded width, so the result is the same function.
+        with the full left-padded width, so the result is the same function. `last_only` returns just the
+        last position (B, 1, d), computing the final block for that position alone.
         """
         batch, length = seqs.shape
         keep = (seqs != 0).unsqueeze(-1)
@@ -152,8 +158,8 @@ class SSEPT(nn.Module):
         diagonal = torch.eye(length, dtype=torch.bool, device=seqs.device)
         attn_mask = (causal & (seqs != 0).unsqueeze(1)) | diagonal
         attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L), broadcast over heads
-        for block in self.blocks:
-            x = block(x, attn_mask, keep)
+        for index, block in enumerate(self.blocks):
+            x = block(x, attn_mask, keep, last_only and index == len(self.blocks) - 1)
         return self.final_norm(x)
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
@@ -176,7 +182,7 @@ class SSEPT(nn.Module):
     def last_hidden(self, seqs: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden state after the last item of each sequence (for next-item prediction) and user vectors."""
         user_vecs = self.user_vectors(users)
-        return self(seqs, user_vecs)[:, -1], user_vecs
+        return self(seqs, user_vecs, last_only=True)[:, -1], user_vecs
 
 
 def _broadcast_user(user_vecs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -253,7 +253,7 @@ class Recommender:
                 user_vecs = model.user_vectors(batch_users)
                 if user_vecs is not None and (batch_users == 0).any():
                     user_vecs = torch.where((batch_users == 0)[:, None], self.mean_user_vector, user_vecs)
-                hidden = model(torch.from_numpy(seqs).to(device), user_vecs)[:, -1]
+                hidden = model(torch.from_numpy(seqs).to(device), user_vecs, last_only=True)[:, -1]
                 scores = model.score_all(hidden, user_vecs).float()
                 scores[:, 0] = -torch.inf
                 if exclude_seen:
