@@ -309,9 +309,9 @@ def test_documented_export_and_registry_commands_run_as_written(logged_run, monk
 
 def test_relative_sqlite_uris_are_made_absolute(tmp_path, monkeypatch):
     """MLflow caches stores by URI string: a relative SQLite URI would stay bound to the first folder."""
-    from movierec.serving.export import absolute_sqlite_uri
+    from movierec.training.tracking import tracking_uri
 
     monkeypatch.chdir(tmp_path)
-    assert absolute_sqlite_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
+    assert tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
     for uri in ("sqlite:////abs/mlflow.db", "http://mlflow:5000", "file:///x"):
-        assert absolute_sqlite_uri(uri) == uri
+        assert tracking_uri(uri) == uri

@@ -69,7 +69,7 @@ class ScoringModule(nn.Module):
         user_vecs = self.model.user_vectors(users)
         if user_vecs is not None:
             user_vecs = torch.where((users == 0).unsqueeze(-1), self.mean_user_vector, user_vecs)
-        hidden = self.model(history, user_vecs)[:, -1]
+        hidden = self.model(history, user_vecs, last_only=True)[:, -1]
         scores = self.model.score_all(hidden, user_vecs)
         return scores.masked_fill(self.padding, float("-inf"))
 
@@ -97,7 +97,7 @@ def load_source(ref: str | Path, tracking_uri: str | None = None) -> ExportSourc
         from movierec.serving.loader import load_state
         from movierec.training.tracking import tracking_uri as resolve_uri
 
-        tracking_uri = absolute_sqlite_uri(resolve_uri(tracking_uri))  # the store to register in, too
+        tracking_uri = resolve_uri(tracking_uri)  # the store to register in, too
         state = load_state(str(ref), tracking_uri)
     else:
         state = load_checkpoint(ref, prefer=BEST)
@@ -108,18 +108,6 @@ def load_source(ref: str | Path, tracking_uri: str | None = None) -> ExportSourc
         tracking_uri=tracking_uri or (state.get("config") or {}).get("tracking", {}).get("uri"),
         origin=str(state.get("path", ref)),
     )
-
-
-def absolute_sqlite_uri(uri: str) -> str:
-    """`sqlite:///relative/mlflow.db` made absolute against the working directory.
-
-    MLflow caches its stores and database engines by URI string for the life of the process, so a relative
-    SQLite URI would stay bound to the folder it was first used from.
-    """
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
-        return f"sqlite:///{Path(path).resolve()}{sep}{query}"
-    return uri
 
 
 def metadata(source: ExportSource, fmt: str) -> dict:
@@ -315,7 +303,7 @@ def register(run_id: str | None, name: str, tracking_uri: str | None) -> tuple[s
         raise CheckpointError("this model has no MLflow run id (it was not trained with tracking); cannot register it")
     if not name or "/" in name:
         raise ConfigError(f"--register {name!r}: give a registered-model name without '/'")
-    uri = absolute_sqlite_uri(resolve_uri(tracking_uri))
+    uri = resolve_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"no MLflow store at {uri}; pass --tracking-uri of the store run {run_id} was logged to")
     mlflow.set_tracking_uri(uri)

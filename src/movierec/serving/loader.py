@@ -80,14 +80,11 @@ def load_state(ref: str | Path, tracking_uri: str | None = None) -> dict:
 
     text = str(ref)
     if text.startswith(("runs:/", "models:/")):
-        tracking_uri = resolve_uri(tracking_uri)
+        tracking_uri = resolve_uri(tracking_uri)  # sqlite paths come back absolute
         if tracking_uri.startswith("sqlite:///"):
-            # absolute, because MLflow caches stores by URI: a relative one would stay bound to the first
-            # working directory it was opened from
-            store = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+            store = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0])
             if not store.is_file():
                 raise CheckpointError(f"cannot load {text}: no MLflow store at {store}; pass --tracking-uri")
-            tracking_uri = f"sqlite:///{store}"
     if text.startswith("runs:/"):
         run_id, _, artifact = text.removeprefix("runs:/").partition("/")
         if not run_id:

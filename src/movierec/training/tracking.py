@@ -18,12 +18,16 @@ logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
 
 
 def tracking_uri(configured: str | None) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    """The configured URI, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+
+    A relative `sqlite:///path` is made absolute: MLflow caches stores by URI string for the life of the
+    process, so a relative one would stay bound to the working directory it was first used from.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        uri = f"sqlite:///{Path(path).resolve()}{sep}{query}"
+    return uri
 
 
 def ensure_experiment(name: str, uri: str) -> str:
