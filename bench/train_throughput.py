@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48, help="batches timed per run (48 = one ML-1M pass)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precisions", default=None, help="comma-separated; default: all this machine supports")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of the recipes")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -70,9 +72,9 @@ def main() -> None:
         else (["fp32", "fp16", "bf16"] if torch.cuda.is_available() else ["fp32", "bf16"])
     )
     rows = []
-    for name, overrides in RECIPES.items():
+    for name in args.recipes.split(","):
         for precision in precisions:
-            spec = json.dumps({"precision": precision, "overrides": overrides})
+            spec = json.dumps({"precision": precision, "overrides": [*RECIPES[name], *args.set]})
             cmd = [sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--worker", spec]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
