@@ -66,3 +66,10 @@ def test_evaluation_inputs_and_negatives(tmp_path):
         assert negatives.shape == (len(test.users), 100)
         users = np.broadcast_to(test.users[:, None], negatives.shape)
         assert not seen.contains(users, negatives).any()
+
+
+def test_overrides_may_follow_flags(capsys):
+    from movierec.cli import main
+
+    assert main(["train", "--epochs", "1", "model.bogus=1"]) == 2
+    assert "unknown config key 'model.bogus'" in capsys.readouterr().err

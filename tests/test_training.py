@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -36,8 +37,12 @@ TINY = [
 ]
 
 
-def make_dataset(root: Path, seed: int, num_users: int, num_items: int = 120, name: str = "synthetic") -> Path:
+def make_dataset(
+    root: Path, seed: int, num_users: int, num_items: int = 120, name: str = "synthetic", movie_id_offset: int = 0
+) -> Path:
     interactions, titles = generate_synthetic(seed=seed, num_users=num_users, num_items=num_items, num_clusters=4)
+    interactions.items = interactions.items + movie_id_offset
+    titles = titles.set_column(0, "movie_id", pa.array(titles["movie_id"].to_numpy() + movie_id_offset))
     return write_dataset(
         interactions, root, name, source={"kind": "synthetic", "seed": seed}, titles=titles, num_shards=4
     )
@@ -49,7 +54,7 @@ def workspace(tmp_path_factory) -> dict:
     return {
         "root": root,
         "data": make_dataset(root / "data", seed=1, num_users=200),
-        "other": make_dataset(root / "other", seed=2, num_users=150, num_items=140, name="other"),
+        "other": make_dataset(root / "other", seed=2, num_users=150, num_items=140, name="other", movie_id_offset=50),
         "uri": f"sqlite:///{root / 'mlflow.db'}",
     }
 
@@ -154,8 +159,9 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
 
 def test_resume_of_a_finished_run_is_refused(workspace):
     result = train(tiny_config(workspace, "finished", epochs=1))
-    with pytest.raises(CheckpointError, match="finished run"):
-        train(tiny_config(workspace, "finished", epochs=1), resume=Path(result.run_dir) / "best.ckpt")
+    for resume in (Path(result.run_dir) / "best.ckpt", result.run_dir):
+        with pytest.raises(CheckpointError, match="finished run"):
+            train(tiny_config(workspace, "finished", epochs=1), resume=resume)
 
 
 def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
@@ -167,17 +173,39 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
     from movierec.training.trainer import Trainer
 
     trainer = Trainer(config)
-    actions = {name: action for name, action, _ in trainer.init_report}
-    assert actions["user_emb.weight"] == "skipped"  # 150 users vs 200
-    assert actions["item_emb.weight"] == "mapped"  # 140 items vs 120, movieIds 1..120 shared
-    assert actions["blocks.0.query.weight"] == "loaded" and actions["pos_emb.weight"] == "loaded"
+    report = {name: (action, detail) for name, action, detail in trainer.init_report}
+    assert report["user_emb.weight"][0] == "mapped"  # userIds 1..150 are in both
+    assert report["item_emb.weight"][0] == "mapped"
+    assert report["item_emb.weight"][1].startswith("70 of 140 rows by movieId")
+    assert report["blocks.0.query.weight"][0] == "loaded" and report["pos_emb.weight"][0] == "loaded"
     model = trainer.model.state_dict()
     torch.testing.assert_close(model["blocks.1.ffn_in.weight"], source_state["model"]["blocks.1.ffn_in.weight"])
-    # movieId m is item m in both synthetic datasets
-    torch.testing.assert_close(model["item_emb.weight"][1:121], source_state["model"]["item_emb.weight"][1:121])
+    # movieIds 51..120 are items 51..120 in the source and items 1..70 here: copied by movieId, not position
+    torch.testing.assert_close(model["item_emb.weight"][1:71], source_state["model"]["item_emb.weight"][51:121])
     result = trainer.fit()
     artifacts = {a.path for a in MlflowClient(workspace["uri"]).list_artifacts(result.run_id)}
     assert "init_from.tsv" in artifacts
+
+
+def test_init_from_maps_by_id_even_when_shapes_match():
+    from movierec.models.sse_pt import SSEPT, ModelConfig
+    from movierec.training.checkpoint import init_from_pretrained
+
+    torch.manual_seed(0)
+    config = ModelConfig(num_users=2, num_items=3, max_len=4, d_item=4, d_user=2)
+    old, new = SSEPT(config), SSEPT(config)
+    state = {
+        "model": old.state_dict(),
+        "model_config": config.to_dict(),
+        "dataset": {"item_movie_ids": torch.tensor([10, 20, 30]), "user_ids": torch.tensor([7, 8])},
+    }
+    report = init_from_pretrained(new, state, np.array([30, 10, 20]), np.array([8, 7]))
+    assert {name: action for name, action, _ in report}["item_emb.weight"] == "mapped"
+    torch.testing.assert_close(new.item_emb.weight[1:], old.item_emb.weight[[3, 1, 2]])
+    torch.testing.assert_close(new.user_emb.weight[1:], old.user_emb.weight[[2, 1]])
+    positional = SSEPT(config)
+    init_from_pretrained(positional, state, np.array([30, 10, 20]), np.array([8, 7]), map_by_id=False)
+    torch.testing.assert_close(positional.item_emb.weight, old.item_emb.weight)
 
 
 def test_init_from_a_checkpoint_of_another_model_kind_is_an_error(workspace):

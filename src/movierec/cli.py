@@ -40,7 +40,9 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         help="a local source: ml-1m-sasrec: the ml-1m.txt file; a release: its extracted folder; "
         "ml-20mx16x32: the folder with trainx16x32_K.npz/testx16x32_K.npz",
     )
-    p.add_argument("--titles", type=Path, help="ml-1m-sasrec: folder with movies.dat and sas_to_original_items.txt")
+    p.add_argument(
+        "--titles", type=Path, help="ml-1m-sasrec: folder with movies.dat (the id maps are read beside --input)"
+    )
     _add_source_options(p)
     p.add_argument("--fraction", type=float, default=None, help="ml-20mx16x32: convert the first F of its shards")
     p.add_argument("--shards", default=None, help="ml-20mx16x32: convert these shards, e.g. 0-3,7")
@@ -458,7 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also stand after flags (argparse stops the positional list at the first flag)
+    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     try:
         return args.run(args)
     except MovierecError as exc:

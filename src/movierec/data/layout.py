@@ -291,17 +291,30 @@ def load_sequences(
     )
 
 
-def read_items(path: str | Path) -> pa.Table:
-    """items.parquet: item (our id), movie_id, title, year, genres."""
-    file = Path(path) / ITEMS_FILE
+def _read_table(path: str | Path, name: str, id_column: str, key: str) -> pa.Table:
+    """A side table of a prepared dataset, checked against meta.json (checksum and row count)."""
+    root = Path(path)
+    file = root / name
     if not file.is_file():
         raise DataError(f"{file} is missing; re-run `movierec prepare`")
-    return pq.read_table(file)
+    meta = read_meta(root)
+    expected = meta.get("files_sha256", {}).get(name)
+    if expected is not None and sha256_file(file) != expected:
+        raise DataError(f"{file} is corrupt: its sha256 differs from meta.json; re-run `movierec prepare`")
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{file} cannot be read ({exc}); re-run `movierec prepare`") from exc
+    if id_column not in table.column_names or len(table) != int(meta[key]):
+        raise DataError(f"{file} does not hold one {id_column} row per id 1..{meta[key]}; re-run `movierec prepare`")
+    return table
+
+
+def read_items(path: str | Path) -> pa.Table:
+    """items.parquet: item (our id), movie_id, title, year, genres."""
+    return _read_table(path, ITEMS_FILE, "movie_id", "num_items")
 
 
 def read_users(path: str | Path) -> pa.Table:
     """users.parquet: user (our id), user_id (original)."""
-    file = Path(path) / USERS_FILE
-    if not file.is_file():
-        raise DataError(f"{file} is missing; re-run `movierec prepare`")
-    return pq.read_table(file)
+    return _read_table(path, USERS_FILE, "user_id", "num_users")

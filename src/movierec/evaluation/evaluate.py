@@ -93,19 +93,19 @@ class Evaluator:
             raise ValueError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
         self.data, self.split, self.protocols, self.ks, self.batch_size = data, split, protocols, ks, batch_size
         self.histories = split_histories(data, split)
-        rng = np.random.default_rng(seed)
         index = HistoryIndex.from_sequences(data, include_held_out=True)
         popularity = np.bincount(data.train_items, minlength=data.num_items + 1).astype(np.float64)
         popularity[0] = 0
         self.negatives: dict[str, np.ndarray] = {}
         for protocol in protocols:
-            if protocol.startswith("sampled-uniform"):
-                self.negatives[protocol] = sample_candidates(rng, index, self.histories.users, num_negatives, None)
-            elif protocol.startswith("sampled-popularity"):
-                self.negatives[protocol] = sample_candidates(
-                    rng, index, self.histories.users, num_negatives, popularity
-                )
-        self.loss_negatives = sample_candidates(rng, index, self.histories.users, 1, None)[:, 0]
+            if protocol == "full":
+                continue
+            # one generator per protocol: its negatives do not depend on which other protocols are asked for
+            rng = np.random.default_rng([seed, PROTOCOLS.index(protocol)])
+            probs = popularity if protocol.startswith("sampled-popularity") else None
+            self.negatives[protocol] = sample_candidates(rng, index, self.histories.users, num_negatives, probs)
+        loss_rng = np.random.default_rng([seed, len(PROTOCOLS)])
+        self.loss_negatives = sample_candidates(loss_rng, index, self.histories.users, 1, None)[:, 0]
 
     @property
     def num_users(self) -> int:
@@ -197,17 +197,21 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict:
     """Evaluate a checkpoint (a run folder means its best.ckpt) on a prepared dataset (default: its own)."""
-    from movierec.data.layout import load_sequences
+    from movierec.data.layout import load_sequences, read_items, read_users
     from movierec.errors import CheckpointError
     from movierec.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(checkpoint, prefer=BEST)
     dataset = state["dataset"]
     data = load_sequences(data_path or dataset["path"], shards=dataset.get("shards"))
-    if (data.num_users, data.num_items) != (dataset["num_users"], dataset["num_items"]):
+    items = read_items(data.path)["movie_id"].to_numpy()
+    users = read_users(data.path)["user_id"].to_numpy()
+    same_items = np.array_equal(items, dataset["item_movie_ids"].numpy())
+    if not (same_items and np.array_equal(users, dataset["user_ids"].numpy())):
         raise CheckpointError(
-            f"{state['path']} was trained on {dataset['num_users']} users x {dataset['num_items']} items, "
-            f"{data.path} has {data.num_users} x {data.num_items}; pass the dataset it was trained on with --data"
+            f"{state['path']} was trained on {dataset['path']} ({dataset['num_users']} users x "
+            f"{dataset['num_items']} items), and {data.path} numbers its users or movies differently; "
+            "pass the dataset it was trained on with --data"
         )
     model = model_from_checkpoint(state, device)
     loss = state.get("config", {}).get("train", {}).get("loss", "bce")

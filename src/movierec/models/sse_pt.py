@@ -46,8 +46,8 @@ class ModelConfig(Architecture):
     def __post_init__(self) -> None:
         if self.kind not in ("sse-pt", "sasrec"):
             raise ValueError(f"model.kind must be 'sse-pt' or 'sasrec', got {self.kind!r}")
-        if self.kind == "sasrec":
-            self.d_user, self.keep_user = 0, 1.0
+        if self.kind == "sasrec":  # SASRec: no user embedding and no SSE
+            self.d_user, self.keep_user, self.keep_item = 0, 1.0, 1.0
         if self.kind == "sse-pt" and self.d_user <= 0:
             raise ValueError("SSE-PT needs model.d_user > 0 (use kind: sasrec for no user embedding)")
         if self.d_model % self.num_heads:
@@ -135,6 +135,16 @@ class SSEPT(nn.Module):
         if self.user_emb is None:
             return None
         return self.user_emb(users) * math.sqrt(self.config.d_user)
+
+    def new_user_vector(self) -> torch.Tensor | None:
+        """The user vector for a person the model has no embedding for: the mean of all user vectors.
+
+        SSE trains the network for this: with probability 1 - keep_user a training sequence is paired with a
+        random user's vector, so predictions must work under vectors drawn from the table.
+        """
+        if self.user_emb is None:
+            return None
+        return self.user_emb.weight[1:].mean(0) * math.sqrt(self.config.d_user)
 
     def forward(self, seqs: torch.Tensor, user_vecs: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """Hidden states (B, L, d) for left-padded item sequences (B, L), L <= max_len.

@@ -7,7 +7,7 @@ The exported function is the whole model at inference time, with no Python from 
 - `history`: int64 (B, max_len), each row a user's item indices (1..num_items) in viewing order, the most
   recent last, **left-padded with 0** to exactly `max_len` (keep the last `max_len` items of a longer history);
 - `users`: int64 (B,), user indices (1..num_users), or 0 for a person the model has no embedding for (SSE-PT
-  then uses the mean of the trained users' vectors, as `movierec recommend --history` does). SASRec has no
+  then uses the mean of all user vectors, as `movierec recommend --history` does). SASRec has no
   user embedding: the input is accepted and ignored (pass zeros), so both kinds have the same signature;
 - `scores`: float32 (B, num_items + 1), the score of every item index as the next item; column 0 (padding) is
   -inf so it never ranks.
@@ -62,7 +62,7 @@ class ScoringModule(nn.Module):
         self.register_buffer("padding", padding, persistent=False)
         if model.user_emb is not None:
             with torch.no_grad():
-                mean = model.user_vectors(torch.arange(1, model.config.num_users + 1)).mean(0)
+                mean = model.new_user_vector()
             self.register_buffer("mean_user_vector", mean.detach().clone(), persistent=False)
 
     def forward(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:

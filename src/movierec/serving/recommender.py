@@ -8,7 +8,7 @@ seconds on a CPU.
 
 **A person the model has no user embedding for** (``recommend_history``): SSE-PT concatenates a user
 vector to every input item and adds a user term to every score, so it needs *some* user vector. We use
-the mean of the trained users' embeddings. Stochastic Shared Embeddings train the network to cope with
+the mean of all user embeddings. Stochastic Shared Embeddings train the network to cope with
 that: with probability ``1 - keep_user`` (0.92 for the paper's ML-1M setting ``keep_user = 0.08``) a
 training sequence is paired with a *random* other user's vector, so the network learns to predict from
 the item history under user vectors drawn from the embedding table; the mean of that table is the
@@ -18,7 +18,6 @@ SASRec has no user embedding and needs nothing.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import threading
@@ -134,14 +133,8 @@ class Recommender:
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
         self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
         self.known_users = np.flatnonzero(np.diff(self.offsets) > 0)  # our indices, not userIds
-        self.mean_user_vector: torch.Tensor | None = None
-        if model.user_emb is not None:
-            with torch.inference_mode():
-                rows = (
-                    torch.from_numpy(self.known_users) if len(self.known_users) else torch.arange(1, self.num_users + 1)
-                )
-                weight = model.user_emb.weight[rows.to(model.user_emb.weight.device)]
-                self.mean_user_vector = weight.mean(0) * math.sqrt(self.config.d_user)
+        with torch.inference_mode():
+            self.mean_user_vector = model.new_user_vector()
 
     # ------------------------------------------------------------------ construction
 

@@ -100,12 +100,15 @@ def init_from_pretrained(
     model: SSEPT,
     state: dict,
     item_movie_ids: np.ndarray | None = None,
-    map_items_by_movie_id: bool = True,
+    user_ids: np.ndarray | None = None,
+    map_by_id: bool = True,
 ) -> list[tuple[str, str, str]]:
-    """Load every tensor of `state` whose name and shape match; report (name, action, detail) per tensor.
+    """Load the tensors of `state` that fit `model`; report (name, action, detail) per tensor.
 
-    Tables whose shape differs (another dataset) keep their fresh initialisation, except that with
-    `map_items_by_movie_id` the item rows of movies both datasets share are copied by original movieId.
+    With `map_by_id`, the item and user tables are matched by original MovieLens movieId / userId, whatever
+    their shapes: rows of ids both datasets share are copied, the others keep their fresh initialisation
+    (two preparations of the same release can number the same movies differently). Every other tensor
+    is loaded when its name and shape match (the Transformer encoder), and re-initialised otherwise.
     """
     old_kind = state["model_config"]["kind"]
     if old_kind != model.config.kind:
@@ -114,27 +117,29 @@ def init_from_pretrained(
             f"use a {model.config.kind} checkpoint or set model.kind={old_kind}"
         )
     pretrained = state["model"]
+    old_dataset = state.get("dataset", {})
+    id_maps = {
+        "item_emb.weight": (item_movie_ids, old_dataset.get("item_movie_ids"), "movieId"),
+        "user_emb.weight": (user_ids, old_dataset.get("user_ids"), "userId"),
+    }
     report: list[tuple[str, str, str]] = []
     own = model.state_dict()
     with torch.no_grad():
         for name, tensor in own.items():
             old = pretrained.get(name)
+            new_ids, old_ids, label = id_maps.get(name, (None, None, ""))
+            detail = f"{tuple(old.shape)} -> {tuple(tensor.shape)}" if old is not None else ""
             if old is None:
                 report.append((name, "new", "not in the checkpoint, initialised"))
+            elif map_by_id and new_ids is not None and old_ids is not None and old.shape[1] == tensor.shape[1]:
+                new_rows, old_rows = match_ids(np.asarray(new_ids), np.asarray(old_ids))
+                tensor[torch.from_numpy(new_rows + 1)] = old[torch.from_numpy(old_rows + 1)].to(tensor.dtype)
+                report.append((name, "mapped", f"{len(new_rows)} of {len(new_ids)} rows by {label}; {detail}"))
             elif old.shape == tensor.shape:
                 tensor.copy_(old)
                 report.append((name, "loaded", str(tuple(tensor.shape))))
-            elif name == "item_emb.weight" and map_items_by_movie_id and item_movie_ids is not None:
-                old_ids = state.get("dataset", {}).get("item_movie_ids")
-                detail = f"{tuple(old.shape)} -> {tuple(tensor.shape)}"
-                if old_ids is None or old.shape[1] != tensor.shape[1]:
-                    report.append((name, "skipped", f"shape {detail}, no movieId map"))
-                    continue
-                new_rows, old_rows = match_ids(np.asarray(item_movie_ids), np.asarray(old_ids))
-                tensor[torch.from_numpy(new_rows + 1)] = old[torch.from_numpy(old_rows + 1)].to(tensor.dtype)
-                report.append((name, "mapped", f"{len(new_rows)} of {len(item_movie_ids)} items by movieId; {detail}"))
             else:
-                report.append((name, "skipped", f"shape {tuple(old.shape)} -> {tuple(tensor.shape)}, re-initialised"))
+                report.append((name, "skipped", f"shape {detail}, re-initialised"))
     unused = sorted(set(pretrained) - set(own))
     report.extend((name, "unused", "in the checkpoint only") for name in unused)
     model.load_state_dict(own)

@@ -68,7 +68,7 @@ class TrackingSection:
 @dataclass
 class InitSection:
     from_checkpoint: str | None = None
-    map_items_by_movie_id: bool = True  # copy item vectors of shared movieIds across datasets
+    map_by_id: bool = True  # copy item/user vectors by MovieLens movieId/userId across datasets
 
 
 @dataclass
@@ -193,8 +193,15 @@ def validate(config: RunConfig) -> None:
         (e.protocol in PROTOCOLS, f"eval.protocol must be one of {', '.join(PROTOCOLS)}"),
         (all(p in PROTOCOLS for p in e.protocols), f"eval.protocols must be among {', '.join(PROTOCOLS)}"),
         (e.every > 0 and e.patience > 0, "eval.every and eval.patience must be > 0"),
-        (e.metric.split("@")[0] in ("ndcg", "hr", "mrr"), "eval.metric must be ndcg@K, hr@K or mrr"),
-    ]
+        (m.num_heads > 0, "model.num_heads must be > 0"),
+        (m.num_heads > 0 and (m.d_item + (m.d_user if m.kind == "sse-pt" else 0)) % m.num_heads == 0,
+         "model.d_item + model.d_user must be divisible by model.num_heads"),
+        (m.kind == "sasrec" or m.d_user > 0, "sse-pt needs model.d_user > 0 (use model.kind=sasrec for none)"),
+        (all(int(k) > 0 for k in e.ks), "eval.ks must be positive"),
+        (e.metric == "mrr" or (e.metric.split("@")[0] in ("ndcg", "hr") and e.metric.split("@")[-1].isdigit()
+                               and int(e.metric.split("@")[-1]) in e.ks),
+         f"eval.metric must be mrr, or ndcg@K / hr@K with K in eval.ks {e.ks}, got {e.metric!r}"),
+    ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -133,7 +133,11 @@ class Trainer:
         elif c.init.from_checkpoint:
             pretrained = load_checkpoint(c.init.from_checkpoint, prefer=BEST)
             self.init_report = init_from_pretrained(
-                self.model, pretrained, self.identity["item_movie_ids"].numpy(), c.init.map_items_by_movie_id
+                self.model,
+                pretrained,
+                self.identity["item_movie_ids"].numpy(),
+                self.identity["user_ids"].numpy(),
+                c.init.map_by_id,
             )
 
     # ------------------------------------------------------------------ state
@@ -219,7 +223,10 @@ class Trainer:
             ):
                 loss = self._loss(users, inputs, targets, negatives)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower train.lr")
+                raise ConfigError(
+                    f"training loss became {loss.item()} at step {self.step}; "
+                    "lower train.lr or use train.precision=fp32"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.config.train.grad_clip:
@@ -324,9 +331,9 @@ class Trainer:
                 self.history.append(record)
                 mlflow.log_metrics({mlflow_key(k): v for k, v in record.items() if k != "epoch"}, step=self.epoch)
                 state = self.state()
-                save_checkpoint(run_dir / LAST, state)
-                if improved:
+                if improved:  # best first: last.ckpt is the commit point a resume starts from
                     save_checkpoint(run_dir / BEST, state)
+                save_checkpoint(run_dir / LAST, state)
                 (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
 
@@ -353,9 +360,9 @@ class Trainer:
         test_metrics = {f"test_{k}": v for k, v in test.items() if k != "users"}
         mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=self.best_epoch)
         mlflow.log_metric("best_epoch", self.best_epoch)
-        final = self.state(finished=True)
-        final["model"] = self.model.state_dict()
-        save_checkpoint(best_path, final)
+        final = self.state(finished=True)  # the best weights, marked finished so --resume refuses it
+        for path in (best_path, run_dir / LAST):
+            save_checkpoint(path, final)
         mlflow.log_artifact(str(best_path), artifact_path="checkpoints")
         mlflow.log_artifact(str(run_dir / "config.yaml"))
         mlflow.log_artifact(str(run_dir / "history.json"))
