@@ -164,7 +164,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+# keys renamed since checkpoints were first written: (section, old) -> new
+RENAMED = {("init", "map_items_by_movie_id"): "map_by_id"}
+
+
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """A config from a checkpoint's saved dict (keys renamed since it was written are carried over)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for (section, old), new in RENAMED.items():
+        if old in values.get(section, {}):
+            values[section][new] = values[section].pop(old)
     config = RunConfig()
     _merge(config, values, "")
     return config
