@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from movierec.data.layout import SequenceData
 from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
 from movierec.models.sse_pt import SSEPT
-from movierec.training.batches import HistoryIndex, left_padded, ragged_indices
+from movierec.training.batches import HistoryIndex, draw_by_weight, left_padded, ragged_indices, sample_unseen
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
 SPLITS = ("validation", "evaluation")
@@ -64,15 +64,10 @@ def sample_candidates(
     def draw(n: int) -> np.ndarray:
         if cdf is None:
             return rng.integers(1, num_items + 1, size=n)
-        return np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"), num_items)
+        return draw_by_weight(rng, cdf, n)
 
-    negs = draw(int(np.prod(shape))).reshape(shape)
-    user_grid = np.broadcast_to(users[:, None], shape)
-    bad = index.contains(user_grid, negs)
-    while bad.any():
-        negs[bad] = draw(int(bad.sum()))
-        bad[bad] = index.contains(user_grid[bad], negs[bad])
-    return negs
+    grid = np.ascontiguousarray(np.broadcast_to(users[:, None], shape))
+    return sample_unseen(rng, index, grid, draw)
 
 
 class Evaluator:

@@ -49,18 +49,46 @@ class HistoryIndex:
         pos = np.minimum(pos, len(self.keys) - 1)
         return self.keys[pos] == keys
 
+    def seen_items(self, user: int) -> np.ndarray:
+        lo, hi = np.searchsorted(self.keys, [user * self.stride, (user + 1) * self.stride])
+        return self.keys[lo:hi] - user * self.stride
+
+
+def sample_unseen(
+    rng: np.random.Generator, index: HistoryIndex, users: np.ndarray, draw, rounds: int = 32
+) -> np.ndarray:
+    """Items from `draw(n)` that each entry's user (`users`, any shape) has not seen, by rejection.
+
+    Entries still rejected after `rounds` redraws (users who have seen nearly every item) are drawn
+    uniformly from the user's unseen items; a user who has seen every item keeps a seen one.
+    """
+    negs = draw(users.size).reshape(users.shape)
+    bad = index.contains(users, negs)
+    for _ in range(rounds):
+        if not bad.any():
+            return negs
+        negs[bad] = draw(int(bad.sum()))
+        bad[bad] = index.contains(users[bad], negs[bad])
+    num_items = index.stride - 1
+    for user in np.unique(users[bad]):
+        where = bad & (users == user)
+        unseen = np.setdiff1d(np.arange(1, num_items + 1), index.seen_items(int(user)))
+        if len(unseen):
+            negs[where] = rng.choice(unseen, size=int(where.sum()))
+    return negs
+
+
+def draw_by_weight(rng: np.random.Generator, cdf: np.ndarray, n: int) -> np.ndarray:
+    """`n` item ids drawn with probability proportional to their weight; `cdf` is the cumsum over ids 0..I."""
+    return np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"), len(cdf) - 1)
+
 
 def sample_negatives(
     rng: np.random.Generator, index: HistoryIndex, users: np.ndarray, shape: tuple[int, ...], num_items: int
 ) -> np.ndarray:
     """Uniform items in 1..num_items that the row's user has not seen; `users` broadcasts against `shape`."""
-    users = np.broadcast_to(users, shape)
-    negs = rng.integers(1, num_items + 1, size=shape)
-    bad = index.contains(users, negs)
-    while bad.any():
-        negs[bad] = rng.integers(1, num_items + 1, size=int(bad.sum()))
-        bad[bad] = index.contains(users[bad], negs[bad])
-    return negs
+    grid = np.ascontiguousarray(np.broadcast_to(users, shape))
+    return sample_unseen(rng, index, grid, lambda n: rng.integers(1, num_items + 1, size=n))
 
 
 def ragged_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from movierec.errors import CheckpointError, ConfigError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
 from movierec.training import losses
-from movierec.training.batches import HistoryIndex, TrainBatches, sample_negatives
+from movierec.training.batches import HistoryIndex, TrainBatches, draw_by_weight, sample_negatives
 from movierec.training.checkpoint import (
     BEST,
     LAST,
@@ -193,8 +193,7 @@ class Trainer:
             return sample_negatives(self.rng, self.history_index, users[:, None], targets.shape, self.data.num_items)
         if t.loss == "sampled-softmax":
             if self.log_q is not None:
-                draws = np.searchsorted(self.sample_cdf, self.rng.random(t.num_negatives) * self.sample_cdf[-1])
-                return np.clip(draws, 1, self.data.num_items)
+                return draw_by_weight(self.rng, self.sample_cdf, t.num_negatives)
             return self.rng.integers(1, self.data.num_items + 1, size=t.num_negatives)
         return np.zeros(0, dtype=np.int64)
 
