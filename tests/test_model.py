@@ -30,6 +30,20 @@ def test_position_t_never_sees_later_positions(kind):
     assert not torch.allclose(base[0, 5:], after[0, 5:])
 
 
+def test_training_path_with_dropout_is_causal_too():
+    model = make_model(dropout=0.3).train()
+    seqs = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13]])
+    changed = seqs.clone()
+    changed[0, 6:] = torch.tensor([21, 22])
+    users = torch.tensor([2])
+    torch.manual_seed(5)  # the same dropout masks for both calls
+    base = model(seqs, model.user_vectors(users))
+    torch.manual_seed(5)
+    after = model(changed, model.user_vectors(users))
+    torch.testing.assert_close(base[0, :6], after[0, :6])
+    assert not torch.allclose(base[0, 6:], after[0, 6:])
+
+
 @pytest.mark.parametrize("kind", ["sse-pt", "sasrec"])
 def test_padding_never_changes_non_padding_outputs(kind):
     model = make_model(kind)

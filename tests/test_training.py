@@ -164,6 +164,19 @@ def test_resume_of_a_finished_run_is_refused(workspace):
             train(tiny_config(workspace, "finished", epochs=1), resume=resume)
 
 
+def test_resume_on_other_shards_is_refused(workspace):
+    from movierec.training.checkpoint import save_checkpoint
+
+    result = train(tiny_config(workspace, "shards", epochs=1))
+    state = load_checkpoint(Path(result.run_dir) / "last.ckpt")
+    state["finished"] = False  # as if it had been killed
+    save_checkpoint(Path(result.run_dir) / "last.ckpt", {k: v for k, v in state.items() if k not in ("format", "path")})
+    config = tiny_config(workspace, "shards", epochs=2)
+    config.data.fraction = 0.5
+    with pytest.raises(CheckpointError, match="trained on shards"):
+        train(config, resume=result.run_dir)
+
+
 def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
     source = train(tiny_config(workspace, "pretrained", epochs=1))
     source_state = load_checkpoint(Path(source.run_dir) / "best.ckpt")

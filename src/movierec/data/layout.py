@@ -231,16 +231,6 @@ class SequenceData:
     def evaluated_users(self) -> np.ndarray:
         return np.flatnonzero(self.test_item)
 
-    def history(self, user: int, split: str = "evaluation") -> np.ndarray:
-        """Input sequence for predicting `split`: training items, plus the validation item for evaluation."""
-        seq = self.train_sequence(user)
-        if split == "evaluation" and self.valid_item[user]:
-            seq = np.append(seq, self.valid_item[user])
-        elif split == "all":
-            extra = [x for x in (self.valid_item[user], self.test_item[user]) if x]
-            seq = np.append(seq, np.asarray(extra, dtype=seq.dtype))
-        return seq
-
 
 def load_sequences(
     path: str | Path,

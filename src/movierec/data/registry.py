@@ -39,14 +39,6 @@ class Release:
     def url(self, base_url: str | None = None) -> str:
         return f"{(base_url or DEFAULT_BASE_URL).rstrip('/')}/{self.filename}"
 
-    @property
-    def ratings_member(self) -> str:
-        return f"{self.root}/{self.ratings}"
-
-    @property
-    def titles_member(self) -> str | None:
-        return f"{self.root}/{self.titles}" if self.titles else None
-
 
 RELEASES: dict[str, Release] = {
     r.name: r

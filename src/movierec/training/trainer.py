@@ -153,6 +153,11 @@ class Trainer:
                 f"{state['path']} was trained on another dataset ({state['dataset']['path']}); "
                 "pass --data with that one"
             )
+        if list(state["dataset"].get("shards", [])) != list(self.identity["shards"]):
+            raise CheckpointError(
+                f"{state['path']} was trained on shards {state['dataset'].get('shards')}, this run selects "
+                f"{self.identity['shards']}; resume without --fraction/--shards"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
