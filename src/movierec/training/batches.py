@@ -114,7 +114,8 @@ class TrainBatches:
         self.data, self.batch_size, self.max_len, self.bucket_batches = data, batch_size, max_len, bucket_batches
         lengths = data.train_lengths
         self.users = np.flatnonzero(lengths >= 2)
-        self.lengths = np.minimum(lengths[self.users] - 1, max_len)
+        self.lengths = np.minimum(lengths[self.users] - 1, max_len)  # target positions per user
+        self.mean_tokens = float(self.lengths.sum()) / max(len(self), 1)  # target positions per batch
 
     def __len__(self) -> int:
         return int(np.ceil(len(self.users) / self.batch_size))

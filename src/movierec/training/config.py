@@ -39,6 +39,9 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
     bucket_batches: int = 32  # sort users by length within windows of this many batches (0: off)
+    # weight each batch's mean loss by its share of target positions, so every position weighs the same
+    # across length-bucketed batches (as with the official sampler's random batches)
+    token_weighting: bool = False
     num_threads: int | None = None
     grad_clip: float | None = None
 

@@ -226,6 +226,8 @@ class Trainer:
                 dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
             ):
                 loss = self._loss(users, inputs, targets, negatives)
+                if self.config.train.token_weighting:
+                    loss = loss * (batch.num_tokens / self.batches.mean_tokens)
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"training loss became {loss.item()} at step {self.step}; "
