@@ -21,6 +21,7 @@ from movierec.data.layout import SequenceData
 from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
 from movierec.models.sse_pt import SSEPT
 from movierec.training.batches import HistoryIndex, draw_by_weight, left_padded, ragged_indices, sample_unseen
+from movierec.training.losses import bce_loss
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
 SPLITS = ("validation", "evaluation")
@@ -149,11 +150,10 @@ class Evaluator:
                     all_scores[:, 0] = float("-inf")
                 if loss == "bce":
                     negs = torch.from_numpy(self.loss_negatives[rows]).to(device)
-                    logits = model.score(hidden, torch.stack([targets, negs], -1), user_vecs)
-                    batch_loss = F.softplus(-logits[:, 0]) + F.softplus(logits[:, 1])
+                    batch_loss = bce_loss(model, hidden, user_vecs, targets, negs)  # the training objective
                 else:
-                    batch_loss = F.cross_entropy(all_scores[:, 1:], targets - 1, reduction="none")
-                losses += float(batch_loss.sum())
+                    batch_loss = F.cross_entropy(all_scores[:, 1:], targets - 1)
+                losses += float(batch_loss) * len(rows)
                 count += len(rows)
                 for protocol in self.protocols:
                     if protocol == "full":
