@@ -24,8 +24,6 @@ import contextlib
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from movierec.errors import CheckpointError, ConfigError, MovierecError
+from movierec.files import atomic_path
 from movierec.models.sse_pt import SSEPT
 
 FORMATS = ("onnx", "torchscript")
@@ -153,19 +152,6 @@ def example_inputs(model: SSEPT, batch: int = 3, seed: int = 0) -> tuple[torch.T
 
 
 @contextlib.contextmanager
-def _atomic_path(out: Path) -> Iterator[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an exported model is meant to be shared
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporters print progress and deprecation notes; keep the command's output to its result."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
@@ -205,7 +191,7 @@ def export_onnx(module: ScoringModule, out: Path, meta: dict) -> Path:
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     proto.doc_string = "movierec scoring function: " + meta["output"]
-    with _atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
     return out
 
@@ -213,7 +199,7 @@ def export_onnx(module: ScoringModule, out: Path, meta: dict) -> Path:
 def export_torchscript(module: ScoringModule, out: Path, meta: dict) -> Path:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(module, example_inputs(module.model), check_trace=True)
-    with _atomic_path(out) as tmp, _quiet():
+    with atomic_path(out) as tmp, _quiet():
         torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(meta)})
     return out
 

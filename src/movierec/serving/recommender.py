@@ -18,8 +18,6 @@ SASRec has no user embedding and needs nothing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import torch
 
 from movierec.data.layout import META_FILE, load_sequences, read_items, sha256_file
 from movierec.errors import DataError, MovierecError
+from movierec.files import atomic_path
 from movierec.models.sse_pt import SSEPT
 from movierec.training.batches import left_padded, ragged_indices
 
@@ -338,15 +337,8 @@ class Recommender:
                 "score": top_scores[keep],
             }
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return table.num_rows
 
     def describe(self) -> dict:

@@ -8,9 +8,7 @@ Writes go to a temporary file in the same folder, then `os.replace`, so a crash 
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from movierec.errors import CheckpointError
+from movierec.files import atomic_path
 from movierec.models.sse_pt import SSEPT, ModelConfig
 
 FORMAT = "movierec-checkpoint-v1"
@@ -29,17 +28,8 @@ LAST, BEST = "last.ckpt", "best.ckpt"
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
     return path
 
 
