@@ -50,3 +50,13 @@ def test_training_batches_pair_each_item_with_the_next_one(tiny):
     np.testing.assert_array_equal(batch.inputs, [[0, 0, 1], [2, 3, 4]])
     np.testing.assert_array_equal(batch.targets, [[0, 0, 2], [3, 4, 5]])
     assert batch.num_tokens == 4
+
+
+def test_token_weights_give_every_target_position_the_same_weight(tiny):
+    """train.token_weighting scales each batch's mean loss by num_tokens / mean_tokens: the scale averages
+    1 over an epoch (the learning rate keeps its meaning) and every position gets weight 1 / mean_tokens."""
+    batches = TrainBatches(tiny, batch_size=1, max_len=3)
+    epoch = list(batches.epoch(np.random.default_rng(0)))
+    assert sorted(b.num_tokens for b in epoch) == [1, 3]  # user 1: 1 target, user 3: 3 (capped at max_len)
+    assert batches.mean_tokens == 2.0
+    assert sum(b.num_tokens / batches.mean_tokens for b in epoch) == pytest.approx(len(batches))

@@ -236,7 +236,7 @@ def test_init_from_a_checkpoint_of_another_model_kind_is_an_error(workspace):
         ["train.loss=sampled-softmax", "train.negative_sampling=popularity", "train.num_negatives=32"],
         ["train.loss=sampled-softmax", "model.kind=sasrec"],
         ["train.precision=bf16"],
-        ["train.token_weighting=true"],
+        ["train.token_weighting=false"],
     ],
 )
 def test_other_losses_and_precisions_train(workspace, extra):

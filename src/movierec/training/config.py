@@ -40,8 +40,9 @@ class TrainSection:
     seed: int = 42
     bucket_batches: int = 32  # sort users by length within windows of this many batches (0: off)
     # weight each batch's mean loss by its share of target positions, so every position weighs the same
-    # across length-bucketed batches (as with the official sampler's random batches)
-    token_weighting: bool = False
+    # across length-bucketed batches, as with the official sampler's random batches (false: every batch
+    # weighs the same, which over-weights short sequences and cost ~0.01 test NDCG@10 on ML-1M)
+    token_weighting: bool = True
     num_threads: int | None = None
     grad_clip: float | None = None
 
