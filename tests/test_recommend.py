@@ -87,7 +87,7 @@ def test_recommend_user_excludes_seen_and_matches_the_model(trained_run, rec, so
     reference = reference_scores(rec, items, u)
     assert [r["movieId"] for r in recs] == expected_top(rec, reference, items, 7)
     unseen = np.delete(reference, np.asarray(items) - 1)
-    np.testing.assert_allclose(scores, np.sort(unseen)[::-1][:7], rtol=1e-5)
+    np.testing.assert_allclose(scores, np.sort(unseen)[::-1][:7], rtol=1e-5, atol=1e-5)
 
     code, out, _ = run(capsys, "recommend", trained_run.run_dir, "--user", user, "--k", 7, "--json", "--include-seen")
     assert code == 0
