@@ -9,10 +9,10 @@ import pytest
 
 from movierec.cli import build_parser, config_from_args
 from movierec.data.layout import load_sequences
+from movierec.data.negatives import SeenItems
 from movierec.data.prepare import write_dataset
 from movierec.data.synthetic import generate_synthetic
-from movierec.evaluation.evaluate import Evaluator, split_histories
-from movierec.training.batches import HistoryIndex
+from movierec.evaluation.evaluate import Evaluator
 from movierec.training.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -52,20 +52,28 @@ def test_evaluation_inputs_and_negatives(tmp_path):
     interactions, titles = generate_synthetic(seed=3, num_users=60, num_items=80, num_clusters=3)
     path = write_dataset(interactions, tmp_path, "tiny", source={"kind": "synthetic"}, titles=titles, num_shards=2)
     data = load_sequences(path)
-    test = split_histories(data, "evaluation")
-    valid = split_histories(data, "validation")
-    for row, user in enumerate(test.users[:10]):
-        train_items = data.train_sequence(user)
-        np.testing.assert_array_equal(valid.items[valid.offsets[row] : valid.offsets[row + 1]], train_items)
-        expected = np.append(train_items, data.valid_item[user])
-        np.testing.assert_array_equal(test.items[test.offsets[row] : test.offsets[row + 1]], expected)
-        assert test.targets[row] == data.test_item[user] and valid.targets[row] == data.valid_item[user]
-    evaluator = Evaluator(data, "evaluation", ("sampled-uniform-100", "sampled-popularity-100"))
-    seen = HistoryIndex.from_sequences(data, include_held_out=True)
-    for negatives in evaluator.negatives.values():
+    test = Evaluator(data, "evaluation", ("sampled-uniform-100", "sampled-popularity-100"), batch_size=7)
+    valid = Evaluator(data, "validation", ("full",), batch_size=7)
+    width = 500  # wider than every history: the whole sequence, left-padded
+    for evaluator, split in ((test, "evaluation"), (valid, "validation")):
+        for rows, seqs in evaluator.batches(width):
+            for row, seq in zip(rows, seqs, strict=True):
+                user = evaluator.users[row]
+                expected = data.train_sequence(user)
+                if split == "evaluation":
+                    expected = np.append(expected, data.valid_item[user])
+                    assert evaluator.targets[row] == data.test_item[user]
+                else:
+                    assert evaluator.targets[row] == data.valid_item[user]
+                np.testing.assert_array_equal(seq[seq > 0], expected)
+    seen = SeenItems.from_data(data, include_held_out=True)
+    rows = np.arange(test.num_users)
+    for protocol in test.protocols:
+        negatives = test.negatives(protocol, rows)
         assert negatives.shape == (len(test.users), 100)
-        users = np.broadcast_to(test.users[:, None], negatives.shape)
-        assert not seen.contains(users, negatives).any()
+        assert not seen.contains(test.users[:, None], negatives).any()
+        # each user's candidates are fixed: the same when drawn for a subset of the users
+        np.testing.assert_array_equal(test.negatives(protocol, rows[5:9]), negatives[5:9])
 
 
 def test_overrides_may_follow_flags(capsys):

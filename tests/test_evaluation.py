@@ -24,11 +24,23 @@ def tiny(tmp_path):
     return load_sequences(path)
 
 
-def test_full_ranking_excludes_the_input_history_and_counts_ties_against_the_target(tiny):
-    evaluator = Evaluator(tiny, "evaluation", ("full",))
-    h = evaluator.histories
-    assert h.users.tolist() == [1, 2, 3] and h.targets.tolist() == [4, 3, 7]
-    np.testing.assert_array_equal(h.items[h.offsets[0] : h.offsets[1]], [1, 2, 3])  # train + validation item
+class TableModel:
+    """A stand-in for a model whose scores are a fixed (users x item ids) table, scored chunk by chunk."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores
+        self.config = type("Config", (), {"num_items": scores.shape[1] - 1})()
+
+    def score_range(self, hidden, user_vecs, lo, hi):
+        return self.scores[hidden.long().squeeze(1)][:, lo:hi].clone()
+
+
+@pytest.mark.parametrize("item_chunk", [1, 3, 100])
+def test_full_ranking_excludes_the_input_history_and_counts_ties_against_the_target(tiny, item_chunk):
+    evaluator = Evaluator(tiny, "evaluation", ("full",), item_chunk=item_chunk)
+    assert evaluator.users.tolist() == [1, 2, 3] and evaluator.targets.tolist() == [4, 3, 7]
+    batch_rows, items = evaluator.history(np.arange(3))
+    assert sorted(items[batch_rows == 0].tolist()) == [1, 2, 3]  # train + validation item
     scores = torch.tensor(
         [
             [0, 9, 9, 9, 5, 6, 0, 0],  # user 1: items 1-3 seen; item 5 beats target 4 -> rank 1
@@ -37,9 +49,47 @@ def test_full_ranking_excludes_the_input_history_and_counts_ties_against_the_tar
         ],
         dtype=torch.float32,
     )
-    scores[:, 0] = float("-inf")
-    ranks = evaluator._full_ranks(scores, np.arange(3), torch.tensor(h.targets))
+    targets = torch.tensor(evaluator.targets)
+    target_scores = scores.gather(1, targets[:, None])[:, 0]
+    hidden = torch.arange(3, dtype=torch.float32)[:, None]
+    ranks, log_partition = evaluator._full_pass(TableModel(scores), hidden, None, np.arange(3), targets, target_scores)
     assert ranks.tolist() == [1, 1, 0]
+    torch.testing.assert_close(log_partition, torch.logsumexp(scores[:, 1:], dim=1))
+
+
+def test_chunked_full_ranking_and_loss_match_one_chunk(tiny):
+    from movierec.models.sse_pt import SSEPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = SSEPT(ModelConfig(num_users=tiny.num_users, num_items=tiny.num_items, max_len=5, d_item=8, d_user=4))
+    for loss in ("bce", "ce"):
+        whole = Evaluator(tiny, "evaluation", ("full", "sampled-uniform-100"), item_chunk=10_000).run(model, loss=loss)
+        chunked = Evaluator(tiny, "evaluation", ("full", "sampled-uniform-100"), item_chunk=2).run(model, loss=loss)
+        assert whole == pytest.approx(chunked)
+
+
+def test_max_users_is_a_fixed_sample_and_splits_across_processes_give_the_same_numbers(tmp_path):
+    from movierec.data.synthetic import generate_synthetic
+    from movierec.models.sse_pt import SSEPT, ModelConfig
+
+    interactions, titles = generate_synthetic(seed=1, num_users=120, num_items=60, num_clusters=3)
+    data = load_sequences(write_dataset(interactions, tmp_path, "syn", source={"kind": "synthetic"}, num_shards=3))
+    sample = Evaluator(data, "validation", ("full",), max_users=25, seed=4)
+    assert len(sample.users) == 25 and set(sample.users) <= set(Evaluator(data, "validation").users)
+    assert sample.users.tolist() == Evaluator(data, "validation", max_users=25, seed=4).users.tolist()
+    assert sample.users.tolist() != Evaluator(data, "validation", max_users=25, seed=5).users.tolist()
+
+    torch.manual_seed(0)
+    model = SSEPT(ModelConfig(num_users=data.num_users, num_items=data.num_items, max_len=10, d_item=8, d_user=4))
+    protocols = ("full", "sampled-uniform-100", "sampled-popularity-100")
+    evaluator = Evaluator(data, "evaluation", protocols, batch_size=16)
+    one = evaluator.run(model)
+    parts = [evaluator.run(model, part=(rank, 3), all_reduce=lambda sums: sums) for rank in range(3)]
+    partial_sums = [np.array([p["loss"] * p["users"], p["users"]]) for p in parts]
+    assert sum(s[1] for s in partial_sums) == one["users"]
+    assert sum(s[0] for s in partial_sums) / one["users"] == pytest.approx(one["loss"])
+    # a different batch size scores the same users against the same candidates
+    assert Evaluator(data, "evaluation", protocols, batch_size=5).run(model) == pytest.approx(one)
 
 
 def test_training_batches_pair_each_item_with_the_next_one(tiny):

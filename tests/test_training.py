@@ -254,7 +254,7 @@ def test_fraction_trains_and_evaluates_the_same_users(workspace):
     shards = json.loads((workspace["data"] / "meta.json").read_text())["shards"][:2]
     lo, hi = shards[0]["users"][0], shards[1]["users"][1]
     assert trainer.batches.users.min() >= lo and trainer.batches.users.max() < hi
-    assert set(trainer.validator.histories.users) <= set(range(lo, hi))
+    assert set(trainer.validator.users) <= set(range(lo, hi))
     assert trainer.validator.num_users == hi - lo
 
 

@@ -156,6 +156,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", help="train on these shards, e.g. 0-3,7")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"], help="train.precision")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-steps", type=int, help="train.max_steps: stop after N optimizer steps")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -184,6 +185,7 @@ def config_from_args(args: argparse.Namespace):
         "data.shards": args.shards,
         "train.precision": args.precision,
         "train.device": args.device,
+        "train.max_steps": args.max_steps,
     }
     for key, value in flags.items():
         if value is None:
@@ -235,7 +237,8 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
         help="comma-separated: full, sampled-uniform-100, sampled-popularity-100",
     )
     p.add_argument("--k", default="1,5,10,20", help="cut-offs, comma-separated")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and of the user sample")
+    p.add_argument("--max-users", type=int, help="evaluate a seeded, fixed sample of this many users (default: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
 
@@ -257,7 +260,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--k {args.k!r}: expected integers like 1,5,10") from exc
     if any(k <= 0 for k in ks):
         raise ConfigError("--k values must be positive")
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, protocols, ks, args.seed, args.device)
+    if args.max_users is not None and args.max_users <= 0:
+        raise ConfigError(f"--max-users must be > 0, got {args.max_users}")
+    metrics = evaluate_checkpoint(
+        args.checkpoint, args.data, args.split, protocols, ks, args.seed, args.device, args.max_users
+    )
     print_metrics(f"{args.split} split, {int(metrics['users']):,} users", metrics)
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2))

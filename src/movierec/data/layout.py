@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from movierec.data.mapped import ConcatenatedColumn, map_npz_member
 from movierec.errors import DataError
 
 FORMAT_VERSION = 1
@@ -173,15 +174,14 @@ def select_shards(
     return list(range(num_shards))
 
 
-def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items: int, verify: bool):
+def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items: int, verify: bool) -> np.ndarray:
+    """A shard's (N, 2) `pairs`, memory-mapped, after checking it against meta.json and its user range."""
     if not path.is_file():
         raise DataError(f"shard {path} is missing; the dataset is incomplete, re-run `movierec prepare`")
     if verify and sha256_file(path) != expected["sha256"]:
         raise DataError(f"shard {path} is corrupt: its sha256 differs from meta.json; re-run `movierec prepare`")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            pairs = npz["pairs"]
-            timestamps = npz["timestamps"] if "timestamps" in npz.files else None
+        pairs = map_npz_member(path, "pairs")
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as exc:
         raise DataError(f"shard {path} cannot be read ({exc}); re-run `movierec prepare`") from exc
     if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
@@ -195,9 +195,9 @@ def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items
             raise DataError(f"shard {path}: user ids outside the shard's range [{lo}, {hi})")
         if items.min() < 1 or items.max() > num_items:
             raise DataError(f"shard {path}: item ids outside 1..{num_items}")
-        if np.any(np.diff(users) < 0):
+        if np.any(users[1:] < users[:-1]):
             raise DataError(f"shard {path}: pairs are not grouped by user")
-    return pairs, timestamps
+    return pairs
 
 
 @dataclass
@@ -207,6 +207,8 @@ class SequenceData:
     `train_items[train_offsets[u]:train_offsets[u + 1]]` is user u's training sequence in time order;
     `valid_item[u]` / `test_item[u]` are the held-out items (0 when the user is not evaluated).
     Users outside the selected shards have empty sequences and are not in `users`.
+    `train_items` is a view over the memory-mapped shards (no private copy): gather from it with index
+    arrays (`train_items[idx]`); `np.asarray(train_items)` copies it whole.
     """
 
     path: Path
@@ -215,10 +217,11 @@ class SequenceData:
     num_items: int
     users: np.ndarray
     train_offsets: np.ndarray
-    train_items: np.ndarray
+    train_items: ConcatenatedColumn
     valid_item: np.ndarray
     test_item: np.ndarray
     shard_indices: list[int]
+    _item_counts: np.ndarray | None = field(default=None, repr=False)
 
     def train_sequence(self, user: int) -> np.ndarray:
         return self.train_items[self.train_offsets[user] : self.train_offsets[user + 1]]
@@ -231,6 +234,19 @@ class SequenceData:
     def evaluated_users(self) -> np.ndarray:
         return np.flatnonzero(self.test_item)
 
+    @property
+    def time_ordered(self) -> bool:
+        return bool(self.meta.get("time_ordered", True))
+
+    def item_counts(self) -> np.ndarray:
+        """Training interactions per item id (index 0 = padding = 0), counted once in one pass."""
+        if self._item_counts is None:
+            counts = np.zeros(self.num_items + 1, dtype=np.int64)
+            for part in self.train_items.chunks():
+                counts += np.bincount(part, minlength=self.num_items + 1)[: self.num_items + 1]
+            self._item_counts = counts
+        return self._item_counts
+
 
 def load_sequences(
     path: str | Path,
@@ -238,12 +254,17 @@ def load_sequences(
     shards: str | Sequence[int] | None = None,
     verify: bool = True,
 ) -> SequenceData:
-    """Load the selected shards of a prepared dataset into per-user arrays, validating every file."""
+    """Map the selected shards of a prepared dataset into per-user arrays, validating every file.
+
+    Time and memory are linear in the selected data; the pairs themselves stay in the mapped files.
+    """
     root = Path(path)
     meta = read_meta(root)
     num_users, num_items = int(meta["num_users"]), int(meta["num_items"])
     chosen = select_shards(len(meta["shards"]), fraction, shards)
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    counts = np.zeros(num_users + 2, dtype=np.int64)
+    item_parts: list[np.ndarray] = []
+    held_out = {split: np.zeros(num_users + 1, dtype=np.int32) for split in ("validation", "evaluation")}
     for index in chosen:
         shard = meta["shards"][index]
         user_range = (int(shard["users"][0]), int(shard["users"][1]))
@@ -252,20 +273,18 @@ def load_sequences(
                 expected = shard["files"][split]
             except KeyError as exc:
                 raise DataError(f"{root / META_FILE}: shard {index} has no {split} file") from exc
-            pairs, _ = _load_npz(root / expected["path"], expected, user_range, num_items, verify)
-            parts[split].append(pairs)
-    train = np.concatenate(parts["training"]) if parts["training"] else np.zeros((0, 2), np.int32)
-    counts = np.bincount(train[:, 0], minlength=num_users + 2)[: num_users + 2]
+            pairs = _load_npz(root / expected["path"], expected, user_range, num_items, verify)
+            if split == "training":
+                lo, hi = user_range
+                counts[lo:hi] += np.bincount(pairs[:, 0] - lo, minlength=hi - lo)[: hi - lo]
+                item_parts.append(pairs[:, 1])
+                continue
+            users = pairs[:, 0]
+            if np.any(users[1:] <= users[:-1]):
+                raise DataError(f"{root / expected['path']}: a user has more than one held-out pair")
+            held_out[split][users] = pairs[:, 1]
     offsets = np.zeros(num_users + 2, dtype=np.int64)
     np.cumsum(counts[: num_users + 1], out=offsets[1:])
-    held_out = {}
-    for split in ("validation", "evaluation"):
-        pairs = np.concatenate(parts[split]) if parts[split] else np.zeros((0, 2), np.int32)
-        column = np.zeros(num_users + 1, dtype=np.int32)
-        if len(np.unique(pairs[:, 0])) != len(pairs):
-            raise DataError(f"{root}/{split}: a user has more than one held-out pair")
-        column[pairs[:, 0]] = pairs[:, 1]
-        held_out[split] = column
     users = np.flatnonzero(counts[: num_users + 1] + (held_out["evaluation"] > 0))
     return SequenceData(
         path=root,
@@ -274,7 +293,7 @@ def load_sequences(
         num_items=num_items,
         users=users.astype(np.int64),
         train_offsets=offsets,
-        train_items=train[:, 1].astype(np.int64),
+        train_items=ConcatenatedColumn(item_parts),
         valid_item=held_out["validation"],
         test_item=held_out["evaluation"],
         shard_indices=chosen,

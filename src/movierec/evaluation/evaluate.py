@@ -1,78 +1,50 @@
-"""Leave-one-out evaluation over all evaluated users, batched.
+"""Leave-one-out evaluation, batched, with memory bounded whatever the catalog and user counts.
 
 Protocols:
-- `full`: the held-out item ranked against every item, the user's input history excluded.
+- `full`: the held-out item ranked against every item, the user's input history excluded. Scores are
+  computed over chunks of `item_chunk` items and only the rank is kept, so a batch never holds a
+  (batch x catalog) matrix.
 - `sampled-uniform-100` / `sampled-popularity-100`: against 100 items the user never interacted with
-  (in any split), drawn uniformly / by training popularity, seeded so every call sees the same negatives.
+  (in any split), drawn uniformly / by training popularity. Each user's candidates are a pure function of
+  (eval seed, protocol, user), so every run, batch size, user sample and process sees the same ones.
 For the evaluation split the input is the training sequence plus the validation item; for the validation
-split it is the training sequence (as the official SASRec/SSE-PT code).
+split it is the training sequence (as the official SASRec/SSE-PT code). `max_users` evaluates a seeded,
+fixed sample of the split's users.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from movierec.data.layout import SequenceData
+from movierec.data.negatives import SeenItems, seeded_candidates
+from movierec.data.sequences import inputs_with_appended, ragged_indices
 from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
-from movierec.models.sse_pt import SSEPT
-from movierec.training.batches import HistoryIndex, draw_by_weight, left_padded, ragged_indices, sample_unseen
-from movierec.training.losses import bce_loss
+from movierec.models.sse_pt import SSEPT, bce_from_logits
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
 SPLITS = ("validation", "evaluation")
+LOSS_STREAM = len(PROTOCOLS)  # hash stream of the one negative of the validation BCE loss
+SAMPLE_STREAM = 99  # hash stream of the max_users sample
 
 
-@dataclass
-class Histories:
-    """Input sequences (CSR) and targets of the evaluated users of one split."""
-
-    users: np.ndarray
-    offsets: np.ndarray  # (len(users) + 1,) into items
-    items: np.ndarray
-    targets: np.ndarray
-
-
-def split_histories(data: SequenceData, split: str) -> Histories:
+def evaluated_users(data: SequenceData, split: str, max_users: int | None = None, seed: int = 0) -> np.ndarray:
+    """The users with a held-out item in `split`, or a seeded, fixed sample of `max_users` of them (sorted)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    targets_all = data.valid_item if split == "validation" else data.test_item
-    users = data.users[targets_all[data.users] > 0]
-    starts, ends = data.train_offsets[users], data.train_offsets[users + 1]
-    lengths = ends - starts
-    items = data.train_items[ragged_indices(starts, lengths)]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    if split == "evaluation":
-        extra = data.valid_item[users]
-        has = extra > 0
-        items = np.insert(items, offsets[1:][has], extra[has])
-        offsets = np.concatenate([[0], np.cumsum(lengths + has)])
-    return Histories(users=users, offsets=offsets, items=items, targets=targets_all[users].astype(np.int64))
-
-
-def sample_candidates(
-    rng: np.random.Generator, index: HistoryIndex, users: np.ndarray, count: int, probs: np.ndarray | None
-) -> np.ndarray:
-    """(len(users), count) items each user never interacted with, uniform or with `probs` over item ids."""
-    num_items = index.stride - 1
-    shape = (len(users), count)
-    cdf = None if probs is None else np.cumsum(probs)
-
-    def draw(n: int) -> np.ndarray:
-        if cdf is None:
-            return rng.integers(1, num_items + 1, size=n)
-        return draw_by_weight(rng, cdf, n)
-
-    grid = np.ascontiguousarray(np.broadcast_to(users[:, None], shape))
-    return sample_unseen(rng, index, grid, draw)
+    held_out = data.valid_item if split == "validation" else data.test_item
+    users = data.users[held_out[data.users] > 0]
+    if max_users is not None and max_users < len(users):
+        users = np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(users, max_users, replace=False))
+    return users
 
 
 class Evaluator:
-    """Scores one split under several protocols. Negatives are drawn once, so repeated calls compare."""
+    """Scores one split under several protocols; the same users and negatives on every call."""
 
     def __init__(
         self,
@@ -83,41 +55,60 @@ class Evaluator:
         seed: int = 0,
         batch_size: int = 256,
         num_negatives: int = 100,
+        max_users: int | None = None,
+        item_chunk: int = 32768,
+        seen: SeenItems | None = None,
     ):
         unknown = [p for p in protocols if p not in PROTOCOLS]
         if unknown:
             raise ValueError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
-        self.data, self.split, self.protocols, self.ks, self.batch_size = data, split, protocols, ks, batch_size
-        self.histories = split_histories(data, split)
-        index = HistoryIndex.from_sequences(data, include_held_out=True)
-        popularity = np.bincount(data.train_items, minlength=data.num_items + 1).astype(np.float64)
-        popularity[0] = 0
-        self.negatives: dict[str, np.ndarray] = {}
-        for protocol in protocols:
-            if protocol == "full":
-                continue
-            # one generator per protocol: its negatives do not depend on which other protocols are asked for
-            rng = np.random.default_rng([seed, PROTOCOLS.index(protocol)])
-            probs = popularity if protocol.startswith("sampled-popularity") else None
-            self.negatives[protocol] = sample_candidates(rng, index, self.histories.users, num_negatives, probs)
-        loss_rng = np.random.default_rng([seed, len(PROTOCOLS)])
-        self.loss_negatives = sample_candidates(loss_rng, index, self.histories.users, 1, None)[:, 0]
+        self.data, self.split, self.protocols, self.ks = data, split, protocols, ks
+        self.seed, self.batch_size, self.num_negatives, self.item_chunk = seed, batch_size, num_negatives, item_chunk
+        self.users = evaluated_users(data, split, max_users, seed)
+        held_out = data.valid_item if split == "validation" else data.test_item
+        self.targets = held_out[self.users].astype(np.int64)
+        self.appended = data.valid_item[self.users] if split == "evaluation" else None
+        self.lengths = np.diff(data.train_offsets)[self.users] + (0 if self.appended is None else self.appended > 0)
+        seen = seen or SeenItems.from_data(data)
+        self.seen = SeenItems(seen.offsets, seen.items, seen.num_items, (data.valid_item, data.test_item))
+        self.popularity_cdf = None
+        if any(p.startswith("sampled-popularity") for p in protocols):
+            popularity = data.item_counts().astype(np.float64)
+            popularity[0] = 0
+            self.popularity_cdf = np.cumsum(popularity)
 
     @property
     def num_users(self) -> int:
-        return len(self.histories.users)
+        return len(self.users)
 
-    def batches(self, max_len: int):
-        """Index arrays into the evaluated users, grouped by length for dynamic padding."""
-        lengths = np.diff(self.histories.offsets)
-        order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            width = int(min(max_len, lengths[rows].max()))
-            seqs, _ = left_padded(
-                self.histories.items, self.histories.offsets[rows + 1], self.histories.offsets[rows], width
-            )
-            yield rows, seqs
+    def negatives(self, protocol: str, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), num_negatives) candidates of `protocol` for the evaluated users at `rows`."""
+        cdf = self.popularity_cdf if protocol.startswith("sampled-popularity") else None
+        stream = PROTOCOLS.index(protocol)
+        return seeded_candidates(self.seen, self.users[rows], self.num_negatives, self.seed, stream, cdf)
+
+    def batches(self, max_len: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows into the evaluated users, left-padded inputs), grouped by length for dynamic padding."""
+        rows = np.arange(self.num_users) if rows is None else rows
+        rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            width = int(min(max_len, max(1, self.lengths[batch].max())))
+            appended = None if self.appended is None else self.appended[batch]
+            data = self.data
+            yield batch, inputs_with_appended(data.train_items, data.train_offsets, self.users[batch], appended, width)
+
+    def history(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in batch, item) of every item in the input histories of `rows` (training + appended)."""
+        data, users = self.data, self.users[rows]
+        lengths = data.train_offsets[users + 1] - data.train_offsets[users]
+        batch_rows = np.repeat(np.arange(len(rows)), lengths)
+        items = np.asarray(data.train_items[ragged_indices(data.train_offsets[users], lengths)], dtype=np.int64)
+        if self.appended is not None:
+            extra = self.appended[rows]
+            has = np.flatnonzero(extra > 0)
+            batch_rows, items = np.concatenate([batch_rows, has]), np.concatenate([items, extra[has]])
+        return batch_rows, items
 
     @torch.inference_mode()
     def run(
@@ -126,60 +117,100 @@ class Evaluator:
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         loss: str = "bce",
+        part: tuple[int, int] = (0, 1),
+        all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> dict:
-        """Metrics per protocol (`<protocol>/ndcg@10`, ...) and `loss` (BCE vs one negative, or full CE)."""
+        """Metrics per protocol (`<protocol>/ndcg@10`, ...), `loss` (BCE vs one negative, or full CE), `users`.
+
+        `part=(rank, world)` scores every world-th user from rank; `all_reduce` sums the per-process
+        totals, so the numbers equal one process's.
+        """
         was_training = model.training
         model.eval()
         device = torch.device(device)
-        ranks: dict[str, list[np.ndarray]] = {p: [] for p in self.protocols}
-        losses, count = 0.0, 0
-        h = self.histories
+        rank, world = part
+        sums = np.zeros(2 + len(self.protocols) * (2 * len(self.ks) + 1), dtype=np.float64)  # loss, count, metrics
         try:
-            for rows, seqs in self.batches(model.config.max_len):
-                users = torch.from_numpy(h.users[rows]).to(device)
-                targets = torch.from_numpy(h.targets[rows]).to(device)
+            for rows, seqs in self.batches(model.config.max_len, np.arange(rank, self.num_users, world)):
+                users = torch.from_numpy(self.users[rows]).to(device)
+                targets = torch.from_numpy(self.targets[rows]).to(device)
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
                     hidden, user_vecs = model.last_hidden(torch.from_numpy(seqs).to(device), users)
                 hidden = hidden.float()
                 user_vecs = None if user_vecs is None else user_vecs.float()
-                all_scores = None
+                target_scores = model.score(hidden, targets[:, None], user_vecs)[:, 0]
+                full_ranks, log_partition = None, None
                 if "full" in self.protocols or loss != "bce":
-                    all_scores = model.score_all(hidden, user_vecs)
-                    all_scores[:, 0] = float("-inf")
+                    full_ranks, log_partition = self._full_pass(model, hidden, user_vecs, rows, targets, target_scores)
                 if loss == "bce":
-                    negs = torch.from_numpy(self.loss_negatives[rows]).to(device)
-                    batch_loss = bce_loss(model, hidden, user_vecs, targets, negs)  # the training objective
+                    negs = torch.from_numpy(self.negatives_for_loss(rows)).to(device)
+                    negative_scores = model.score(hidden, negs[:, None], user_vecs)[:, 0]
+                    batch_loss = bce_from_logits(target_scores, negative_scores)  # the training objective
                 else:
-                    batch_loss = F.cross_entropy(all_scores[:, 1:], targets - 1)
-                losses += float(batch_loss) * len(rows)
-                count += len(rows)
+                    batch_loss = (log_partition - target_scores).mean()  # cross-entropy over all items
+                sums[0] += float(batch_loss) * len(rows)
+                sums[1] += len(rows)
+                offset = 2
                 for protocol in self.protocols:
                     if protocol == "full":
-                        ranks[protocol].append(self._full_ranks(all_scores, rows, targets))
+                        ranks = full_ranks
                     else:
-                        negs = torch.from_numpy(self.negatives[protocol][rows]).to(device)
+                        negs = torch.from_numpy(self.negatives(protocol, rows)).to(device)
                         scores = model.score(hidden, torch.cat([targets[:, None], negs], -1), user_vecs).cpu().numpy()
-                        ranks[protocol].append(rank_of_target(scores[:, 0], scores[:, 1:]))
+                        ranks = rank_of_target(scores[:, 0], scores[:, 1:])
+                    values = metrics_from_ranks(ranks, self.ks)
+                    sums[offset : offset + len(values)] += np.array(list(values.values())) * len(rows)
+                    offset += len(values)
         finally:
             model.train(was_training)
-        out: dict[str, float] = {"loss": losses / max(count, 1), "users": float(count)}
-        for protocol, parts in ranks.items():
-            all_ranks = np.concatenate(parts) if parts else np.zeros(0)
-            for name, value in metrics_from_ranks(all_ranks, self.ks).items():
-                out[f"{protocol}/{name}"] = value
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        count = float(sums[1])
+        out: dict[str, float] = {"loss": float(sums[0]) / max(count, 1), "users": count}
+        offset = 2
+        for protocol in self.protocols:
+            names = list(metrics_from_ranks(np.zeros(1), self.ks))
+            for name, total in zip(names, sums[offset : offset + len(names)], strict=True):
+                out[f"{protocol}/{name}"] = float(total) / count if count else float("nan")
+            offset += len(names)
         return out
 
-    def _full_ranks(self, scores: torch.Tensor, rows: np.ndarray, targets: torch.Tensor) -> np.ndarray:
-        h = self.histories
-        lengths = h.offsets[rows + 1] - h.offsets[rows]
-        batch_rows = np.repeat(np.arange(len(rows)), lengths)
-        cols = h.items[ragged_indices(h.offsets[rows], lengths)]
-        target_scores = scores.gather(1, targets[:, None]).squeeze(1)
-        scores[torch.from_numpy(batch_rows), torch.from_numpy(cols)] = float("-inf")
-        scores.scatter_(1, targets[:, None], float("-inf"))  # the target is not its own competitor
-        return (scores >= target_scores[:, None]).sum(1).cpu().numpy()
+    def negatives_for_loss(self, rows: np.ndarray) -> np.ndarray:
+        return seeded_candidates(self.seen, self.users[rows], 1, self.seed, LOSS_STREAM)[:, 0]
+
+    def _full_pass(
+        self,
+        model: SSEPT,
+        hidden: torch.Tensor,
+        user_vecs: torch.Tensor | None,
+        rows: np.ndarray,
+        targets: torch.Tensor,
+        target_scores: torch.Tensor,
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Full-ranking ranks (history and target excluded, ties against the target) and the log-partition
+        over all items, computed chunk by chunk over the catalog."""
+        device = hidden.device
+        hist_rows, hist_items = self.history(rows)
+        order = np.argsort(hist_items, kind="stable")
+        hist_rows, hist_items = hist_rows[order], hist_items[order]
+        ranks = torch.zeros(len(rows), dtype=torch.long, device=device)
+        log_partition = torch.full((len(rows),), float("-inf"), device=device)
+        row_index = torch.arange(len(rows), device=device)
+        num_items = model.config.num_items
+        for lo in range(1, num_items + 1, self.item_chunk):
+            hi = min(lo + self.item_chunk, num_items + 1)
+            scores = model.score_range(hidden, user_vecs, lo, hi)
+            log_partition = torch.logaddexp(log_partition, torch.logsumexp(scores, dim=1))
+            a, b = np.searchsorted(hist_items, [lo, hi])
+            if b > a:
+                seen_rows = torch.from_numpy(hist_rows[a:b]).to(device)
+                scores[seen_rows, torch.from_numpy(hist_items[a:b] - lo).to(device)] = float("-inf")
+            inside = (targets >= lo) & (targets < hi)
+            scores[row_index[inside], targets[inside] - lo] = float("-inf")  # the target is not its own competitor
+            ranks += (scores >= target_scores[:, None]).sum(1)
+        return ranks.cpu().numpy(), log_partition
 
 
 def evaluate_checkpoint(
@@ -190,6 +221,7 @@ def evaluate_checkpoint(
     ks: tuple[int, ...] = (1, 5, 10, 20),
     seed: int = 0,
     device: str = "cpu",
+    max_users: int | None = None,
 ) -> dict:
     """Evaluate a checkpoint (a run folder means its best.ckpt) on a prepared dataset (default: its own)."""
     from movierec.data.layout import load_sequences, read_items, read_users
@@ -210,4 +242,4 @@ def evaluate_checkpoint(
         )
     model = model_from_checkpoint(state, device)
     loss = state.get("config", {}).get("train", {}).get("loss", "bce")
-    return Evaluator(data, split, protocols, ks, seed).run(model, device, loss=loss)
+    return Evaluator(data, split, protocols, ks, seed, max_users=max_users).run(model, device, loss=loss)

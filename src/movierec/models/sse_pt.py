@@ -183,8 +183,12 @@ class SSEPT(nn.Module):
 
     def score_all(self, hidden: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
         """Logits over every item id (..., num_items + 1); column 0 (padding) is meaningless."""
+        return self.score_range(hidden, user_vecs, 0, self.config.num_items + 1)
+
+    def score_range(self, hidden: torch.Tensor, user_vecs: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+        """Logits of the item ids lo..hi-1 (..., hi - lo): one chunk of the catalog, for bounded memory."""
         d_i = self.config.d_item
-        logits = hidden[..., :d_i] @ self.item_emb.weight.t()
+        logits = hidden[..., :d_i] @ self.item_emb.weight[lo:hi].t()
         if user_vecs is not None:
             logits = logits + (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
         return logits
@@ -193,6 +197,11 @@ class SSEPT(nn.Module):
         """Hidden state after the last item of each sequence (for next-item prediction) and user vectors."""
         user_vecs = self.user_vectors(users)
         return self(seqs, user_vecs, last_only=True)[:, -1], user_vecs
+
+
+def bce_from_logits(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Mean of -log σ(s_pos) - log(1 - σ(s_neg)) over positions: the paper's objective."""
+    return (F.softplus(-positive) + F.softplus(negative)).mean()
 
 
 def _broadcast_user(user_vecs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from movierec.data.layout import META_FILE, load_sequences, read_items, sha256_f
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
 from movierec.models.sse_pt import SSEPT
-from movierec.training.batches import left_padded, ragged_indices
+from movierec.data.sequences import left_padded, ragged_indices
 
 
 class RecommendError(MovierecError):

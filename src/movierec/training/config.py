@@ -45,6 +45,11 @@ class TrainSection:
     token_weighting: bool = True
     num_threads: int | None = None
     grad_clip: float | None = None
+    max_steps: int | None = None  # stop after this many optimizer steps (with checkpoints and test metrics)
+    # adam: dense Adam on every parameter; sparse-adam: the item and user tables get row-sparse gradients and
+    # a lazy Adam (torch.optim.SparseAdam) that touches only the rows a batch used; auto: sparse-adam when the
+    # item table has more rows than SPARSE_ROWS_PER_TOKEN x (batch_size x max_len), else adam (see results.md)
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -57,6 +62,8 @@ class EvalSection:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
     seed: int = 0
     batch_size: int = 256
+    max_users: int | None = None  # validate and test on a seeded, fixed sample of this many users (None: all)
+    item_chunk: int = 32768  # full ranking scores the catalog this many items at a time (bounded memory)
 
 
 @dataclass
@@ -197,6 +204,14 @@ def validate(config: RunConfig) -> None:
         ),
         (t.negative_sampling in ("uniform", "popularity"), "train.negative_sampling must be uniform or popularity"),
         (t.epochs >= 0 and t.batch_size > 0 and t.lr > 0, "train.epochs >= 0, train.batch_size > 0 and train.lr > 0"),
+        (t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0 (or null for no limit)"),
+        (t.optimizer in ("auto", "adam", "sparse-adam"),
+         f"train.optimizer must be auto|adam|sparse-adam, got {t.optimizer!r}"),
+        (not (t.optimizer == "sparse-adam" and t.loss == "ce"),
+         "train.optimizer=sparse-adam cannot train loss ce (its softmax touches every item row); use adam or auto"),
+        (not (t.optimizer == "sparse-adam" and t.weight_decay), "train.optimizer=sparse-adam has no weight decay"),
+        (e.max_users is None or e.max_users > 0, "eval.max_users must be > 0 (or null for every user)"),
+        (e.item_chunk > 0, "eval.item_chunk must be > 0"),
         (
             m.max_len > 0 and m.d_item > 0 and m.num_blocks > 0,
             "model.max_len, model.d_item, model.num_blocks must be > 0",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from movierec.models.sse_pt import SSEPT
+from movierec.models.sse_pt import SSEPT, bce_from_logits
 
 LOSSES = ("bce", "sampled-softmax", "ce")
 
@@ -23,8 +23,7 @@ def bce_loss(
     """Mean over positions with a target of -log σ(s_pos) - log(1 - σ(s_neg))."""
     logits = model.score(hidden, torch.stack([targets, negatives], dim=-1), user_vecs)
     mask = targets != 0
-    per_position = F.softplus(-logits[..., 0]) + F.softplus(logits[..., 1])
-    return per_position[mask].mean()
+    return bce_from_logits(logits[..., 0][mask], logits[..., 1][mask])
 
 
 def sampled_softmax_loss(
@@ -60,9 +59,9 @@ def full_softmax_loss(model: SSEPT, hidden: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets[mask] - 1)
 
 
-def popularity_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
-    """log of the popularity sampling distribution over item ids (index 0 unused)."""
-    counts = np.bincount(train_items, minlength=num_items + 1).astype(np.float64)
+def popularity_log_q(item_counts: np.ndarray) -> np.ndarray:
+    """log of the popularity sampling distribution over item ids (index 0 unused), from training counts."""
+    counts = item_counts.astype(np.float64)
     counts[0] = 0
     counts[1:] += 1  # every item can be drawn
     with np.errstate(divide="ignore"):  # index 0 (padding) gets log 0 = -inf: never sampled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_items, read_users, sha256_file
+from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
 from movierec.errors import CheckpointError, ConfigError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
 from movierec.training import losses
-from movierec.training.batches import HistoryIndex, TrainBatches, draw_by_weight, sample_negatives
+from movierec.training.batches import TrainBatches
 from movierec.training.checkpoint import (
     BEST,
     LAST,
@@ -30,6 +32,7 @@ from movierec.training.checkpoint import (
     save_checkpoint,
 )
 from movierec.training.config import RunConfig, dump_config
+from movierec.training.optim import build_optimizers, clip_grad_norm, resolve_optimizer
 from movierec.training.tracking import ensure_experiment, git_commit, plot_curves, run_params, tracking_uri
 
 
@@ -71,6 +74,12 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
     return None, False
 
 
+def seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def dataset_identity(data: SequenceData) -> dict:
     items, users = read_items(data.path), read_users(data.path)
     return {
@@ -102,26 +111,45 @@ class Trainer:
         torch.manual_seed(c.train.seed)
         self.rng = np.random.default_rng(c.train.seed)
 
-        self.data = load_sequences(c.data.path, c.data.fraction, c.data.shards, verify=c.data.verify_checksums)
-        self.identity = dataset_identity(self.data)
-        self.model_config = ModelConfig(num_users=self.data.num_users, num_items=self.data.num_items, **vars(c.model))
-        self.model = SSEPT(self.model_config).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=c.train.lr, betas=tuple(c.train.betas), weight_decay=c.train.weight_decay
-        )
+        with self._stage("data") as note:
+            self.data = load_sequences(c.data.path, c.data.fraction, c.data.shards, verify=c.data.verify_checksums)
+            self.identity = dataset_identity(self.data)
+            note(
+                f"{self.data.meta['name']}: {len(self.data.shard_indices)} shards mapped, "
+                f"{len(self.data.train_items):,} training pairs, {self.data.num_items:,} items"
+            )
+        with self._stage("model") as note:
+            self.model_config = ModelConfig(
+                num_users=self.data.num_users, num_items=self.data.num_items, **vars(c.model)
+            )
+            self.model = SSEPT(self.model_config).to(self.device)
+            self.optimizer_kind = resolve_optimizer(
+                c.train.optimizer, c.train.loss, self.data.num_items, c.train.batch_size, c.model.max_len
+            )
+            self.optimizers = build_optimizers(
+                self.model, self.optimizer_kind, c.train.lr, tuple(c.train.betas), c.train.weight_decay
+            )
+            note(f"{sum(p.numel() for p in self.model.parameters()):,} parameters, optimizer {self.optimizer_kind}")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.batches = TrainBatches(self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches)
-        if len(self.batches) == 0:
-            raise ConfigError(f"{c.data.path}: no user has two or more training items in the selected shards")
-        self.history_index = HistoryIndex.from_sequences(self.data)
+        with self._stage("batches and negative index") as note:
+            self.batches = TrainBatches(self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches)
+            if len(self.batches) == 0:
+                raise ConfigError(f"{c.data.path}: no user has two or more training items in the selected shards")
+            self.seen = SeenItems.from_data(self.data)
+            copied = sum(not isinstance(p, np.memmap) for p in self.seen.items.parts)
+            index = f"{copied} shards sorted" if copied else "the mapped shards (already sorted)"
+            note(f"{len(self.batches):,} batches per epoch; seen-item index: {index}")
         self.log_q = None
         if c.train.loss == "sampled-softmax" and c.train.negative_sampling == "popularity":
-            log_q = losses.popularity_log_q(self.data.train_items, self.data.num_items)
+            log_q = losses.popularity_log_q(self.data.item_counts())
             self.log_q = torch.from_numpy(log_q).float().to(self.device)
             self.sample_cdf = np.cumsum(np.exp(log_q))
-        protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
-        self.validator = Evaluator(self.data, "validation", protocols, tuple(c.eval.ks), c.eval.seed, c.eval.batch_size)
+        with self._stage("validation") as note:
+            protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
+            self.validator = self._evaluator("validation", protocols)
+            note(f"{self.validator.num_users:,} users, protocols {', '.join(protocols)}")
         self.metric_name = f"{c.eval.protocol}/{c.eval.metric}"
+        self.time_to_first_step: float | None = None
 
         self.epoch, self.step = 0, 0
         self.best_metric, self.best_epoch, self.bad_evals = -math.inf, 0, 0
@@ -139,6 +167,21 @@ class Trainer:
                 self.identity["user_ids"].numpy(),
                 c.init.map_by_id,
             )
+
+    @contextmanager
+    def _stage(self, name: str):
+        """Print one line per setup stage with its duration, so minutes of setup are never silent."""
+        started, notes = time.perf_counter(), []
+        yield notes.append
+        detail = f": {notes[0]}" if notes else ""
+        self.console.print(f"[dim]setup[/] {name}{detail} ({time.perf_counter() - started:.1f} s)", soft_wrap=True)
+
+    def _evaluator(self, split: str, protocols: tuple[str, ...]) -> Evaluator:
+        e = self.config.eval
+        return Evaluator(
+            self.data, split, protocols, tuple(e.ks), e.seed, e.batch_size,
+            max_users=e.max_users, item_chunk=e.item_chunk, seen=self.seen,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ state
 
@@ -159,7 +202,14 @@ class Trainer:
                 f"{self.identity['shards']}; resume without --fraction/--shards"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+        if len(saved) != len(self.optimizers):
+            raise CheckpointError(
+                f"{state['path']} holds {len(saved)} optimizer state(s), this run's train.optimizer="
+                f"{self.optimizer_kind} has {len(self.optimizers)}; resume with the checkpoint's own config"
+            )
+        for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
+            optimizer.load_state_dict(optimizer_state)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_metric, self.best_epoch, self.bad_evals = (
@@ -175,7 +225,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "model_config": self.model_config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": [optimizer.state_dict() for optimizer in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -195,7 +245,7 @@ class Trainer:
     def _negatives(self, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
         t = self.config.train
         if t.loss == "bce":
-            return sample_negatives(self.rng, self.history_index, users[:, None], targets.shape, self.data.num_items)
+            return sample_training_negatives(self.rng, self.seen, users[:, None], targets.shape, self.data.num_items)
         if t.loss == "sampled-softmax":
             if self.log_q is not None:
                 return draw_by_weight(self.rng, self.sample_cdf, t.num_negatives)
@@ -233,14 +283,20 @@ class Trainer:
                     f"training loss became {loss.item()} at step {self.step}; "
                     "lower train.lr or use train.precision=fp32"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.config.train.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
-            self.scaler.step(self.optimizer)
+                for optimizer in self.optimizers:
+                    self.scaler.unscale_(optimizer)
+                clip_grad_norm(list(self.model.parameters()), self.config.train.grad_clip)
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
             self.scaler.update()
             self.step += 1
+            if self.time_to_first_step is None:
+                self.time_to_first_step = seconds_since_process_start()
+                self.console.print(f"first optimizer step after {self.time_to_first_step:.1f} s", soft_wrap=True)
             total_loss += loss.item()
             seqs += len(batch.users)
             tokens += batch.num_tokens
@@ -259,7 +315,7 @@ class Trainer:
             "seconds": elapsed,
             "sequences_per_s": seqs / elapsed,
             "tokens_per_s": tokens / elapsed,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.optimizers[0].param_groups[0]["lr"],
         }
 
     # ------------------------------------------------------------------ the run
@@ -294,6 +350,8 @@ class Trainer:
                             "dataset.num_items": self.data.num_items,
                             "dataset.shards": ",".join(map(str, self.data.shard_indices)),
                             "model.num_parameters": sum(p.numel() for p in self.model.parameters()),
+                            "train.optimizer_resolved": self.optimizer_kind,
+                            "eval.validation_users": self.validator.num_users,
                             "device": str(self.device),
                             "git_commit": git_commit(),
                             "torch_version": torch.__version__,
@@ -317,11 +375,14 @@ class Trainer:
         c = self.config
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
-            while self.epoch < c.train.epochs and self.bad_evals < c.eval.patience:
-                record = {"epoch": self.epoch + 1, **self.train_epoch(progress)}
+            while self.epoch < c.train.epochs and self.bad_evals < c.eval.patience and not self.reached_max_steps:
+                remaining = None if c.train.max_steps is None else c.train.max_steps - self.step
+                record = {"epoch": self.epoch + 1, **self.train_epoch(progress, max_steps=remaining)}
                 self.epoch += 1
+                if self.time_to_first_step is not None and self.epoch == 1:
+                    record["time_to_first_step_s"] = self.time_to_first_step
                 improved = False
-                if self.epoch % c.eval.every == 0 or self.epoch == c.train.epochs:
+                if self.epoch % c.eval.every == 0 or self.epoch == c.train.epochs or self.reached_max_steps:
                     started = time.perf_counter()
                     metrics = self.validator.run(self.model, self.device, self.autocast_dtype, c.train.loss)
                     record["val_loss"] = metrics.pop("loss")
@@ -343,6 +404,10 @@ class Trainer:
                 (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
 
+    @property
+    def reached_max_steps(self) -> bool:
+        return self.config.train.max_steps is not None and self.step >= self.config.train.max_steps
+
     def _summary_line(self, r: dict, improved: bool) -> str:
         line = (
             f"epoch {r['epoch']:4d}  loss {r['train_loss']:.4f}  {r['seconds']:.1f}s  {r['sequences_per_s']:,.0f} seq/s"
@@ -359,10 +424,7 @@ class Trainer:
         best_path = run_dir / BEST
         if best_path.is_file():
             self.model.load_state_dict(load_checkpoint(best_path)["model"])
-        tester = Evaluator(
-            self.data, "evaluation", tuple(c.eval.protocols), tuple(c.eval.ks), c.eval.seed, c.eval.batch_size
-        )
-        test = tester.run(self.model, self.device, self.autocast_dtype, c.train.loss)
+        test = self._evaluator("evaluation", tuple(c.eval.protocols)).run(self.model, self.device, self.autocast_dtype, c.train.loss)
         test_metrics = {f"test_{k}": v for k, v in test.items() if k != "users"}
         mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=self.best_epoch)
         mlflow.log_metric("best_epoch", self.best_epoch)

@@ -1,0 +1,67 @@
+"""Optimizers for large catalogs: row-sparse updates of the embedding tables.
+
+Dense Adam updates every row of the item table (and its two moment tables) at every step, so with 855,776
+items the optimizer step, not the network, dominates. With `sparse-adam` the item and user embeddings
+produce row-sparse gradients and `torch.optim.SparseAdam` (a lazy Adam: moments of a row advance only on
+the steps that use it) updates just those rows; every other parameter keeps dense Adam.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from movierec.errors import ConfigError
+
+# `auto` picks sparse-adam when the item table has more rows than this many times the tokens of a batch:
+# below that a batch touches most rows anyway and the sparse bookkeeping costs more than it saves
+SPARSE_ROWS_PER_TOKEN = 2
+
+
+def resolve_optimizer(name: str, loss: str, num_items: int, batch_size: int, max_len: int) -> str:
+    if name != "auto":
+        return name
+    if loss == "ce":  # the full softmax gives every item row a gradient at every step
+        return "adam"
+    return "sparse-adam" if num_items + 1 > SPARSE_ROWS_PER_TOKEN * batch_size * max_len else "adam"
+
+
+def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
+    """The id-indexed tables (items, users) whose rows a batch touches sparsely; not the positional one."""
+    return [m for name, m in model.named_children() if isinstance(m, nn.Embedding) and name != "pos_emb"]
+
+
+def build_optimizers(
+    model: nn.Module, kind: str, lr: float, betas: tuple[float, float], weight_decay: float
+) -> list[torch.optim.Optimizer]:
+    """[Adam] for `adam`; [Adam over the dense parameters, SparseAdam over the tables] for `sparse-adam`."""
+    if kind == "adam":
+        return [torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)]
+    if weight_decay:
+        raise ConfigError("train.optimizer=sparse-adam has no weight decay; set train.weight_decay=0 or use adam")
+    tables = embedding_tables(model)
+    for table in tables:
+        table.sparse = True
+    sparse_ids = {id(t.weight) for t in tables}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    return [
+        torch.optim.Adam(dense, lr=lr, betas=betas),
+        torch.optim.SparseAdam([t.weight for t in tables], lr=lr, betas=betas),
+    ]
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
+    """Scale all gradients (dense or row-sparse) so that their global L2 norm is at most `max_norm`."""
+    squares = [
+        (p.grad.coalesce().values() if p.grad.is_sparse else p.grad).float().pow(2).sum()
+        for p in parameters
+        if p.grad is not None
+    ]
+    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
+    scale = max_norm / (float(total) + 1e-6)
+    if scale < 1:
+        for param in parameters:
+            if param.grad is not None:
+                param.grad = param.grad.coalesce() * scale if param.grad.is_sparse else param.grad.mul_(scale)
+    return float(total)
