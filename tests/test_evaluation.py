@@ -72,7 +72,7 @@ def test_max_users_is_a_fixed_sample_and_splits_across_processes_give_the_same_n
     from movierec.data.synthetic import generate_synthetic
     from movierec.models.sse_pt import SSEPT, ModelConfig
 
-    interactions, titles = generate_synthetic(seed=1, num_users=120, num_items=60, num_clusters=3)
+    interactions, _ = generate_synthetic(seed=1, num_users=120, num_items=60, num_clusters=3)
     data = load_sequences(write_dataset(interactions, tmp_path, "syn", source={"kind": "synthetic"}, num_shards=3))
     sample = Evaluator(data, "validation", ("full",), max_users=25, seed=4)
     assert len(sample.users) == 25 and set(sample.users) <= set(Evaluator(data, "validation").users)

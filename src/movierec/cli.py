@@ -166,6 +166,8 @@ def config_from_args(args: argparse.Namespace):
 
     if args.resume and not args.config:
         config = config_from_dict(load_checkpoint(args.resume)["config"])
+        resumed = Path(args.resume)
+        config.run_dir = str(resumed if resumed.is_dir() else resumed.parent)  # where it is now, if it moved
         for override in args.overrides:
             from movierec.training.config import _merge
 
@@ -220,6 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     result = train(config, resume=args.resume)
+    if not result.is_main:  # under torchrun, rank 0 reports
+        return 0
     test = {k.removeprefix("test_"): v for k, v in result.test_metrics.items()}
     print_metrics(f"test metrics (best epoch {result.best_epoch} of {result.epochs_run})", test)
     print(f"mlflow run id: {result.run_id}")

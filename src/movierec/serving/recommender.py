@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 import torch
 
 from movierec.data.layout import META_FILE, load_sequences, read_items, sha256_file
+from movierec.data.sequences import left_padded, ragged_indices
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
 from movierec.models.sse_pt import SSEPT
-from movierec.data.sequences import left_padded, ragged_indices
 
 
 class RecommendError(MovierecError):

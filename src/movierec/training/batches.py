@@ -40,7 +40,8 @@ class TrainBatches:
     def __len__(self) -> int:
         return int(np.ceil(len(self.users) / self.batch_size))
 
-    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
+    def plan(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The users of each batch of one epoch, in training order (shuffled, length-bucketed)."""
         order = rng.permutation(len(self.users))
         window = self.batch_size * max(1, self.bucket_batches)
         batches = []
@@ -48,8 +49,11 @@ class TrainBatches:
             chunk = order[start : start + window]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        for pick in rng.permutation(len(batches)):
-            yield self.make_batch(self.users[batches[pick]])
+        return [self.users[batches[pick]] for pick in rng.permutation(len(batches))]
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
+        for users in self.plan(rng):
+            yield self.make_batch(users)
 
     def make_batch(self, users: np.ndarray) -> Batch:
         data = self.data

@@ -45,6 +45,9 @@ class TrainSection:
     token_weighting: bool = True
     num_threads: int | None = None
     grad_clip: float | None = None
+    # gradient accumulation: each optimizer step sums this many batches per process; the global batch is
+    # batch_size x grad_accumulation x world size (processes under torchrun); lr is not rescaled
+    grad_accumulation: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (with checkpoints and test metrics)
     # adam: dense Adam on every parameter; sparse-adam: the item and user tables get row-sparse gradients and
     # a lazy Adam (torch.optim.SparseAdam) that touches only the rows a batch used; auto: sparse-adam when the
@@ -204,6 +207,7 @@ def validate(config: RunConfig) -> None:
         ),
         (t.negative_sampling in ("uniform", "popularity"), "train.negative_sampling must be uniform or popularity"),
         (t.epochs >= 0 and t.batch_size > 0 and t.lr > 0, "train.epochs >= 0, train.batch_size > 0 and train.lr > 0"),
+        (t.grad_accumulation >= 1, "train.grad_accumulation must be >= 1"),
         (t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0 (or null for no limit)"),
         (t.optimizer in ("auto", "adam", "sparse-adam"),
          f"train.optimizer must be auto|adam|sparse-adam, got {t.optimizer!r}"),

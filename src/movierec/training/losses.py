@@ -11,10 +11,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from movierec.models.sse_pt import SSEPT, bce_from_logits
 
 LOSSES = ("bce", "sampled-softmax", "ce")
+
+
+class Objective(nn.Module):
+    """A batch's training loss as one module: what DistributedDataParallel wraps, forward pass included."""
+
+    def __init__(self, model: SSEPT, kind: str, log_q: torch.Tensor | None = None):
+        super().__init__()
+        self.model, self.kind, self.log_q = model, kind, log_q
+
+    def forward(
+        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+    ) -> torch.Tensor:
+        user_vecs = self.model.user_vectors(users)
+        hidden = self.model(inputs, user_vecs)
+        if self.kind == "bce":
+            return bce_loss(self.model, hidden, user_vecs, targets, negatives)
+        if self.kind == "sampled-softmax":
+            return sampled_softmax_loss(self.model, hidden, user_vecs, targets, negatives, self.log_q)
+        return full_softmax_loss(self.model, hidden, targets)
 
 
 def bce_loss(

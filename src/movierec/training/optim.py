@@ -18,10 +18,16 @@ from movierec.errors import ConfigError
 SPARSE_ROWS_PER_TOKEN = 2
 
 
-def resolve_optimizer(name: str, loss: str, num_items: int, batch_size: int, max_len: int) -> str:
+def resolve_optimizer(
+    name: str, loss: str, num_items: int, batch_size: int, max_len: int, backend: str | None = None
+) -> str:
+    """`auto` -> adam or sparse-adam for this run; NCCL cannot all-reduce sparse gradients, so multi-GPU
+    runs use dense Adam (on a GPU its step over the whole table is cheap)."""
+    if name == "sparse-adam" and backend == "nccl":
+        raise ConfigError("train.optimizer=sparse-adam cannot run on NCCL (no sparse all-reduce); use auto or adam")
     if name != "auto":
         return name
-    if loss == "ce":  # the full softmax gives every item row a gradient at every step
+    if loss == "ce" or backend == "nccl":  # the full softmax gives every item row a gradient at every step
         return "adam"
     return "sparse-adam" if num_items + 1 > SPARSE_ROWS_PER_TOKEN * batch_size * max_len else "adam"
 

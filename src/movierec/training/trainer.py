@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_n
 from movierec.errors import CheckpointError, ConfigError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
-from movierec.training import losses
+from movierec.training import distributed, losses
 from movierec.training.batches import TrainBatches
 from movierec.training.checkpoint import (
     BEST,
@@ -27,8 +27,6 @@ from movierec.training.checkpoint import (
     init_from_pretrained,
     load_checkpoint,
     print_init_report,
-    restore_rng,
-    rng_state,
     save_checkpoint,
 )
 from movierec.training.config import RunConfig, dump_config
@@ -45,6 +43,7 @@ class TrainResult:
     epochs_run: int
     test_metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    is_main: bool = True  # False on the ranks other than 0 of a torchrun job
 
 
 def mlflow_key(name: str) -> str:
@@ -106,10 +105,12 @@ class Trainer:
         c = config
         if c.train.num_threads:
             torch.set_num_threads(c.train.num_threads)
-        self.device = resolve_device(c.train.device)
+        self.dist, device_name = distributed.setup(c.train.device)
+        if not self.dist.is_main:  # rank 0 alone prints, tracks and writes
+            self.console = Console(quiet=True)
+        self.device = resolve_device(device_name)
         self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
         torch.manual_seed(c.train.seed)
-        self.rng = np.random.default_rng(c.train.seed)
 
         with self._stage("data") as note:
             self.data = load_sequences(c.data.path, c.data.fraction, c.data.shards, verify=c.data.verify_checksums)
@@ -124,8 +125,9 @@ class Trainer:
             )
             self.model = SSEPT(self.model_config).to(self.device)
             self.optimizer_kind = resolve_optimizer(
-                c.train.optimizer, c.train.loss, self.data.num_items, c.train.batch_size, c.model.max_len
-            )
+                c.train.optimizer, c.train.loss, self.data.num_items, c.train.batch_size, c.model.max_len,
+                self.dist.backend,
+            )  # fmt: skip
             self.optimizers = build_optimizers(
                 self.model, self.optimizer_kind, c.train.lr, tuple(c.train.betas), c.train.weight_decay
             )
@@ -135,6 +137,11 @@ class Trainer:
             self.batches = TrainBatches(self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches)
             if len(self.batches) == 0:
                 raise ConfigError(f"{c.data.path}: no user has two or more training items in the selected shards")
+            if len(self.batches) < self.batches_per_step:
+                raise ConfigError(
+                    f"an epoch has {len(self.batches)} batches, fewer than one optimizer step takes "
+                    f"({self.batches_per_step} = world size x train.grad_accumulation); lower train.batch_size"
+                )
             self.seen = SeenItems.from_data(self.data)
             copied = sum(not isinstance(p, np.memmap) for p in self.seen.items.parts)
             index = f"{copied} shards sorted" if copied else "the mapped shards (already sorted)"
@@ -167,6 +174,18 @@ class Trainer:
                 self.identity["user_ids"].numpy(),
                 c.init.map_by_id,
             )
+        self.objective = losses.Objective(self.model, c.train.loss, self.log_q)
+        self.train_module: torch.nn.Module = self.objective
+        if self.dist.enabled:  # after restore / init-from: DDP starts every rank from rank 0's weights
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.objective, device_ids=ids)
+
+    @property
+    def batches_per_step(self) -> int:
+        """Batches one optimizer step consumes over all processes: world size x grad_accumulation."""
+        return self.dist.world_size * self.config.train.grad_accumulation
 
     @contextmanager
     def _stage(self, name: str):
@@ -219,7 +238,12 @@ class Trainer:
         )
         self.history = list(state["history"])
         self.run_id = state.get("mlflow_run_id")
-        restore_rng(state["rng"], self.rng)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            self.console.print(
+                f"notice: {state['path']} was trained by {saved_world} process(es), this run has "
+                f"{self.dist.world_size}: it continues, but not bit-identically to an uninterrupted run"
+            )
 
     def state(self, finished: bool = False) -> dict:
         return {
@@ -233,7 +257,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "bad_evals": self.bad_evals,
             "history": self.history,
-            "rng": rng_state(self.rng),
+            "world_size": self.dist.world_size,
             "config": json.loads(json.dumps(self.config.to_dict())),
             "dataset": self.identity,
             "mlflow_run_id": self.run_id,
@@ -242,54 +266,77 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
 
-    def _negatives(self, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    def _negatives(self, rng: np.random.Generator, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
         t = self.config.train
         if t.loss == "bce":
-            return sample_training_negatives(self.rng, self.seen, users[:, None], targets.shape, self.data.num_items)
+            return sample_training_negatives(rng, self.seen, users[:, None], targets.shape, self.data.num_items)
         if t.loss == "sampled-softmax":
             if self.log_q is not None:
-                return draw_by_weight(self.rng, self.sample_cdf, t.num_negatives)
-            return self.rng.integers(1, self.data.num_items + 1, size=t.num_negatives)
+                return draw_by_weight(rng, self.sample_cdf, t.num_negatives)
+            return rng.integers(1, self.data.num_items + 1, size=t.num_negatives)
         return np.zeros(0, dtype=np.int64)
 
-    def _loss(self, users, inputs, targets, negatives) -> torch.Tensor:
-        kind = self.config.train.loss
-        user_vecs = self.model.user_vectors(users)
-        hidden = self.model(inputs, user_vecs)
-        if kind == "bce":
-            return losses.bce_loss(self.model, hidden, user_vecs, targets, negatives)
-        if kind == "sampled-softmax":
-            return losses.sampled_softmax_loss(self.model, hidden, user_vecs, targets, negatives, self.log_q)
-        return losses.full_softmax_loss(self.model, hidden, targets)
+    def _batch_loss(self, index: int, users: np.ndarray) -> tuple[torch.Tensor, int]:
+        """The (weighted) loss of global batch `index` of this epoch, and its number of target positions.
+
+        All randomness of a batch (negatives, SSE, dropout) is seeded by (seed, epoch, batch index), so a
+        batch trains the same whichever process or resumed run computes it.
+        """
+        c, dev = self.config.train, self.device
+        seeds = np.random.SeedSequence([c.seed, self.epoch, index])
+        torch.manual_seed(int(seeds.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        rng = np.random.default_rng(seeds)
+        batch = self.batches.make_batch(users)
+        negatives = torch.from_numpy(self._negatives(rng, batch.users, batch.targets)).to(dev)
+        users_t, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
+        users_t, inputs, targets = apply_sse(users_t, inputs, targets, self.model_config)
+        autocast = torch.autocast(
+            dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
+        with autocast:
+            loss = self.train_module(users_t, inputs, targets, negatives)
+            if c.token_weighting:
+                loss = loss * (batch.num_tokens / self.batches.mean_tokens)
+        if not torch.isfinite(loss):
+            raise ConfigError(
+                f"training loss became {loss.item()} at step {self.step}; lower train.lr or use train.precision=fp32"
+            )
+        return loss / c.grad_accumulation, batch.num_tokens
 
     def train_epoch(self, progress: Progress | None = None, max_steps: int | None = None) -> dict:
-        """One pass over the training users (or its first `max_steps` batches, for benchmarks)."""
+        """One pass over the training users (or its first `max_steps` optimizer steps, for benchmarks).
+
+        Each optimizer step takes `batches_per_step` consecutive batches of the epoch's plan: process r
+        computes batches r * accumulation ... (r + 1) * accumulation - 1 of them. A remainder of fewer
+        batches than a step needs is left out of this epoch (the plan is reshuffled every epoch).
+        """
         self.model.train()
-        dev, total_loss, seqs, tokens = self.device, 0.0, 0, 0
-        task = progress.add_task(f"epoch {self.epoch + 1}", total=len(self.batches)) if progress else None
+        c = self.config.train
+        accumulation, rank = c.grad_accumulation, self.dist.rank
+        plan = self.batches.plan(np.random.default_rng([c.seed, self.epoch]))  # the same on every process
+        steps_in_epoch = len(plan) // self.batches_per_step
+        if max_steps is not None:
+            steps_in_epoch = min(steps_in_epoch, max_steps)
+        task = progress.add_task(f"epoch {self.epoch + 1}", total=steps_in_epoch) if progress else None
+        total_loss, seqs, tokens = 0.0, 0, 0
         started = time.perf_counter()
-        for steps, batch in enumerate(self.batches.epoch(self.rng), 1):
-            negatives = torch.from_numpy(self._negatives(batch.users, batch.targets)).to(dev)
-            users, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
-            users, inputs, targets = apply_sse(users, inputs, targets, self.model_config)
-            with torch.autocast(
-                dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
-            ):
-                loss = self._loss(users, inputs, targets, negatives)
-                if self.config.train.token_weighting:
-                    loss = loss * (batch.num_tokens / self.batches.mean_tokens)
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"training loss became {loss.item()} at step {self.step}; "
-                    "lower train.lr or use train.precision=fp32"
-                )
+        for step in range(steps_in_epoch):
             for optimizer in self.optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.config.train.grad_clip:
+            for micro in range(accumulation):
+                index = step * self.batches_per_step + rank * accumulation + micro
+                last = micro == accumulation - 1
+                sync = nullcontext() if last or not self.dist.enabled else self.train_module.no_sync()
+                with sync:
+                    loss, batch_tokens = self._batch_loss(index, plan[index])
+                    self.scaler.scale(loss).backward()
+                total_loss += loss.item()
+                seqs += len(plan[index])
+                tokens += batch_tokens
+            if c.grad_clip:
                 for optimizer in self.optimizers:
                     self.scaler.unscale_(optimizer)
-                clip_grad_norm(list(self.model.parameters()), self.config.train.grad_clip)
+                clip_grad_norm(list(self.model.parameters()), c.grad_clip)
             for optimizer in self.optimizers:
                 self.scaler.step(optimizer)
             self.scaler.update()
@@ -297,21 +344,18 @@ class Trainer:
             if self.time_to_first_step is None:
                 self.time_to_first_step = seconds_since_process_start()
                 self.console.print(f"first optimizer step after {self.time_to_first_step:.1f} s", soft_wrap=True)
-            total_loss += loss.item()
-            seqs += len(batch.users)
-            tokens += batch.num_tokens
             if progress is not None:
-                rate = seqs / (time.perf_counter() - started)
-                mean_loss = total_loss / steps
-                description = f"epoch {self.epoch + 1} loss {mean_loss:.4f} {rate:,.0f} seq/s"
+                rate = seqs * self.dist.world_size / (time.perf_counter() - started)
+                description = f"epoch {self.epoch + 1} loss {total_loss / (step + 1):.4f} {rate:,.0f} seq/s"
                 progress.update(task, advance=1, description=description)
-            if steps == max_steps:
-                break
         elapsed = time.perf_counter() - started
         if progress is not None:
             progress.remove_task(task)
+        totals = self.dist.all_reduce_sum(np.array([total_loss, seqs, tokens], dtype=np.float64))
+        total_loss, seqs, tokens = (float(x) for x in totals)
         return {
-            "train_loss": total_loss / steps,
+            "train_loss": total_loss / max(steps_in_epoch * self.dist.world_size, 1),
+            "steps": steps_in_epoch,
             "seconds": elapsed,
             "sequences_per_s": seqs / elapsed,
             "tokens_per_s": tokens / elapsed,
@@ -321,14 +365,29 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def fit(self) -> TrainResult:
+        c = self.config
+        run_dir = Path(c.run_dir)
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(c))
+        with self._tracking() if self.dist.is_main else nullcontext():
+            world = f", {self.dist.world_size} processes ({self.dist.backend})" if self.dist.enabled else ""
+            self.console.print(
+                f"[bold]run {self.run_id}[/] on {self.device} ({c.train.precision}{world}); {self.data.meta['name']}: "
+                f"{len(self.batches.users):,} training users, {self.data.num_items:,} items; "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters; run dir {run_dir}",
+                soft_wrap=True,
+            )
+            self._loop(run_dir)
+            return self._finish(run_dir)
+
+    @contextmanager
+    def _tracking(self):
+        """The MLflow run (rank 0 only): created with its params, or re-opened on resume."""
         import mlflow
 
         c = self.config
-        run_dir = Path(c.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(c))
-        uri = tracking_uri(c.tracking.uri)
-        experiment_id = ensure_experiment(c.tracking.experiment, uri)
+        experiment_id = ensure_experiment(c.tracking.experiment, tracking_uri(c.tracking.uri))
         if c.tracking.system_metrics:
             mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
@@ -351,6 +410,8 @@ class Trainer:
                             "dataset.shards": ",".join(map(str, self.data.shard_indices)),
                             "model.num_parameters": sum(p.numel() for p in self.model.parameters()),
                             "train.optimizer_resolved": self.optimizer_kind,
+                            "train.world_size": self.dist.world_size,
+                            "train.global_batch_size": c.train.batch_size * self.batches_per_step,
                             "eval.validation_users": self.validator.num_users,
                             "device": str(self.device),
                             "git_commit": git_commit(),
@@ -360,18 +421,16 @@ class Trainer:
                 )
                 if self.init_report is not None:
                     mlflow.log_text(print_init_report(self.init_report, self.console), "init_from.tsv")
-            self.console.print(
-                f"[bold]run {self.run_id}[/] on {self.device} ({c.train.precision}); {self.data.meta['name']}: "
-                f"{len(self.batches.users):,} training users, {self.data.num_items:,} items; "
-                f"{sum(p.numel() for p in self.model.parameters()):,} parameters; run dir {run_dir}",
-                soft_wrap=True,
-            )
-            self._loop(run_dir)
-            return self._finish(run_dir)
+            yield run
+
+    def _evaluate(self, evaluator: Evaluator) -> dict:
+        """Every process scores its share of the users; the totals are summed, so all ranks agree."""
+        return evaluator.run(
+            self.model, self.device, self.autocast_dtype, self.config.train.loss,
+            part=(self.dist.rank, self.dist.world_size), all_reduce=self.dist.all_reduce_sum,
+        )  # fmt: skip
 
     def _loop(self, run_dir: Path) -> None:
-        import mlflow
-
         c = self.config
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
@@ -384,7 +443,7 @@ class Trainer:
                 improved = False
                 if self.epoch % c.eval.every == 0 or self.epoch == c.train.epochs or self.reached_max_steps:
                     started = time.perf_counter()
-                    metrics = self.validator.run(self.model, self.device, self.autocast_dtype, c.train.loss)
+                    metrics = self._evaluate(self.validator)
                     record["val_loss"] = metrics.pop("loss")
                     metrics.pop("users")
                     record.update({f"val_{k}": v for k, v in metrics.items()})
@@ -396,12 +455,15 @@ class Trainer:
                     else:
                         self.bad_evals += 1
                 self.history.append(record)
-                mlflow.log_metrics({mlflow_key(k): v for k, v in record.items() if k != "epoch"}, step=self.epoch)
-                state = self.state()
-                if improved:  # best first: last.ckpt is the commit point a resume starts from
-                    save_checkpoint(run_dir / BEST, state)
-                save_checkpoint(run_dir / LAST, state)
-                (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+                if self.dist.is_main:
+                    import mlflow
+
+                    mlflow.log_metrics({mlflow_key(k): v for k, v in record.items() if k != "epoch"}, step=self.epoch)
+                    state = self.state()
+                    if improved:  # best first: last.ckpt is the commit point a resume starts from
+                        save_checkpoint(run_dir / BEST, state)
+                    save_checkpoint(run_dir / LAST, state)
+                    (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
 
     @property
@@ -418,14 +480,32 @@ class Trainer:
         return line
 
     def _finish(self, run_dir: Path) -> TrainResult:
-        import mlflow
-
         c = self.config
         best_path = run_dir / BEST
-        if best_path.is_file():
+        if self.dist.is_main and best_path.is_file():
             self.model.load_state_dict(load_checkpoint(best_path)["model"])
-        test = self._evaluator("evaluation", tuple(c.eval.protocols)).run(self.model, self.device, self.autocast_dtype, c.train.loss)
+        if self.dist.enabled:  # the best weights reach every rank without a shared file system
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        test = self._evaluate(self._evaluator("evaluation", tuple(c.eval.protocols)))
         test_metrics = {f"test_{k}": v for k, v in test.items() if k != "users"}
+        if self.dist.is_main:
+            self._log_final(run_dir, test_metrics)
+        return TrainResult(
+            run_id=self.run_id or "",
+            run_dir=run_dir,
+            best_epoch=self.best_epoch,
+            best_metric=self.best_metric,
+            epochs_run=self.epoch,
+            test_metrics=test_metrics,
+            history=self.history,
+            is_main=self.dist.is_main,
+        )
+
+    def _log_final(self, run_dir: Path, test_metrics: dict) -> None:
+        import mlflow
+
+        c, best_path = self.config, run_dir / BEST
         mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=self.best_epoch)
         mlflow.log_metric("best_epoch", self.best_epoch)
         final = self.state(finished=True)  # the best weights, marked finished so --resume refuses it
@@ -441,17 +521,11 @@ class Trainer:
 
             mlflow.pytorch.log_model(self.model.cpu().eval(), name="model", serialization_format="pickle")
             self.model.to(self.device)
-        return TrainResult(
-            run_id=self.run_id or "",
-            run_dir=run_dir,
-            best_epoch=self.best_epoch,
-            best_metric=self.best_metric,
-            epochs_run=self.epoch,
-            test_metrics=test_metrics,
-            history=self.history,
-        )
 
 
 def train(config: RunConfig, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
     """Train (or resume) a model as configured; returns the MLflow run id and test metrics of the best model."""
-    return Trainer(config, resume=resume, console=console).fit()
+    try:
+        return Trainer(config, resume=resume, console=console).fit()
+    finally:
+        distributed.teardown()
