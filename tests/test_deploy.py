@@ -211,7 +211,7 @@ def test_train_and_serve_track_against_the_mlflow_service(compose):
 
 def test_gpu_override_reserves_a_gpu_for_train_with_a_cuda_image():
     override = yaml.safe_load(COMPOSE_GPU.read_text())
-    assert set(override["services"]) == {"train"}
+    assert set(override["services"]) == {"train", "train-ddp"}
     merged = load_compose(COMPOSE, COMPOSE_GPU)
     train = merged["services"]["train"]
     devices = train["deploy"]["resources"]["reservations"]["devices"]
@@ -220,6 +220,25 @@ def test_gpu_override_reserves_a_gpu_for_train_with_a_cuda_image():
     assert train["image"] != "movierec:cpu"
     check_movierec_command(train["command"])  # unchanged command, same checks as above
     assert merged["services"]["mlflow"]["image"] == "movierec:cpu"
+
+
+def test_gpu_override_has_a_torchrun_service_on_every_gpu():
+    from torch.distributed.run import get_args_parser
+
+    merged = load_compose(COMPOSE, COMPOSE_GPU)
+    service = merged["services"]["train-ddp"]
+    command = service["command"]
+    assert command[0] == "torchrun"
+    launcher = get_args_parser().parse_args(command[1:])  # torchrun's own parser
+    assert launcher.standalone and launcher.nproc_per_node == "gpu" and launcher.module
+    assert launcher.training_script == "movierec"
+    train = check_movierec_command(["movierec", *launcher.training_script_args])
+    assert train.command == "train"
+    assert volume_of(service, train.data) == "data" and volume_of(service, train.run_dir) == "runs"
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    assert service["environment"]["MLFLOW_TRACKING_URI"] == merged["services"]["train"]["environment"][
+        "MLFLOW_TRACKING_URI"
+    ]
 
 
 # --------------------------------------------------------------------------- Dockerfile

@@ -16,6 +16,7 @@ from serving_docs import documented_commands, quickstart_layout
 
 from movierec.cli import main
 from movierec.data.layout import load_sequences
+from movierec.data.sequences import UserHistories
 from movierec.models.sse_pt import SSEPT, ModelConfig
 from movierec.serving.loader import load_model
 from movierec.serving.recommender import Recommender, RecommendError, UnknownUserError
@@ -138,7 +139,7 @@ def test_sasrec_needs_no_user_vector(rec):
     torch.manual_seed(0)
     model = SSEPT(config).eval()
     offsets, items = np.array([0, 0, 2, 2, 5]), np.array([1, 2, 3, 4, 5])
-    sasrec = Recommender(model, rec.item_movie_ids, [11, 22, 33], rec.titles, offsets, items)
+    sasrec = Recommender(model, rec.item_movie_ids, [11, 22, 33], rec.titles, UserHistories(offsets, items))
     assert sasrec.mean_user_vector is None and sasrec.has_user(11) and not sasrec.has_user(22)
     # without a user embedding, a known user's recommendations are those of the same history
     by_user = sasrec.recommend_user(11, 4)
@@ -147,6 +148,16 @@ def test_sasrec_needs_no_user_vector(rec):
     watched = rec.item_movie_ids[[2, 3, 4]].tolist()
     top = sasrec.recommend_history(watched, 3).recommendations
     assert len(top) == 3 and not {r.movie_id for r in top} & set(watched)
+    # the catalog scored a few items at a time gives the same top-k as in one piece
+    chunked = Recommender(model, rec.item_movie_ids, [11, 22, 33], rec.titles, UserHistories(offsets, items),
+                          item_chunk=7)  # fmt: skip
+    pairs = [
+        (chunked.recommend_user(11, 20), sasrec.recommend_user(11, 20)),
+        (chunked.recommend_history(watched, 30).recommendations, sasrec.recommend_history(watched, 30).recommendations),
+    ]
+    for got, expected in pairs:
+        assert [r.movie_id for r in got] == [r.movie_id for r in expected]
+        assert [r.score for r in got] == pytest.approx([r.score for r in expected], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2

@@ -42,3 +42,29 @@ def inputs_with_appended(
     out[has, :-1] = shifted[has]
     out[has, -1] = appended[has]
     return out
+
+
+class UserHistories:
+    """Every user's whole history, read from the mapped shards: the training sequence, then each non-zero
+    held-out item of `appended` (for example validation, then test), without a second copy of the data."""
+
+    def __init__(self, offsets: np.ndarray, items, appended: tuple[np.ndarray, ...] = ()):
+        self.offsets, self.items, self.appended = offsets, items, appended
+        self.lengths = np.diff(offsets)[: len(offsets) - 1] + sum((a > 0).astype(np.int64) for a in appended)
+
+    def gather(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Compact CSR (offsets, int64 items) of the histories of `users`, oldest item first."""
+        users = np.asarray(users, dtype=np.int64)
+        starts = self.offsets[users]
+        train_lengths = self.offsets[users + 1] - starts
+        lengths = self.lengths[users]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        out = np.empty(int(offsets[-1]), dtype=np.int64)
+        out[ragged_indices(offsets[:-1], train_lengths)] = self.items[ragged_indices(starts, train_lengths)]
+        position = offsets[:-1] + train_lengths
+        for column in self.appended:
+            values = column[users]
+            has = values > 0
+            out[position[has]] = values[has]
+            position = position + has
+        return offsets, out

@@ -22,7 +22,7 @@ import torch
 
 from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems, seeded_candidates
-from movierec.data.sequences import inputs_with_appended, ragged_indices
+from movierec.data.sequences import UserHistories, inputs_with_appended
 from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
 from movierec.models.sse_pt import SSEPT, bce_from_logits
 
@@ -68,7 +68,9 @@ class Evaluator:
         held_out = data.valid_item if split == "validation" else data.test_item
         self.targets = held_out[self.users].astype(np.int64)
         self.appended = data.valid_item[self.users] if split == "evaluation" else None
-        self.lengths = np.diff(data.train_offsets)[self.users] + (0 if self.appended is None else self.appended > 0)
+        appended = (data.valid_item,) if split == "evaluation" else ()
+        self.histories = UserHistories(data.train_offsets, data.train_items, appended)
+        self.lengths = self.histories.lengths[self.users]
         seen = seen or SeenItems.from_data(data)
         self.seen = SeenItems(seen.offsets, seen.items, seen.num_items, (data.valid_item, data.test_item))
         self.popularity_cdf = None
@@ -100,15 +102,8 @@ class Evaluator:
 
     def history(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row in batch, item) of every item in the input histories of `rows` (training + appended)."""
-        data, users = self.data, self.users[rows]
-        lengths = data.train_offsets[users + 1] - data.train_offsets[users]
-        batch_rows = np.repeat(np.arange(len(rows)), lengths)
-        items = np.asarray(data.train_items[ragged_indices(data.train_offsets[users], lengths)], dtype=np.int64)
-        if self.appended is not None:
-            extra = self.appended[rows]
-            has = np.flatnonzero(extra > 0)
-            batch_rows, items = np.concatenate([batch_rows, has]), np.concatenate([items, extra[has]])
-        return batch_rows, items
+        offsets, items = self.histories.gather(self.users[rows])
+        return np.repeat(np.arange(len(rows)), np.diff(offsets)), items
 
     @torch.inference_mode()
     def run(

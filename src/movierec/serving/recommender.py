@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from movierec.data.layout import META_FILE, load_sequences, read_items, sha256_file
-from movierec.data.sequences import left_padded, ragged_indices
+from movierec.data.sequences import UserHistories, left_padded, ragged_indices
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
 from movierec.models.sse_pt import SSEPT
@@ -74,28 +74,16 @@ class HistoryResult:
     unknown_movie_ids: list[int]
 
 
-def _csr_append(offsets: np.ndarray, items: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a CSR (offsets, items) with each column's non-zero entry appended to its row."""
-    lengths = np.diff(offsets)
-    extra = [c > 0 for c in columns]
-    new_lengths = lengths + sum(e.astype(np.int64) for e in extra)
-    new_offsets = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64)
-    out = np.zeros(int(new_offsets[-1]), dtype=np.int64)
-    out[ragged_indices(new_offsets[:-1], lengths)] = items[ragged_indices(offsets[:-1], lengths)]
-    position = new_offsets[:-1] + lengths
-    for column, has in zip(columns, extra, strict=True):
-        out[position[has]] = column[has]
-        position = position + has
-    return new_offsets, out
+EXPORT_USERS_PER_PASS = 65536  # export-recs gathers this many users' histories at a time
 
 
 class Recommender:
     """A trained model with everything needed to turn scores into movieIds and titles.
 
     Ids: our item i (1..num_items) is MovieLens movieId ``item_movie_ids[i - 1]``; our user u is userId
-    ``user_ids[u - 1]``. ``offsets``/``items`` hold user u's history at ``items[offsets[u]:offsets[u + 1]]``
-    (row 0 is the padding user, always empty); users with an empty history are unknown to this model
-    (for example users outside the shards it was trained on).
+    ``user_ids[u - 1]``. ``histories`` reads user u's history (training, validation and test items) from the
+    mapped shards; users with an empty history are unknown to this model (for example users outside the
+    shards it was trained on). The catalog is scored in chunks, so memory does not grow with its size.
     """
 
     def __init__(
@@ -104,13 +92,13 @@ class Recommender:
         item_movie_ids: np.ndarray,
         user_ids: np.ndarray,
         titles: Sequence[str | None],
-        offsets: np.ndarray,
-        items: np.ndarray,
+        histories: UserHistories,
         years: Sequence[int | None] | None = None,
         genres: Sequence[str | None] | None = None,
         source: str = "",
         dataset_name: str = "",
         batch_size: int = 256,
+        item_chunk: int = 65536,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -125,13 +113,13 @@ class Recommender:
         self.titles = list(titles)
         self.years = list(years) if years is not None else [None] * self.num_items
         self.genres = list(genres) if genres is not None else [None] * self.num_items
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.items = np.asarray(items, dtype=np.int64)
+        self.histories = histories
         self.source, self.dataset_name, self.batch_size = source, dataset_name, batch_size
+        self.item_chunk = item_chunk
         self._item_of = {int(m): i + 1 for i, m in enumerate(self.item_movie_ids)}
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
         self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
-        self.known_users = np.flatnonzero(np.diff(self.offsets) > 0)  # our indices, not userIds
+        self.known_users = np.flatnonzero(histories.lengths > 0)  # our indices, not userIds
         with torch.inference_mode():
             self.mean_user_vector = model.new_user_vector()
 
@@ -168,8 +156,8 @@ class Recommender:
             from movierec.data.layout import read_users
 
             user_ids = read_users(path).sort_by("user")["user_id"].to_numpy()
-        offsets = data_seq.train_offsets[: data_seq.num_users + 2]
-        offsets, items = _csr_append(offsets, data_seq.train_items, data_seq.valid_item, data_seq.test_item)
+        held_out = (data_seq.valid_item, data_seq.test_item)
+        histories = UserHistories(data_seq.train_offsets, data_seq.train_items, held_out)
 
         def column(name: str) -> list | None:
             return items_table[name].to_pylist() if name in items_table.column_names else None
@@ -179,8 +167,7 @@ class Recommender:
             movie_ids,
             np.asarray(user_ids),
             column("title") or [None] * len(movie_ids),
-            offsets,
-            items,
+            histories,
             years=column("year"),
             genres=column("genres"),
             source=source or state.get("path", ""),
@@ -196,7 +183,7 @@ class Recommender:
 
     def has_user(self, user_id: int) -> bool:
         index = self._user_of.get(int(user_id))
-        return index is not None and self.offsets[index + 1] > self.offsets[index]
+        return index is not None and self.histories.lengths[index] > 0
 
     def user_index(self, user_id: int) -> int:
         if not self.has_user(user_id):
@@ -212,7 +199,7 @@ class Recommender:
     def history_of(self, user_id: int) -> list[int]:
         """The user's history as original movieIds, oldest first."""
         u = self.user_index(user_id)
-        return self.item_movie_ids[self.items[self.offsets[u] : self.offsets[u + 1]] - 1].tolist()
+        return self.item_movie_ids[self.histories.gather(np.array([u]))[1] - 1].tolist()
 
     def check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.num_items:
@@ -246,17 +233,43 @@ class Recommender:
                 if user_vecs is not None and (batch_users == 0).any():
                     user_vecs = torch.where((batch_users == 0)[:, None], self.mean_user_vector, user_vecs)
                 hidden = model(torch.from_numpy(seqs).to(device), user_vecs, last_only=True)[:, -1]
-                scores = model.score_all(hidden, user_vecs).float()
-                scores[:, 0] = -torch.inf
+                seen = None
                 if exclude_seen:
                     row_lengths = ends - starts
-                    seen = items[ragged_indices(starts, row_lengths)]
-                    which = np.repeat(np.arange(len(rows)), row_lengths)
-                    scores[torch.from_numpy(which).to(device), torch.from_numpy(seen).to(device)] = -torch.inf
-                values, indices = torch.topk(scores, k, dim=1)
+                    seen = (np.repeat(np.arange(len(rows)), row_lengths), items[ragged_indices(starts, row_lengths)])
+                values, indices = self._chunked_top_k(hidden, user_vecs, k, seen)
                 top_items[rows] = indices.cpu().numpy()
                 top_scores[rows] = values.cpu().numpy()
         return top_items, top_scores
+
+    def _chunked_top_k(
+        self,
+        hidden: torch.Tensor,
+        user_vecs: torch.Tensor | None,
+        k: int,
+        seen: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, item ids) over the catalog scored `item_chunk` items at a time, a running top-k
+        keeping memory at (batch x chunk) whatever the number of items; `seen` (row, item) pairs are left out."""
+        device = hidden.device
+        if seen is not None:
+            order = np.argsort(seen[1], kind="stable")
+            seen_rows, seen_items = seen[0][order], seen[1][order]
+        best_scores = torch.full((len(hidden), k), -torch.inf, device=device)
+        best_items = torch.zeros((len(hidden), k), dtype=torch.long, device=device)
+        for lo in range(1, self.num_items + 1, self.item_chunk):
+            hi = min(lo + self.item_chunk, self.num_items + 1)
+            scores = self.model.score_range(hidden, user_vecs, lo, hi).float()
+            if seen is not None:
+                a, b = np.searchsorted(seen_items, [lo, hi])
+                rows = torch.from_numpy(seen_rows[a:b]).to(device)
+                scores[rows, torch.from_numpy(seen_items[a:b] - lo).to(device)] = -torch.inf
+            values, indices = torch.topk(scores, min(k, hi - lo), dim=1)
+            merged_scores = torch.cat([best_scores, values], dim=1)
+            merged_items = torch.cat([best_items, indices + lo], dim=1)
+            best_scores, pick = torch.topk(merged_scores, k, dim=1)
+            best_items = merged_items.gather(1, pick)
+        return best_scores, best_items
 
     def _to_recommendations(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         keep = np.isfinite(scores)
@@ -281,9 +294,7 @@ class Recommender:
         if not wanted:
             return {}
         users = np.asarray([self._user_of[u] for u in wanted], dtype=np.int64)
-        lengths = self.offsets[users + 1] - self.offsets[users]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        items = self.items[ragged_indices(self.offsets[users], lengths)]
+        offsets, items = self.histories.gather(users)
         top_items, top_scores = self._top_k(offsets, items, users, k, not include_seen)
         return {u: self._to_recommendations(top_items[r], top_scores[r]) for r, u in enumerate(wanted)}
 
@@ -320,10 +331,12 @@ class Recommender:
         k = self.check_k(k)
         path = Path(path)
         users = self.known_users
-        lengths = self.offsets[users + 1] - self.offsets[users]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        items = self.items[ragged_indices(self.offsets[users], lengths)]
-        top_items, top_scores = self._top_k(offsets, items, users, k, not include_seen)
+        top_items = np.zeros((len(users), k), dtype=np.int64)
+        top_scores = np.zeros((len(users), k), dtype=np.float32)
+        for start in range(0, len(users), EXPORT_USERS_PER_PASS):  # bounded memory on millions of users
+            part = slice(start, start + EXPORT_USERS_PER_PASS)
+            offsets, items = self.histories.gather(users[part])
+            top_items[part], top_scores[part] = self._top_k(offsets, items, users[part], k, not include_seen)
         keep = np.isfinite(top_scores)
         ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), top_items.shape)
         chosen = top_items[keep]

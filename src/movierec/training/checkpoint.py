@@ -49,7 +49,9 @@ def resolve_checkpoint(path: str | Path, prefer: str = LAST) -> Path:
 def load_checkpoint(path: str | Path, prefer: str = LAST, map_location: str | torch.device = "cpu") -> dict:
     file = resolve_checkpoint(path, prefer)
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        # mmap: tensors are read from the file as they are used, so loading the weights of a large model
+        # does not also bring its optimizer moments into memory
+        state = torch.load(file, map_location=map_location, weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{file} is not a readable movierec checkpoint ({str(exc).splitlines()[0]})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
