@@ -31,7 +31,7 @@ from movierec.training.checkpoint import (
 )
 from movierec.training.config import RunConfig, dump_config
 from movierec.training.optim import build_optimizers, clip_grad_norm, resolve_optimizer
-from movierec.training.tracking import ensure_experiment, git_commit, plot_curves, run_params, tracking_uri
+from movierec.training.tracking import ExperimentInBackground, git_commit, plot_curves, run_params, tracking_uri
 
 
 @dataclass
@@ -108,6 +108,9 @@ class Trainer:
         self.dist, device_name = distributed.setup(c.train.device)
         if not self.dist.is_main:  # rank 0 alone prints, tracks and writes
             self.console = Console(quiet=True)
+        self.experiment = None
+        if self.dist.is_main:
+            self.experiment = ExperimentInBackground(c.tracking.experiment, tracking_uri(c.tracking.uri))
         self.device = resolve_device(device_name)
         self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
         torch.manual_seed(c.train.seed)
@@ -387,7 +390,7 @@ class Trainer:
         import mlflow
 
         c = self.config
-        experiment_id = ensure_experiment(c.tracking.experiment, tracking_uri(c.tracking.uri))
+        experiment_id = self.experiment.result()
         if c.tracking.system_metrics:
             mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
