@@ -1,0 +1,706 @@
+"""GPU check: every CUDA path of training in one prepared run of at most --budget-s seconds, one table at the end.
+
+    bash bench/gpu_check.sh                       # on a machine with CUDA: the whole check (about 8 minutes)
+    bash bench/gpu_check.sh --cpu --out /tmp/gc   # reduced CPU mode (forced when CUDA is unavailable), < 3 min
+
+Rows (column `check`):
+- `train-throughput`: the ML-1M recipes of bench/train_throughput.py (sasrec d 50, sse-pt 100+50) at fp32,
+  fp16 (autocast + GradScaler, what `train.precision=fp16` means here) and bf16: tokens/s, seconds per
+  ML-1M pass and peak GPU memory (torch.cuda.max_memory_allocated), each in its own worker process
+  (3 warm-up steps, then one pass of 48 steps timed);
+- `mlperf-throughput`: SSE-PT (configs/ml-20mx16x32-sse-pt.yaml) on an ml-20mx16x32-shaped file generated
+  here: file 0 of `scaled_shape(--mlperf-fraction)`, the full 855,776-item catalog, at the same precisions;
+- `torchrun-scaling`: `movierec train --max-steps S` of the SSE-PT recipe as one process and under
+  `torchrun --nproc_per_node gpu` (every visible GPU, nccl), tokens/s of each from history.json and the
+  ratio (bench/ddp_throughput.py does the runs; the per-rank batch stays 128, so the global batch grows);
+- `time-to-quality`: `movierec train --config configs/ml-1m-sse-pt.yaml` on CUDA until it ends or the
+  budget left runs out (then stopped, and `movierec evaluate` scores its best checkpoint): wall time,
+  epochs, test NDCG@10 with 100 uniform negatives and whether it reached 0.62.
+
+A row that fails reads FAILED with a one-line reason (its output is kept under OUT/logs); the others still
+run, and the script exits 1 if any row failed. `--cpu` (forced, with a line saying so, when CUDA is not
+available) runs the same rows small: synthetic data instead of ML-1M, fp32 and bf16, a 100,000-item
+ml-20mx16x32-shaped file of 138 users, all throughput rows in one worker process, 2 gloo processes
+against 1 (one thread each), and a 2-epoch "time to quality" on the synthetic data without threshold;
+it takes 1-2 minutes on 2 cores.
+ML-1M comes from --ml1m, else data/ml-1m-sasrec, else is prepared from ../shared/data/ml-1m-sasrec/ml-1m.txt;
+without any of them the ML-1M rows are SKIPPED (say so, and carry data/ to the GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+if importlib.util.find_spec("movierec") is None and (ROOT / "src" / "movierec").is_dir():
+    # not installed (a bare python3 with PyTorch, e.g. a GPU machine's): src/ for this process and its children
+    sys.path.insert(0, str(ROOT / "src"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+
+import ddp_throughput as ddp  # noqa: E402  (bench/ddp_throughput.py: the torchrun runs)
+
+ML1M_CONFIG = ROOT / "configs" / "ml-1m-sse-pt.yaml"
+MLPERF_CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
+SYNTHETIC_CONFIG = ROOT / "configs" / "synthetic.yaml"
+SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m-sasrec" / "ml-1m.txt"
+RECIPES = {"sasrec (d 50)": ddp.RECIPES["sasrec"], "sse-pt (100+50)": ddp.RECIPES["sse-pt"]}
+CHECKS = ("train-throughput", "mlperf-throughput", "torchrun-scaling", "time-to-quality")
+TARGET = 0.62
+TARGET_METRIC = "sampled-uniform-100/ndcg@10"
+QUIET = ["tracking.log_model=false", "tracking.system_metrics=false"]
+RESULT = "gpu_check result: "  # a worker's line per job: this prefix, then its JSON
+SETUP_EVAL = ["eval.max_users=500"]  # throughput workers build a validator they never run: keep it small
+
+
+@dataclasses.dataclass
+class Mode:
+    """What a run measures: the full GPU check or the reduced CPU mode."""
+
+    cpu: bool
+    device: str
+    precisions: list[str]
+    threads: int | None  # torch threads per process (CPU mode: 1, the machine may be busy)
+    warmup: int
+    steps: int  # timed steps of a throughput row (ML-1M: 48 = one pass)
+    recipe_overrides: list[str]  # on top of the ML-1M recipes
+    mlperf_fraction: float
+    mlperf_items: int
+    mlperf_steps: int
+    mlperf_overrides: list[str]
+    ddp_world: int | str
+    ddp_steps: int
+    worker_cap_s: float  # timeout of one throughput worker
+    run_cap_s: float  # timeout of one torchrun-scaling run
+    quality_reserve_s: float  # kept for the time-to-quality row while the others run
+    shared_worker: bool  # all throughput jobs in one worker process (CPU mode: saves process starts)
+
+
+GPU_MODE = Mode(
+    cpu=False, device="cuda", precisions=["fp32", "fp16", "bf16"], threads=None, warmup=3, steps=48,
+    recipe_overrides=[], mlperf_fraction=0.1, mlperf_items=855_776, mlperf_steps=20, mlperf_overrides=[],
+    ddp_world="gpu", ddp_steps=144, worker_cap_s=120, run_cap_s=150, quality_reserve_s=120, shared_worker=False,
+)  # fmt: skip
+CPU_MODE = Mode(
+    cpu=True, device="cpu", precisions=["fp32", "bf16"], threads=1, warmup=1, steps=2,
+    recipe_overrides=["model.max_len=50", "train.batch_size=64"], mlperf_fraction=1e-3, mlperf_items=100_000,
+    mlperf_steps=2, mlperf_overrides=["train.batch_size=32", "model.max_len=50"], ddp_world=2, ddp_steps=3,
+    worker_cap_s=60, run_cap_s=90, quality_reserve_s=30, shared_worker=True,
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Row:
+    check: str
+    data: str
+    case: str
+    precision: str = ""
+    tokens_per_s: float | None = None
+    s_per_pass: float | None = None
+    peak_mib: float | None = None
+    status: str = "ok"  # ok | FAILED | SKIPPED
+    detail: str = ""
+    values: dict = dataclasses.field(default_factory=dict)
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace, mode: Mode):
+        self.args, self.mode = args, mode
+        self.started = time.perf_counter()
+        self.rows: list[Row] = []
+        self.out: Path = args.out
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = f"sqlite:///{(self.out / 'mlflow.db').resolve()}"
+
+    def remaining(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.started)
+
+    def timeout(self, cap: float, keep: float = 0.0) -> float | None:
+        """Seconds a child may run: at most `cap`, leaving `keep` of the budget; None when under 10 s are left."""
+        left = min(cap, self.remaining() - keep)
+        return left if left >= 10 else None
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(self.note(row))
+        return row
+
+    def note(self, row: Row) -> Row:
+        """Log a finished row on stderr (progress), without adding it to the table."""
+        rate = f"{row.tokens_per_s:,.0f} tokens/s; " if row.status == "ok" and row.tokens_per_s is not None else ""
+        shown = rate + row.detail
+        when = f"[{time.perf_counter() - self.started:5.0f} s]"
+        log(f"{when} {row.check} | {row.case} {row.precision}: {row.status} {shown}")
+        return row
+
+    def keep_log(self, name: str, text: str) -> Path:
+        path = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
+        path.write_text(text)
+        return path
+
+    @property
+    def failed(self) -> bool:
+        return any(row.status == "FAILED" for row in self.rows)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rate(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else ""
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "movierec", *args]
+
+
+def run(command: list[str], timeout: float | None, env: dict | None = None) -> tuple[int | str, str, float]:
+    """(exit status or 'timeout', merged output, seconds) of a child run from the repository root."""
+    started = time.perf_counter()
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        parts = [p.decode(errors="replace") if isinstance(p, bytes) else (p or "") for p in (exc.stdout, exc.stderr)]
+        return "timeout", "".join(parts), time.perf_counter() - started
+    return done.returncode, done.stdout + done.stderr, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def machine(mode: Mode) -> dict:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if not mode.cpu else []
+    return {
+        "gpus": gpus,
+        "cpu": ddp.cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def cuda_status() -> str | None:
+    """None when CUDA can be used, else why not (one line)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    try:
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+    except Exception as exc:  # a broken driver raises here
+        return f"CUDA initialisation failed: {exc}"
+    return None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepared(folder: Path) -> bool:
+    return (folder / "meta.json").is_file()
+
+
+def ml1m_data(check: Check) -> tuple[Path | None, str]:
+    """(prepared ML-1M folder or None, where it came from / why it is missing)."""
+    for candidate in [check.args.ml1m] if check.args.ml1m else [ROOT / "data" / "ml-1m-sasrec"]:
+        if candidate and prepared(Path(candidate)):
+            return Path(candidate), "ML-1M"
+    target = check.out / "data" / "ml-1m-sasrec"
+    if prepared(target):
+        return target, "ML-1M"
+    if not SHARED_ML1M.is_file():
+        return None, f"no prepared ML-1M (data/ml-1m-sasrec or --ml1m) and no {SHARED_ML1M}"
+    log(f"preparing ML-1M from {SHARED_ML1M}")
+    status, output, _ = run(
+        cli("prepare", "--dataset", "ml-1m-sasrec", "--input", str(SHARED_ML1M), "--out", str(check.out / "data")),
+        timeout=300,
+    )
+    if status != 0 or not prepared(target):
+        check.keep_log("prepare-ml-1m", output)
+        return None, f"preparing ML-1M failed ({status}): {ddp.reason(output)}"
+    return target, "ML-1M"
+
+
+def synthetic_data(check: Check) -> tuple[Path | None, str]:
+    target = check.out / "data" / "synthetic"
+    if prepared(target):
+        return target, "synthetic"
+    status, output, _ = run(cli("prepare", "--dataset", "synthetic", "--out", str(check.out / "data")), timeout=120)
+    if status != 0 or not prepared(target):
+        check.keep_log("prepare-synthetic", output)
+        return None, f"preparing synthetic data failed ({status}): {ddp.reason(output)}"
+    return target, "synthetic"
+
+
+def mlperf_data(check: Check) -> tuple[Path | None, str, float]:
+    """File 0 of scaled_shape(fraction, items), generated and prepared under OUT: (folder, error, seconds)."""
+    from movierec.data.mlperf_synthetic import generate_mlperf_files, scaled_shape
+
+    mode, started = check.mode, time.perf_counter()
+    name = f"mlperf-f{mode.mlperf_fraction:g}-i{mode.mlperf_items}"
+    source, out = check.out / name, check.out / "data" / name
+    target = out / "ml-20mx16x32"
+    try:
+        generate_mlperf_files(source, scaled_shape(mode.mlperf_fraction, mode.mlperf_items), files=[0])
+    except Exception as exc:
+        return None, f"generating the ml-20mx16x32-shaped file failed: {exc}", time.perf_counter() - started
+    newest_input = max((p.stat().st_mtime for p in source.iterdir() if p.is_file()), default=0)
+    if prepared(target) and (target / "meta.json").stat().st_mtime >= newest_input:
+        return target, "", time.perf_counter() - started
+    command = cli("prepare", "--dataset", "ml-20mx16x32", "--input", str(source), "--out", str(out), "--overwrite")
+    status, output, _ = run(command, timeout=check.timeout(300, keep=mode.quality_reserve_s))
+    if status != 0 or not prepared(target):
+        check.keep_log("prepare-mlperf", output)
+        return None, f"preparing the ml-20mx16x32-shaped file failed ({status}): {ddp.reason(output)}", 0.0
+    return target, "", time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- throughput (worker processes)
+
+
+def throughput_job(spec: dict) -> dict:
+    """Build the Trainer, warm up, time `steps` optimizer steps; peak memory of this job."""
+    import resource
+
+    import torch
+    from rich.console import Console
+
+    from movierec.training.config import load_config
+    from movierec.training.trainer import Trainer
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    config = load_config(spec["config"], spec["overrides"])
+    config.data.path = spec["data"]
+    trainer = Trainer(config, console=Console(stderr=True))
+    if trainer.device.type != spec["device"]:
+        raise RuntimeError(f"the trainer chose {trainer.device}, expected {spec['device']}")
+    on_cuda = trainer.device.type == "cuda"
+    trainer.train_epoch(max_steps=spec["warmup"])  # allocator, kernels, cuBLAS handles
+    if on_cuda:
+        torch.cuda.synchronize()
+    stats = trainer.train_epoch(max_steps=spec["steps"])  # every step ends in loss.item(): synchronised
+    per_pass = len(trainer.batches) // trainer.batches_per_step
+    return {
+        "tokens_per_s": stats["tokens_per_s"],
+        "sequences_per_s": stats["sequences_per_s"],
+        "steps": stats["steps"],
+        "steps_per_pass": per_pass,
+        "s_per_pass": stats["seconds"] / max(stats["steps"], 1) * per_pass,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if on_cuda else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": str(trainer.device),
+        "gpu": torch.cuda.get_device_name(trainer.device) if on_cuda else None,
+        "autocast": str(trainer.autocast_dtype).removeprefix("torch.") if trainer.autocast_dtype else "none",
+        "grad_scaler": trainer.scaler.is_enabled(),
+        "optimizer": trainer.optimizer_kind,
+        "num_items": trainer.data.num_items,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def throughput_worker(specs: list[dict]) -> None:
+    """The worker process: each job in turn, one RESULT line each (an `error` when the job raised)."""
+    import gc
+
+    import torch
+
+    for index, spec in enumerate(specs):
+        started = time.perf_counter()
+        try:
+            result = throughput_job(spec)
+        except Exception as exc:  # reported as that row's failure; the next job still runs
+            import traceback
+
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+        result.update(index=index, seconds=time.perf_counter() - started)
+        print(RESULT + json.dumps(result), flush=True)
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+@dataclasses.dataclass
+class Job:
+    """One throughput row: a worker job on `data` with `config` + `overrides` at `precision`."""
+
+    kind: str
+    data: Path
+    label: str
+    case: str
+    config: Path
+    overrides: list[str]
+    precision: str
+    steps: int
+    fraction: float | None = None  # the data is this fraction of ml-20mx16x32 file 0: extrapolate a pass of it
+
+    def spec(self, mode: Mode) -> dict:
+        overrides = [*self.overrides, *SETUP_EVAL, *QUIET, f"train.precision={self.precision}"]
+        return {
+            "config": str(self.config),
+            "data": str(self.data),
+            "overrides": [*overrides, f"train.device={mode.device}"],
+            "threads": mode.threads,
+            "device": mode.device,
+            "warmup": mode.warmup,
+            "steps": self.steps,
+        }
+
+
+def precision_label(precision: str) -> str:
+    return "fp16+GradScaler" if precision == "fp16" else precision
+
+
+def job_row(check: Check, job: Job, r: dict | None, why: str) -> Row:
+    """The row of a job from its worker's result (None: the worker died or timed out first, `why`)."""
+    mode = check.mode
+    row = Row(job.kind, job.label, job.case, precision_label(job.precision))
+    if r is None or "error" in r:
+        return dataclasses.replace(row, status="FAILED", detail=r["error"] if r else why)
+    if job.precision == "fp16" and mode.device == "cuda" and not r["grad_scaler"]:
+        return dataclasses.replace(row, status="FAILED", detail="fp16 ran without a GradScaler")
+    peak = r["peak_gpu_mib"] if r["peak_gpu_mib"] is not None else r["peak_rss_mib"]
+    detail = f"{r['steps']} steps of {r['steps_per_pass']}/pass, autocast {r['autocast']}, {r['optimizer']}"
+    if r["grad_scaler"]:
+        detail += ", GradScaler"
+    if mode.cpu:
+        detail += f", {r['threads']} thread(s)"
+    detail += f"; job {r['seconds']:.0f} s"
+    if job.fraction:
+        detail += f"; ~{r['s_per_pass'] / job.fraction:,.0f} s per whole file 0"
+    return dataclasses.replace(
+        row, tokens_per_s=r["tokens_per_s"], s_per_pass=r["s_per_pass"], peak_mib=peak, detail=detail, values=r
+    )
+
+
+def run_jobs(check: Check, jobs: list[Job | Row]) -> None:
+    """Measure the jobs, each in its own worker process (CPU mode: all in one, to save process starts).
+
+    Rows given as such (skipped before they could run) are taken as they are; the table keeps the order.
+    """
+    mode = check.mode
+    pending = [j for j in jobs if isinstance(j, Job)]
+    groups = [pending] if mode.shared_worker and pending else [[j] for j in pending]
+    done: dict[int, Row] = {}
+    for group in groups:
+        timeout = check.timeout(mode.worker_cap_s * len(group), keep=mode.quality_reserve_s)
+        if timeout is None:
+            for job in group:
+                row = Row(job.kind, job.label, job.case, precision_label(job.precision), status="SKIPPED")
+                done[id(job)] = check.note(dataclasses.replace(row, detail="out of budget"))
+            continue
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        command.append(json.dumps([job.spec(mode) for job in group]))
+        status, output, _ = run(command, timeout)
+        names = "-".join(f"{j.kind}-{j.case}-{j.precision}" for j in group) if len(group) == 1 else "throughput-worker"
+        check.keep_log(names, output)
+        results = {}
+        for line in output.splitlines():
+            if line.startswith(RESULT):
+                r = json.loads(line[len(RESULT) :])
+                results[r["index"]] = r
+        why = f"timed out after {timeout:.0f} s" if status == "timeout" else f"exit {status}: {ddp.reason(output)}"
+        for index, job in enumerate(group):
+            done[id(job)] = check.note(job_row(check, job, results.get(index), why))
+    check.rows.extend(done[id(j)] if isinstance(j, Job) else j for j in jobs)
+
+
+def train_throughput_jobs(check: Check, data: Path | None, label: str, why: str) -> list[Job | Row]:
+    mode, jobs = check.mode, []
+    for case, overrides in RECIPES.items():
+        for precision in mode.precisions:
+            if data is None:
+                row = Row("train-throughput", label, case, precision_label(precision), status="SKIPPED", detail=why)
+                jobs.append(check.note(row))
+                continue
+            jobs.append(Job("train-throughput", data, label, case, ML1M_CONFIG, [*overrides, *mode.recipe_overrides],
+                            precision, mode.steps))  # fmt: skip
+    return jobs
+
+
+def mlperf_jobs(check: Check) -> list[Job | Row]:
+    mode = check.mode
+    data, why, seconds = mlperf_data(check)
+    label = f"ml-20mx16x32 file 0 x {mode.mlperf_fraction:g}, {mode.mlperf_items:,} items"
+    case = "sse-pt (100+50)"
+    if data is None:
+        return [check.note(Row("mlperf-throughput", label, case, precision_label(p), status="FAILED", detail=why))
+                for p in mode.precisions]  # fmt: skip
+    meta = json.loads((data / "meta.json").read_text())
+    label += f" ({meta['num_users']:,} users)"
+    log(f"ml-20mx16x32-shaped data generated and prepared in {seconds:.1f} s: {data}")
+    return [Job("mlperf-throughput", data, label, case, MLPERF_CONFIG, mode.mlperf_overrides, precision,
+                mode.mlperf_steps, mode.mlperf_fraction) for precision in mode.precisions]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- torchrun scaling
+
+
+def torchrun_rows(check: Check, data: Path | None, label: str, why: str) -> None:
+    mode = check.mode
+    world = mode.ddp_world
+    processes = ddp.world_processes(world)
+    cases = [("1 process", 1), (f"torchrun --nproc_per_node {world} ({processes} processes)", world)]
+    precision = "fp16+GradScaler" if mode.device == "cuda" else "fp32"
+    if data is None:
+        for case, _ in cases:
+            check.add(Row("torchrun-scaling", label, case, precision, status="SKIPPED", detail=why))
+        return
+    overrides = [*RECIPES["sse-pt (100+50)"], *mode.recipe_overrides]
+    per_rank, accumulation = ddp.batch_size(ML1M_CONFIG, overrides)
+    results = []
+    for case, w in cases:
+        timeout = check.timeout(mode.run_cap_s, keep=mode.quality_reserve_s)
+        if timeout is None:
+            results.append((case, w, {"skipped": "out of budget"}))
+            continue
+        log(f"torchrun-scaling: {case}, --max-steps {mode.ddp_steps}")
+        run_dir = check.out / "runs" / f"scaling-w{w}"
+        r = ddp.run_train(
+            w, data=data, steps=mode.ddp_steps, run_dir=run_dir, tracking_uri=check.tracking_uri,
+            overrides=overrides, threads=mode.threads, config=ML1M_CONFIG, device=mode.device, timeout=timeout,
+        )  # fmt: skip
+        check.keep_log(f"torchrun-scaling-w{w}", r.get("output", ""))
+        results.append((case, w, r))
+    # leave each run's first epoch (warm-up) out when every run has a later one
+    skip_first = all(len(r.get("records", [])) > 1 for _, _, r in results)
+    base = None
+    for case, w, r in results:
+        row = Row("torchrun-scaling", label, case, precision)
+        n = ddp.world_processes(w)
+        if "skipped" in r:
+            check.add(dataclasses.replace(row, status="SKIPPED", detail=r["skipped"]))
+            continue
+        if "error" in r:
+            check.add(dataclasses.replace(row, status="FAILED", detail=r["error"]))
+            continue
+        s = ddp.summarize(r["records"], skip_first)
+        detail = f"{s['steps']} steps in {s['epochs']} epoch(s){' after the first' if s['skipped_first'] else ''}"
+        detail += f", global batch {per_rank * n * accumulation}"
+        if mode.threads:
+            detail += f", {mode.threads} thread(s) each"
+        if w == 1:
+            base = s["tokens_per_s"]
+        elif base:
+            detail += f"; scaling {s['tokens_per_s'] / base:.2f}x vs 1 process"
+            if n == 1:
+                detail += " (one GPU: torchrun ran 1 process, no process group, DDP/NCCL not exercised)"
+        detail += f"; run {r['wall_s']:.0f} s"
+        values = {"steps": s["steps"], "epochs": s["epochs"], "processes": n, "wall_s": r["wall_s"]}
+        if w != 1 and base:
+            values["scaling"] = s["tokens_per_s"] / base
+        check.add(dataclasses.replace(row, tokens_per_s=s["tokens_per_s"], detail=detail, values=values))
+
+
+# --------------------------------------------------------------------------- time to quality
+
+
+def parse_test_table(output: str) -> tuple[dict, int | None]:
+    """Metrics of the `test metrics (best epoch B of E)` table `movierec train` prints, and B."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "test metrics" in line), None)
+    if start is None:
+        return {}, None
+    best = re.search(r"best epoch (\d+)", lines[start])
+    columns, metrics = None, {}
+    for line in lines[start + 1 :]:
+        cells = [c.strip() for c in re.split(r"[│┃|]", line)[1:-1]]
+        if not cells:
+            continue
+        if cells[0] == "metric":
+            columns = cells
+        elif columns and len(cells) == len(columns):
+            for protocol, cell in zip(columns[1:], cells[1:], strict=True):
+                with contextlib.suppress(ValueError):
+                    metrics[f"{protocol}/{cells[0]}"] = float(cell)
+    return metrics, int(best.group(1)) if best else None
+
+
+def quality_row(check: Check, data: Path | None, label: str, why: str) -> None:
+    mode = check.mode
+    row = Row("time-to-quality", label, "sse-pt, configs/" + ("synthetic.yaml" if mode.cpu else ML1M_CONFIG.name))
+    row.precision = "fp32" if mode.cpu else "auto (fp16)"
+    if data is None:
+        check.add(dataclasses.replace(row, status="SKIPPED", detail=why))
+        return
+    reserve = 15 if mode.cpu else 25  # scoring the best checkpoint of a stopped run, and the report
+    cap = min(check.remaining() - reserve, check.args.quality_cap_s or float("inf"))
+    if cap < 10:
+        check.add(dataclasses.replace(row, status="SKIPPED", detail="out of budget"))
+        return
+    run_dir = check.out / "runs" / "quality"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    config = SYNTHETIC_CONFIG if mode.cpu else ML1M_CONFIG
+    command = cli("train", "--config", str(config), "--data", str(data), "--device", mode.device,
+                  "--run-dir", str(run_dir), "--tracking-uri", check.tracking_uri, *QUIET)  # fmt: skip
+    if mode.cpu:
+        command += ["--epochs", "2", "eval.every=1", "eval.max_users=500", f"train.num_threads={mode.threads}"]
+    elif check.args.quality_epochs:
+        command += ["--epochs", str(check.args.quality_epochs)]
+    log(f"time-to-quality: {' '.join(command[3:])} (cap {cap:.0f} s)")
+    status, output, wall = run(command, timeout=cap)
+    check.keep_log("time-to-quality", output)
+    history_file = run_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    key = f"val_{TARGET_METRIC}"
+    validated = [r for r in history if key in r]
+    best = max(validated, key=lambda r: r[key]) if validated else None
+    capped = status == "timeout"
+    if status not in (0, "timeout"):
+        check.add(dataclasses.replace(row, status="FAILED", detail=f"exit {status}: {ddp.reason(output)}"))
+        return
+    metrics, printed_best = parse_test_table(output) if status == 0 else ({}, None)
+    source = "printed test table"
+    if TARGET_METRIC not in metrics:  # stopped at the cap (or the table was not parsed): score the checkpoint
+        ckpt = next((p for p in (run_dir / "best.ckpt", run_dir / "last.ckpt") if p.is_file()), None)
+        if ckpt is None:
+            detail = f"no checkpoint after {wall:.0f} s ({len(history)} epochs)" if capped else "no test metrics"
+            check.add(dataclasses.replace(row, status="FAILED", detail=detail))
+            return
+        scores = check.out / "quality-test.json"
+        evaluate = cli("evaluate", str(ckpt), "--split", "evaluation", "--protocol", "sampled-uniform-100",
+                       "--k", "10", "--device", mode.device, "--json", str(scores))  # fmt: skip
+        e_status, e_output, _ = run(evaluate, timeout=max(check.remaining(), 30))
+        check.keep_log("time-to-quality-evaluate", e_output)
+        if e_status != 0:
+            check.add(dataclasses.replace(row, status="FAILED", detail=f"evaluate: {ddp.reason(e_output)}"))
+            return
+        metrics = json.loads(scores.read_text())
+        source = f"movierec evaluate {ckpt.name}"
+    ndcg = metrics[TARGET_METRIC]
+    epochs = len(history)
+    best_epoch = printed_best or (best["epoch"] if best else None)
+    detail = f"{wall:.0f} s wall{' (stopped at the cap)' if capped else ''}, {epochs} epochs, "
+    if best is not None:
+        detail += f"best epoch {best_epoch} (validation NDCG@10 {best[key]:.4f})"
+    else:
+        detail += "no validation yet"
+    detail += f"; test NDCG@10 (100 uniform negatives) {ndcg:.4f} ({source})"
+    reached = None if mode.cpu else ndcg >= TARGET
+    detail += "; no threshold in CPU mode" if mode.cpu else f"; reached {TARGET}: {'yes' if reached else 'no'}"
+    values = {"wall_s": wall, "epochs": epochs, "best_epoch": best_epoch, "test_ndcg10": ndcg,
+              "capped": capped, "reached_target": reached}  # fmt: skip
+    check.add(dataclasses.replace(row, detail=detail, values=values))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_report(check: Check, info: dict, mode_line: str) -> None:
+    gpus = ", ".join(info["gpus"]) if info["gpus"] else "none used"
+    print(f"machine: GPUs: {gpus}; CPU: {info['cpu']}, {info['cores']} cores")
+    print(f"torch {info['torch']} (CUDA {info['cuda'] or 'none'}), Python {info['python']}; {info['date']}")
+    print(mode_line)
+    peak = "peak RSS of the one worker process, cumulative" if check.mode.cpu else "torch.cuda.max_memory_allocated"
+    used = time.perf_counter() - check.started
+    print(f"budget {check.args.budget_s:.0f} s, used {used:.0f} s; work folder {check.out}; peak MiB = {peak}")
+    print()
+    print("| check | data | case | precision | tokens/s | s/pass | peak MiB | status | detail |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in check.rows:
+        cells = [
+            r.check,
+            r.data,
+            r.case,
+            r.precision,
+            _rate(r.tokens_per_s),
+            f"{r.s_per_pass:.2f}" if r.s_per_pass is not None else "",
+            f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "",
+            r.status,
+            r.detail.replace("|", "/"),
+        ]
+        print("| " + " | ".join(cells) + " |")
+    failed = sum(r.status == "FAILED" for r in check.rows)
+    skipped = sum(r.status == "SKIPPED" for r in check.rows)
+    print()
+    print(f"{len(check.rows)} rows: {failed} FAILED, {skipped} SKIPPED; exit status {1 if failed else 0}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="reduced CPU mode (forced when CUDA is unavailable)")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: $TMPDIR/movierec-gpu-check)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole check")
+    parser.add_argument("--ml1m", type=Path, help="a prepared ML-1M (default data/ml-1m-sasrec)")
+    parser.add_argument("--mlperf-fraction", type=float, help="users of the ml-20mx16x32 file (default 0.1)")
+    parser.add_argument("--quality-cap-s", type=float, help="cap of the time-to-quality run (default: budget left)")
+    parser.add_argument("--quality-epochs", type=int, help="time-to-quality: --epochs (default the config's)")
+    parser.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        throughput_worker(json.loads(args.worker))
+        return
+    only = [c for c in args.only.split(",") if c]
+    if unknown := sorted(set(only) - set(CHECKS)):
+        parser.error(f"--only: unknown {', '.join(unknown)}")
+
+    why_not = cuda_status()
+    if args.cpu:
+        mode_line = "mode: CPU (--cpu): reduced sizes, no CUDA path checked"
+    elif why_not:
+        mode_line = f"mode: CPU, forced: CUDA is not available ({why_not}); no CUDA path checked"
+    else:
+        mode_line = "mode: GPU (CUDA)"
+    mode = dataclasses.replace(CPU_MODE if args.cpu or why_not else GPU_MODE)
+    if args.mlperf_fraction:
+        mode.mlperf_fraction = args.mlperf_fraction
+    args.out = (args.out or Path(tempfile.gettempdir()) / "movierec-gpu-check").resolve()
+    check = Check(args, mode)
+    info = machine(mode)
+    log(f"gpu_check: {mode_line}; GPUs: {info['gpus'] or 'none'}; work folder {args.out}")
+
+    if mode.cpu:
+        data, why = synthetic_data(check)
+        label = "synthetic (3,000 users)"
+    else:
+        data, why = ml1m_data(check)
+        label = "ML-1M"
+    jobs = train_throughput_jobs(check, data, label, why) if "train-throughput" in only else []
+    if "mlperf-throughput" in only:
+        jobs += mlperf_jobs(check)
+    run_jobs(check, jobs)
+    if "torchrun-scaling" in only:
+        torchrun_rows(check, data, label, why)
+    if "time-to-quality" in only:
+        quality_row(check, data, label, why)
+
+    print_report(check, info, mode_line)
+    if args.json:
+        payload = {
+            **info,
+            "mode": mode_line,
+            "budget_s": args.budget_s,
+            "rows": [dataclasses.asdict(r) for r in check.rows],
+        }
+        args.json.write_text(json.dumps(payload, indent=1, default=str))
+    sys.exit(1 if check.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
