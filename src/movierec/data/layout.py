@@ -234,10 +234,6 @@ class SequenceData:
     def evaluated_users(self) -> np.ndarray:
         return np.flatnonzero(self.test_item)
 
-    @property
-    def time_ordered(self) -> bool:
-        return bool(self.meta.get("time_ordered", True))
-
     def item_counts(self) -> np.ndarray:
         """Training interactions per item id (index 0 = padding = 0), counted once in one pass."""
         if self._item_counts is None:

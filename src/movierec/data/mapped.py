@@ -3,7 +3,8 @@
 `np.savez` stores each member uncompressed, so the array's bytes sit at a fixed offset inside the zip file
 and can be mapped without reading them. Every process that maps the same shard shares the operating
 system's page cache instead of holding a private copy, which is what lets a 70 M-pair file train in a few
-GB and several training processes on one host share one copy of the data.
+GB and several training processes on one host share one copy of the pairs. (The negative-sampling index
+of time-ordered data is the one per-process copy: 4 bytes per pair, see `data.negatives`.)
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class ConcatenatedColumn:
     def take(self, index: np.ndarray) -> np.ndarray:
         """`self[index]` for an integer array of any shape."""
         flat = np.asarray(index, dtype=np.int64).ravel()
+        if len(flat) and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"index out of range for a column of {len(self)}")
         if len(self.parts) == 1:
             return np.asarray(self.parts[0][flat]).reshape(np.shape(index))
         part = np.searchsorted(self.starts, flat, side="right") - 1

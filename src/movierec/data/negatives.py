@@ -2,7 +2,8 @@
 
 `SeenItems` answers membership with a vectorised binary search inside each user's sorted item segment.
 When a dataset's sequences are already sorted by item id (MLPerf's files) the mapped shards are the index
-and nothing is copied; otherwise each shard is sorted once (linear in the data, 4 bytes per pair).
+and nothing is copied; otherwise each shard is sorted once on its own (one sort of ~2 M keys per shard; the
+result is a private copy of 4 bytes per pair in every process).
 
 Evaluation draws its negatives from a counter-based hash of (seed, stream, user, slot, round): the same
 user always gets the same candidates, whichever batch, sample of users or process it is scored in.

@@ -50,7 +50,7 @@ class UserHistories:
 
     def __init__(self, offsets: np.ndarray, items, appended: tuple[np.ndarray, ...] = ()):
         self.offsets, self.items, self.appended = offsets, items, appended
-        self.lengths = np.diff(offsets)[: len(offsets) - 1] + sum((a > 0).astype(np.int64) for a in appended)
+        self.lengths = np.diff(offsets) + sum((a > 0).astype(np.int64) for a in appended)
 
     def gather(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Compact CSR (offsets, int64 items) of the histories of `users`, oldest item first."""

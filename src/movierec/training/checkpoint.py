@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run exactly, or to start a new one from its weights.
 
 A checkpoint is a `torch.save` dict loaded with `weights_only=True` (no code runs on load) holding the
-model, optimizer and grad-scaler states, epoch, global step, RNG states, early-stopping state, the
+model, optimizer and grad-scaler states, epoch, global step, early-stopping state, the world size, the
 resolved config, and the dataset's identity (path, meta.json checksum, original movie/user ids).
 Writes go to a temporary file in the same folder, then `os.replace`, so a crash never leaves a torn file.
 """
@@ -64,20 +64,6 @@ def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> SS
     model = SSEPT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
-
-
-def rng_state(np_rng: np.random.Generator) -> dict:
-    state = {"numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict, np_rng: np.random.Generator) -> None:
-    np_rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def match_ids(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

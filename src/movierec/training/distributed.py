@@ -43,24 +43,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.cpu().numpy()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def broadcast_object(self, value):
-        """`value` from rank 0 on every rank."""
-        if not self.enabled:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def setup(device_name: str) -> tuple[Distributed, str]:
     """Join the torchrun process group when launched by torchrun; returns it and the device for this rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed(), device_name
+    if "RANK" not in os.environ:
+        raise ConfigError(f"WORLD_SIZE={world_size} but RANK is not set: launch several processes with torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -75,7 +65,10 @@ def setup(device_name: str) -> tuple[Distributed, str]:
         device_name = f"cuda:{local_rank}"
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        try:
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"rank {rank} could not join the {backend} process group: {exc}") from exc
     return Distributed(rank, world_size, local_rank, backend), device_name
 
 

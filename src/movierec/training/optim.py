@@ -19,7 +19,13 @@ SPARSE_ROWS_PER_TOKEN = 2
 
 
 def resolve_optimizer(
-    name: str, loss: str, num_items: int, batch_size: int, max_len: int, backend: str | None = None
+    name: str,
+    loss: str,
+    num_items: int,
+    batch_size: int,
+    max_len: int,
+    backend: str | None = None,
+    weight_decay: float = 0.0,
 ) -> str:
     """`auto` -> adam or sparse-adam for this run; NCCL cannot all-reduce sparse gradients, so multi-GPU
     runs use dense Adam (on a GPU its step over the whole table is cheap)."""
@@ -28,6 +34,8 @@ def resolve_optimizer(
     if name != "auto":
         return name
     if loss == "ce" or backend == "nccl":  # the full softmax gives every item row a gradient at every step
+        return "adam"
+    if weight_decay:  # SparseAdam has none
         return "adam"
     return "sparse-adam" if num_items + 1 > SPARSE_ROWS_PER_TOKEN * batch_size * max_len else "adam"
 

@@ -32,18 +32,21 @@ def tracking_uri(configured: str | None) -> str:
 
 
 def ensure_experiment(name: str, uri: str) -> str:
-    """Experiment id for `name`; a new experiment of a SQLite store keeps its artifacts beside the database."""
-    import mlflow
+    """Experiment id for `name`; a new experiment of a SQLite store keeps its artifacts beside the database.
 
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(name)
+    Uses a client bound to `uri` and sets no process-wide state, so it may run on a thread.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):
         root = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
         artifact_location = root.as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 class ExperimentInBackground:
@@ -54,6 +57,7 @@ class ExperimentInBackground:
     """
 
     def __init__(self, name: str, uri: str):
+        self.uri = uri
         self._experiment_id: str | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._open, args=(name, uri), name="mlflow-setup", daemon=True)
@@ -64,6 +68,10 @@ class ExperimentInBackground:
             self._experiment_id = ensure_experiment(name, uri)
         except BaseException as exc:  # re-raised on the caller's thread
             self._error = exc
+
+    def wait(self) -> None:
+        """Let a store being created finish (a process that exits mid-migration leaves a broken store)."""
+        self._thread.join()
 
     def result(self) -> str:
         self._thread.join()

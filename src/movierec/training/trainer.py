@@ -30,7 +30,7 @@ from movierec.training.checkpoint import (
     save_checkpoint,
 )
 from movierec.training.config import RunConfig, dump_config
-from movierec.training.optim import build_optimizers, clip_grad_norm, resolve_optimizer
+from movierec.training.optim import build_optimizers, clip_grad_norm, embedding_tables, resolve_optimizer
 from movierec.training.tracking import ExperimentInBackground, git_commit, plot_curves, run_params, tracking_uri
 
 
@@ -111,6 +111,15 @@ class Trainer:
         self.experiment = None
         if self.dist.is_main:
             self.experiment = ExperimentInBackground(c.tracking.experiment, tracking_uri(c.tracking.uri))
+        try:
+            self._set_up(c, device_name)
+        except BaseException:
+            if self.experiment is not None:
+                self.experiment.wait()
+            raise
+
+    def _set_up(self, c: RunConfig, device_name: str) -> None:
+        """Device, data, model, optimizers, batches, evaluator, and the state to resume or start from."""
         self.device = resolve_device(device_name)
         self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
         torch.manual_seed(c.train.seed)
@@ -129,7 +138,7 @@ class Trainer:
             self.model = SSEPT(self.model_config).to(self.device)
             self.optimizer_kind = resolve_optimizer(
                 c.train.optimizer, c.train.loss, self.data.num_items, c.train.batch_size, c.model.max_len,
-                self.dist.backend,
+                self.dist.backend, c.train.weight_decay,
             )  # fmt: skip
             self.optimizers = build_optimizers(
                 self.model, self.optimizer_kind, c.train.lr, tuple(c.train.betas), c.train.weight_decay
@@ -226,9 +235,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
         if len(saved) != len(self.optimizers):
+            saved_kind = state.get("optimizer_kind", "adam")
             raise CheckpointError(
-                f"{state['path']} holds {len(saved)} optimizer state(s), this run's train.optimizer="
-                f"{self.optimizer_kind} has {len(self.optimizers)}; resume with the checkpoint's own config"
+                f"{state['path']} was trained with optimizer {saved_kind}, this run resolves train.optimizer="
+                f"{self.config.train.optimizer} to {self.optimizer_kind}; resume with train.optimizer={saved_kind}"
             )
         for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
             optimizer.load_state_dict(optimizer_state)
@@ -261,6 +271,7 @@ class Trainer:
             "bad_evals": self.bad_evals,
             "history": self.history,
             "world_size": self.dist.world_size,
+            "optimizer_kind": self.optimizer_kind,
             "config": json.loads(json.dumps(self.config.to_dict())),
             "dataset": self.identity,
             "mlflow_run_id": self.run_id,
@@ -300,7 +311,10 @@ class Trainer:
             loss = self.train_module(users_t, inputs, targets, negatives)
             if c.token_weighting:
                 loss = loss * (batch.num_tokens / self.batches.mean_tokens)
-        if not torch.isfinite(loss):
+        not_finite = float(not torch.isfinite(loss))
+        if self.dist.enabled:  # every rank stops together, none is left waiting in the gradient all-reduce
+            not_finite = float(self.dist.all_reduce_sum(np.array([not_finite]))[0])
+        if not_finite:
             raise ConfigError(
                 f"training loss became {loss.item()} at step {self.step}; lower train.lr or use train.precision=fp32"
             )
@@ -391,6 +405,7 @@ class Trainer:
 
         c = self.config
         experiment_id = self.experiment.result()
+        mlflow.set_tracking_uri(self.experiment.uri)
         if c.tracking.system_metrics:
             mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
@@ -522,7 +537,12 @@ class Trainer:
         if c.tracking.log_model:
             import mlflow.pytorch
 
+            tables = embedding_tables(self.model)
+            for table in tables:  # the logged model is for inference and fine-tuning: plain embeddings
+                table.sparse = False
             mlflow.pytorch.log_model(self.model.cpu().eval(), name="model", serialization_format="pickle")
+            for table in tables:
+                table.sparse = self.optimizer_kind == "sparse-adam"
             self.model.to(self.device)
 
 
