@@ -40,7 +40,11 @@ def rewrite_shard(path, pairs, split="training", index=0) -> None:
         np.savez(handle, pairs=pairs)
 
     def fix(meta):
-        meta["shards"][index]["files"][split].update(sha256=sha256_file(file), pairs=len(pairs))
+        entry = meta["shards"][index]["files"][split]
+        change = len(pairs) - entry["pairs"]
+        entry.update(sha256=sha256_file(file), pairs=len(pairs))
+        meta["split_counts"][split] += change
+        meta["num_interactions"] += change
 
     edit_meta(path, fix)
 
@@ -101,7 +105,13 @@ def test_wrong_shape_and_count(path):
     with pytest.raises(DataError, match=r"expected an \(N, 2\) integer array"):
         load_sequences(path)
     rewrite_shard(path, np.ones((4, 2), dtype=np.int32))
-    edit_meta(path, lambda meta: meta["shards"][0]["files"]["training"].update(pairs=5))
+
+    def claim_five(meta):
+        meta["shards"][0]["files"]["training"]["pairs"] = 5
+        meta["split_counts"]["training"] += 1
+        meta["num_interactions"] += 1
+
+    edit_meta(path, claim_five)
     with pytest.raises(DataError, match=r"holds 4 pairs, meta\.json says 5"):
         load_sequences(path, verify=False)
 
@@ -134,3 +144,60 @@ def test_cli_info_reports_errors_on_one_line(path, capsys):
     assert main(["info", str(path.parent)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a prepared dataset" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(num_users=m["num_users"] - 5), r"shard 1 covers users \[11, 21\), outside 1\.\.15"),
+        (lambda m: m["split_counts"].update(training=1), r"split_counts .* differ from its shards' pairs"),
+        (lambda m: m.update(num_interactions=7), r"num_interactions is 7, its shards hold 120"),
+        (lambda m: m["shards"][1].update(users=[5, 21]), r"shard 1 covers users \[5, 21\).*overlapping"),
+        (lambda m: m.update(num_items=0), "num_users and num_items must be positive integers"),
+        (lambda m: m.update(shards=[]), "it lists no shards"),
+    ],
+)
+def test_meta_counts_must_agree_with_the_shards(path, change, message):
+    edit_meta(path, change)
+    with pytest.raises(DataError, match=f"meta\\.json is inconsistent: {message}"):
+        load_sequences(path)
+
+
+def test_timestamps_of_the_wrong_length(path):
+    file = shard_file(path)
+    with np.load(file) as npz:
+        pairs, timestamps = npz["pairs"], npz["timestamps"]
+    with open(file, "wb") as handle:
+        np.savez(handle, pairs=pairs, timestamps=timestamps[:-3])
+    edit_meta(path, lambda meta: meta["shards"][0]["files"]["training"].update(sha256=sha256_file(file)))
+    with pytest.raises(DataError, match=f"{len(pairs) - 3} timestamps for {len(pairs)} pairs"):
+        load_sequences(path)
+
+
+def test_info_verify_checks_every_file(path, capsys):
+    assert main(["info", str(path), "--verify"]) == 0
+    assert "verified 8 files" in capsys.readouterr().out
+    shard_file(path, "evaluation", 1).unlink()
+    truncated = shard_file(path, "training", 0)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    assert main(["info", str(path)]) == 0  # the summary alone reads meta.json only
+    capsys.readouterr()
+    assert main(["info", str(path), "--verify"]) == 2
+    captured = capsys.readouterr()
+    assert "FAILED shard 0 training" in captured.out and "is corrupt" in captured.out
+    assert "FAILED shard 1 evaluation" in captured.out and "is missing" in captured.out
+    assert captured.err == "movierec info: error: 2 of 8 files failed verification; re-run `movierec prepare`\n"
+
+
+def test_prepared_folders_follow_the_umask(tmp_path):
+    import os
+
+    rows = ratings(num_users=20, per_user=6, num_items=10)
+    data = Interactions(users=rows[:, 0], items=rows[:, 1], timestamps=rows[:, 3])
+    old = os.umask(0o022)
+    try:
+        out = write_dataset(data, tmp_path, "tiny", source={}, num_shards=2)
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((out / "meta.json").stat().st_mode & 0o777) == oct(0o644)

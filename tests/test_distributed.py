@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from movierec.data.prepare import write_dataset
 from movierec.data.synthetic import generate_synthetic
-from movierec.training.checkpoint import load_checkpoint
+from movierec.models.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TINY = [

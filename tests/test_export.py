@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from movierec.cli import main
+from movierec.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from movierec.models.sse_pt import SSEPT, ModelConfig
 from movierec.serving.export import INPUT_NAMES, load_metadata
-from movierec.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

@@ -17,10 +17,10 @@ from serving_docs import documented_commands, quickstart_layout
 from movierec.cli import main
 from movierec.data.layout import load_sequences
 from movierec.data.sequences import UserHistories
+from movierec.models.checkpoint import load_checkpoint, save_checkpoint
 from movierec.models.sse_pt import SSEPT, ModelConfig
 from movierec.serving.loader import load_model
 from movierec.serving.recommender import Recommender, RecommendError, UnknownUserError
-from movierec.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

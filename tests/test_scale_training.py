@@ -12,7 +12,7 @@ from movierec.cli import main
 from movierec.data.layout import load_sequences
 from movierec.data.mlperf import prepare_mlperf
 from movierec.data.mlperf_synthetic import MlperfShape, generate_mlperf_files
-from movierec.training.checkpoint import load_checkpoint
+from movierec.models.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from movierec.cli import main
 from movierec.data.prepare import write_dataset
 from movierec.data.synthetic import generate_synthetic
 from movierec.errors import CheckpointError, ConfigError
-from movierec.training.checkpoint import load_checkpoint
+from movierec.models.checkpoint import load_checkpoint
 from movierec.training.config import load_config
 from movierec.training.trainer import train
 
@@ -108,7 +108,7 @@ def test_training_is_tracked_in_mlflow(workspace):
     logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     state = load_checkpoint(Path(config.run_dir) / "best.ckpt")
     seqs, users = torch.tensor([[0, 3, 4, 5]]), torch.tensor([2])
-    from movierec.training.checkpoint import model_from_checkpoint
+    from movierec.models.checkpoint import model_from_checkpoint
 
     expected = model_from_checkpoint(state).last_hidden(seqs, users)[0]
     torch.testing.assert_close(logged.eval().last_hidden(seqs, users)[0], expected)
@@ -165,7 +165,7 @@ def test_resume_of_a_finished_run_is_refused(workspace):
 
 
 def test_resume_on_other_shards_is_refused(workspace):
-    from movierec.training.checkpoint import save_checkpoint
+    from movierec.models.checkpoint import save_checkpoint
 
     result = train(tiny_config(workspace, "shards", epochs=1))
     state = load_checkpoint(Path(result.run_dir) / "last.ckpt")
@@ -287,5 +287,5 @@ def test_evaluate_command(workspace, tmp_path, capsys):
     assert main(["evaluate", str(bad)]) == 2
     assert "not a readable movierec checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(result.run_dir), "--data", str(workspace["other"])]) == 2
-    assert "pass the dataset it was trained on" in capsys.readouterr().err
+    assert "is not the dataset this model was trained on" in capsys.readouterr().err
     assert main(["evaluate", str(result.run_dir), "--protocol", "sampled-1000"]) == 2

@@ -8,11 +8,15 @@ line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from movierec.errors import ConfigError, MovierecError
+from movierec.errors import ConfigError, DataError, MovierecError
+
+# a full, read-only or forbidden output location is the user's to fix: one line, not a traceback
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -32,7 +36,10 @@ def command(name: str, help_text: str):
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="synthetic, ml-1m-sasrec, or a MovieLens release name")
+    p.add_argument(
+        "--dataset", required=True, help="synthetic, sasrec-text (with --name), ml-1m-sasrec, or a MovieLens release"
+    )
+    p.add_argument("--name", help="sasrec-text: the prepared dataset's name (its folder under --out)")
     p.add_argument("--out", default="data", type=Path, help="parent folder of the prepared dataset (default: data)")
     p.add_argument(
         "--input",
@@ -41,7 +48,9 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         "ml-20mx16x32: the folder with trainx16x32_K.npz/testx16x32_K.npz",
     )
     p.add_argument(
-        "--titles", type=Path, help="ml-1m-sasrec: folder with movies.dat (the id maps are read beside --input)"
+        "--titles",
+        type=Path,
+        help="sasrec-text/ml-1m-sasrec: movies.dat or movies.csv, or its folder (the id maps are read beside --input)",
     )
     _add_source_options(p)
     p.add_argument("--fraction", type=float, default=None, help="ml-20mx16x32: convert the first F of its shards")
@@ -75,7 +84,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         args.dataset,
         out=args.out,
         input_path=args.input,
-        titles_dir=args.titles,
+        titles=args.titles,
+        name=args.name,
         seed=args.seed,
         min_rating=args.min_rating,
         min_user_interactions=args.min_user_interactions,
@@ -97,13 +107,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="a prepared dataset folder (DIR/NAME)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every shard against meta.json: checksum, dtype, shape, counts and id ranges",
+    )
 
 
-@command("info", "print the summary of a prepared dataset")
+@command("info", "print the summary of a prepared dataset (--verify: check every file)")
 def cmd_info(args: argparse.Namespace) -> int:
+    from movierec.data.layout import verify_files
     from movierec.data.summary import print_summary
 
     print_summary(args.path)
+    if args.verify:
+        checked, problems = verify_files(args.path)
+        for problem in problems:
+            print(f"FAILED {problem}")
+        if problems:
+            raise DataError(f"{len(problems)} of {checked} files failed verification; re-run `movierec prepare`")
+        print(f"verified {checked} files: checksums, shapes, counts and id ranges match meta.json")
     return 0
 
 
@@ -161,7 +184,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """Layer the config: checkpoint (on resume) or defaults, YAML file, KEY=VALUE overrides, named flags."""
-    from movierec.training.checkpoint import load_checkpoint
+    from movierec.models.checkpoint import load_checkpoint
     from movierec.training.config import config_from_dict, load_config, parse_override, validate
 
     if args.resume and not args.config:
@@ -483,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except MovierecError as exc:
         print(f"movierec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"movierec {args.command}: error: {exc.strerror}{where}; nothing was left half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"movierec {args.command}: interrupted", file=sys.stderr)

@@ -7,16 +7,101 @@ folder), else `--archive PATH` (a zip you already have), else the download cache
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from movierec.data.layout import sha256_file
-from movierec.data.parsers import read_id_map, read_movies_dat
+from movierec.data.parsers import read_id_map, read_movies_csv, read_movies_dat
 from movierec.data.prepare import DEFAULT_SHARD_PAIRS, write_dataset
 from movierec.data.registry import FORMAT_MLPERF, RELEASES, get_release
 from movierec.data.sources import read_sasrec_text
 from movierec.errors import ConfigError, DataError
 
 MOVIELENS_KCORE = 5  # SASRec's 5-core default for MovieLens releases
+# SASRec's `user item` text files: `sasrec-text --name NAME` for any, `ml-1m-sasrec` for the ML-1M benchmark file
+SASREC_TEXT = ("sasrec-text", "ml-1m-sasrec")
+ITEM_MAP, USER_MAP = "sas_to_original_items.txt", "sas_to_original_users.txt"
+TITLE_FILES = ("movies.dat", "movies.csv")
+MIN_TITLE_COVERAGE = 0.5  # below this share of movies with a title, the titles are from another release
+
+
+def _find_titles(titles: str | Path | None, input_path: Path, dataset: str) -> Path | None:
+    """The titles file: --titles (a movies.dat/.csv file, or a folder holding one), else one beside the input
+    (ml-1m-sasrec: also ../ml-1m/movies.dat, where the SASRec repository keeps it)."""
+    if titles is not None:
+        titles = Path(titles)
+        if titles.is_file():
+            return titles
+        if not titles.is_dir():
+            raise DataError(f"--titles {titles} does not exist; pass a movies.dat / movies.csv file or its folder")
+        found = [titles / name for name in TITLE_FILES if (titles / name).is_file()]
+        if not found:
+            raise DataError(f"--titles {titles} holds neither {' nor '.join(TITLE_FILES)}")
+        return found[0]
+    folders = [input_path.parent] + ([input_path.parent.parent / "ml-1m"] if dataset == "ml-1m-sasrec" else [])
+    return next((f / name for f in folders for name in TITLE_FILES if (f / name).is_file()), None)
+
+
+def _read_titles(path: Path, original_items: np.ndarray) -> pa.Table:
+    """movies.dat or movies.csv, checked to cover the dataset's movies (else the id map or file is wrong)."""
+    table = read_movies_csv(path) if path.suffix == ".csv" else read_movies_dat(path)
+    wanted = original_items[original_items > 0]
+    covered = np.isin(wanted, table["movie_id"].to_numpy()).mean() if len(wanted) else 1.0
+    if covered < MIN_TITLE_COVERAGE:
+        raise DataError(
+            f"{path} has titles for only {covered:.0%} of the dataset's movies: it is not the titles file of "
+            f"this data, or the id map ({ITEM_MAP}) is not"
+        )
+    if covered < 1:
+        print(
+            f"warning: {path} has no title for {1 - covered:.1%} of the movies; they are shown by id", file=sys.stderr
+        )
+    return table
+
+
+def _prepare_sasrec_text(
+    dataset: str, out: str | Path, *, input_path, name, titles, num_shards, shard_pairs, overwrite, **options
+) -> Path:
+    """A SASRec `user item` text file. Original MovieLens ids (for titles and for matching other
+    preparations) come from SASRec's id maps beside the file, `sas_to_original_items.txt` / `_users.txt`."""
+    if dataset == "sasrec-text" and not name:
+        raise ConfigError("sasrec-text needs --name NAME: the prepared folder's name (e.g. --name ml-1m-sasrec)")
+    name = name or dataset
+    if input_path is None:
+        raise DataError(f"{dataset} needs --input PATH: a SASRec-format `user item` text file (e.g. ml-1m.txt)")
+    input_path = Path(input_path)
+    interactions = read_sasrec_text(input_path)
+    item_map, user_map = input_path.parent / ITEM_MAP, input_path.parent / USER_MAP
+    original_items = read_id_map(item_map) if item_map.is_file() else None
+    titles_path = _find_titles(titles, input_path, dataset)
+    titles_table = None
+    if titles_path is not None:
+        if original_items is None:
+            if titles is not None:
+                raise DataError(
+                    f"--titles needs {item_map}: the map from SASRec item ids to MovieLens movieIds, without "
+                    "which titles cannot be matched (SASRec renumbers movies)"
+                )
+        else:
+            titles_table = _read_titles(titles_path, original_items)
+    if titles_table is None:
+        print(f"note: {name} has no titles (recommendations show ids); pass --titles with movies.dat/.csv and keep "
+              f"{ITEM_MAP} beside --input", file=sys.stderr)  # fmt: skip
+    source = {
+        "kind": "sasrec-text",
+        "path": str(input_path.resolve()),
+        "sha256": sha256_file(input_path),
+        "item_map": str(item_map) if original_items is not None else None,
+        "titles": str(titles_path) if titles_table is not None else None,
+    }
+    return write_dataset(
+        interactions, out, name, source=source, titles=titles_table, num_shards=num_shards, shard_pairs=shard_pairs,
+        overwrite=overwrite, original_item_ids=original_items,
+        original_user_ids=read_id_map(user_map) if user_map.is_file() else None, **options,
+    )  # fmt: skip
 
 
 def _kcore_options(min_user: int | None, min_item: int | None, default: int) -> dict:
@@ -35,7 +120,8 @@ def prepare(
     data_home: str | Path | None = None,
     base_url: str | None = None,
     verify: bool = True,
-    titles_dir: str | Path | None = None,
+    titles: str | Path | None = None,
+    name: str | None = None,
     seed: int = 0,
     min_rating: float | None = None,
     min_user_interactions: int | None = None,
@@ -62,6 +148,8 @@ def prepare(
             "--fraction/--shards in `prepare` choose input shards of ml-20mx16x32 only; for other datasets pass "
             "them where the prepared data is read (training, evaluation)"
         )
+    if name is not None and dataset != "sasrec-text":
+        raise ConfigError(f"--name names a `sasrec-text` dataset; {dataset!r} has its own name")
     if (archive is not None or data_home is not None or base_url is not None) and dataset not in RELEASES:
         raise ConfigError(f"--archive/--data-home/--base-url apply to MovieLens releases, not to {dataset!r}")
     if dataset == "synthetic":
@@ -80,38 +168,12 @@ def prepare(
             shard_pairs=shard_pairs,
             overwrite=overwrite,
         )
-    if dataset == "ml-1m-sasrec":
-        if input_path is None:
-            raise DataError("ml-1m-sasrec needs --input PATH/ml-1m.txt (SASRec's preprocessed ML-1M)")
-        input_path = Path(input_path)
-        interactions = read_sasrec_text(input_path)
-        folder = input_path.parent
-        item_map = folder / "sas_to_original_items.txt"
-        user_map = folder / "sas_to_original_users.txt"
-        movies = Path(titles_dir) / "movies.dat" if titles_dir else folder.parent / "ml-1m" / "movies.dat"
-        original_items = read_id_map(item_map) if item_map.is_file() else None
-        titles = read_movies_dat(movies) if movies.is_file() and original_items is not None else None
-        source = {
-            "kind": "sasrec-text",
-            "path": str(input_path.resolve()),
-            "sha256": sha256_file(input_path),
-            "item_map": str(item_map) if original_items is not None else None,
-            "titles": str(movies) if titles is not None else None,
-        }
-        return write_dataset(
-            interactions,
-            out,
-            dataset,
-            source=source,
-            titles=titles,
-            min_rating=min_rating,
+    if dataset in SASREC_TEXT:
+        return _prepare_sasrec_text(
+            dataset, out, input_path=input_path, name=name, titles=titles, min_rating=min_rating,
+            num_shards=num_shards, shard_pairs=shard_pairs, overwrite=overwrite,
             **_kcore_options(min_user_interactions, min_item_interactions, 0),
-            num_shards=num_shards,
-            shard_pairs=shard_pairs,
-            overwrite=overwrite,
-            original_item_ids=original_items,
-            original_user_ids=read_id_map(user_map) if user_map.is_file() else None,
-        )
+        )  # fmt: skip
     if dataset in RELEASES:
         if is_mlperf:
             return _prepare_mlperf(
@@ -127,7 +189,7 @@ def prepare(
             overwrite=overwrite, progress=progress,
             **_kcore_options(min_user_interactions, min_item_interactions, MOVIELENS_KCORE),
         )  # fmt: skip
-    raise DataError(f"unknown dataset {dataset!r}; known: synthetic, ml-1m-sasrec, {', '.join(RELEASES)}")
+    raise DataError(f"unknown dataset {dataset!r}; known: synthetic, {', '.join(SASREC_TEXT)}, {', '.join(RELEASES)}")
 
 
 def _prepare_release(

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from movierec.data.mapped import ConcatenatedColumn, map_npz_member
 from movierec.errors import DataError
+from movierec.files import shared_mode
 
 FORMAT_VERSION = 1
 SPLITS = ("training", "validation", "evaluation")
@@ -70,6 +71,7 @@ class ShardWriter:
         for stale in self.out_dir.glob(f".{self.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_dir))
+        os.chmod(self.tmp_dir, shared_mode(directory=True))  # the finished folder is renamed from this one
         for split in SPLITS:
             (self.tmp_dir / split).mkdir()
 
@@ -139,7 +141,47 @@ def read_meta(path: str | Path) -> dict:
     for key in ("name", "num_users", "num_items", "shards"):
         if key not in meta:
             raise DataError(f"{meta_path} lacks the field {key!r}; re-run `movierec prepare`")
+    _check_counts(meta, meta_path)
     return meta
+
+
+def _check_counts(meta: dict, meta_path: Path) -> None:
+    """meta.json's counts must agree with its own shard list: an edited or damaged file is caught here, on
+    one line, instead of as an index error deep inside training or serving."""
+    problem = f"{meta_path} is inconsistent"
+    fix = "re-run `movierec prepare` (do not edit meta.json)"
+    num_users, num_items, shards = meta["num_users"], meta["num_items"], meta["shards"]
+    if not all(isinstance(n, int) and n > 0 for n in (num_users, num_items)):
+        raise DataError(f"{problem}: num_users and num_items must be positive integers; {fix}")
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{problem}: it lists no shards; {fix}")
+    previous_end = 1
+    for index, shard in enumerate(shards):
+        try:
+            lo, hi = (int(x) for x in shard["users"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{problem}: shard {index} has no user range; {fix}") from exc
+        files = shard.get("files") or {}
+        for split in SPLITS:
+            if not isinstance(files.get(split), dict) or not isinstance(files[split].get("pairs"), int):
+                raise DataError(f"{meta_path}: shard {index} has no {split} file (or no pair count); {fix}")
+        pairs = {split: files[split]["pairs"] for split in SPLITS}
+        if not previous_end <= lo <= hi <= num_users + 1:
+            raise DataError(
+                f"{problem}: shard {index} covers users [{lo}, {hi}), outside 1..{num_users} (num_users) or "
+                f"overlapping the previous shard; {fix}"
+            )
+        if any(count < 0 for count in pairs.values()):
+            raise DataError(f"{problem}: shard {index} has a negative pair count; {fix}")
+        previous_end = hi
+    totals = {split: sum(int(shard["files"][split]["pairs"]) for shard in shards) for split in SPLITS}
+    recorded = meta.get("split_counts", totals)
+    if any(int(recorded.get(split, -1)) != totals[split] for split in SPLITS):
+        raise DataError(f"{problem}: split_counts {recorded} differ from its shards' pairs {totals}; {fix}")
+    if "num_interactions" in meta and int(meta["num_interactions"]) != sum(totals.values()):
+        raise DataError(
+            f"{problem}: num_interactions is {meta['num_interactions']}, its shards hold {sum(totals.values())}; {fix}"
+        )
 
 
 def select_shards(
@@ -174,20 +216,32 @@ def select_shards(
     return list(range(num_shards))
 
 
+def _member(path: Path, name: str) -> np.ndarray | None:
+    """The mapped member `name` of a shard, or None when the shard has no such member."""
+    try:
+        return map_npz_member(path, name)
+    except KeyError:
+        return None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"shard {path} cannot be read ({exc}); re-run `movierec prepare`") from exc
+
+
 def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items: int, verify: bool) -> np.ndarray:
     """A shard's (N, 2) `pairs`, memory-mapped, after checking it against meta.json and its user range."""
     if not path.is_file():
         raise DataError(f"shard {path} is missing; the dataset is incomplete, re-run `movierec prepare`")
     if verify and sha256_file(path) != expected["sha256"]:
         raise DataError(f"shard {path} is corrupt: its sha256 differs from meta.json; re-run `movierec prepare`")
-    try:
-        pairs = map_npz_member(path, "pairs")
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as exc:
-        raise DataError(f"shard {path} cannot be read ({exc}); re-run `movierec prepare`") from exc
+    pairs = _member(path, "pairs")
+    if pairs is None:
+        raise DataError(f"shard {path} has no `pairs` array; re-run `movierec prepare`")
     if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
         raise DataError(f"shard {path}: expected an (N, 2) integer array, got {pairs.dtype} {pairs.shape}")
     if len(pairs) != expected["pairs"]:
         raise DataError(f"shard {path} holds {len(pairs)} pairs, meta.json says {expected['pairs']}")
+    timestamps = _member(path, "timestamps")
+    if timestamps is not None and timestamps.shape != (len(pairs),):
+        raise DataError(f"shard {path}: {len(timestamps)} timestamps for {len(pairs)} pairs; re-run `movierec prepare`")
     if len(pairs):
         users, items = pairs[:, 0], pairs[:, 1]
         lo, hi = user_range
@@ -198,6 +252,32 @@ def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items
         if np.any(users[1:] < users[:-1]):
             raise DataError(f"shard {path}: pairs are not grouped by user")
     return pairs
+
+
+def verify_files(path: str | Path) -> tuple[int, list[str]]:
+    """Check every file of a prepared dataset against meta.json: each shard's checksum, dtype, shape, pair
+    count, timestamps and id ranges, and the two side tables. Returns (files checked, problems found)."""
+    root = Path(path)
+    meta = read_meta(root)
+    num_items, checked, problems = int(meta["num_items"]), 0, []
+    for index, shard in enumerate(meta["shards"]):
+        user_range = (int(shard["users"][0]), int(shard["users"][1]))
+        for split in SPLITS:
+            expected = shard["files"][split]
+            checked += 1
+            try:
+                pairs = _load_npz(root / expected["path"], expected, user_range, num_items, verify=True)
+                if split != "training" and np.any(pairs[1:, 0] <= pairs[:-1, 0]):
+                    raise DataError(f"{root / expected['path']}: a user has more than one held-out pair")
+            except DataError as exc:
+                problems.append(f"shard {index} {split}: {exc}")
+    for reader in (read_items, read_users):
+        checked += 1
+        try:
+            reader(root)
+        except DataError as exc:
+            problems.append(str(exc))
+    return checked, problems
 
 
 @dataclass

@@ -112,6 +112,20 @@ class ReleaseFiles:
             return self._zip.open(str(member)), f"{self.archive}:{member}"
         return open(member, "rb"), str(member)
 
+    def read(self, member: str | Path, parse, **options):
+        """`parse(handle, name, **options)` over a member; a damaged zip member (bad CRC, truncated deflate
+        stream) is a one-line DataError even when the archive's MD5 check was skipped."""
+        import zipfile
+        import zlib
+
+        handle, name = self.open(member)
+        try:
+            with handle:
+                return parse(handle, name, **options)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            again = "; download the archive again" if self._zip is not None else ""
+            raise DataError(f"{name} is corrupt ({exc}){again}") from exc
+
 
 def read_release(files: ReleaseFiles) -> tuple[Interactions, pa.Table | None]:
     """Ratings as Interactions (rows in file order) and the titles table, for any zip/csv/dat release."""
@@ -127,19 +141,13 @@ def read_release(files: ReleaseFiles) -> tuple[Interactions, pa.Table | None]:
     if release.format not in readers:
         raise DataError(f"{release.name} is not a ratings-file release")
     read_ratings, read_titles = readers[release.format]
-    handle, name = files.open(files.require(release.ratings))
-    with handle:
-        interactions = read_ratings(handle, name)
+    interactions = files.read(files.require(release.ratings), read_ratings)
     titles = None
     member = files.locate(release.titles) if release.titles else None
     if member is not None:
         extra = {}
         genre_member = files.locate("u.genre") if release.format == FORMAT_ML100K else None
         if genre_member is not None:
-            handle, _ = files.open(genre_member)
-            with handle:
-                extra["genre_names"] = parsers.read_u_genre(handle)
-        handle, name = files.open(member)
-        with handle:
-            titles = read_titles(handle, name, **extra)
+            extra["genre_names"] = files.read(genre_member, lambda handle, _name: parsers.read_u_genre(handle))
+        titles = files.read(member, read_titles, **extra)
     return interactions, titles

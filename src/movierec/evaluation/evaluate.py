@@ -219,22 +219,12 @@ def evaluate_checkpoint(
     max_users: int | None = None,
 ) -> dict:
     """Evaluate a checkpoint (a run folder means its best.ckpt) on a prepared dataset (default: its own)."""
-    from movierec.data.layout import load_sequences, read_items, read_users
-    from movierec.errors import CheckpointError
-    from movierec.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
+    from movierec.data.layout import load_sequences
+    from movierec.models.checkpoint import BEST, load_checkpoint, model_from_checkpoint, verify_dataset
 
     state = load_checkpoint(checkpoint, prefer=BEST)
-    dataset = state["dataset"]
-    data = load_sequences(data_path or dataset["path"], shards=dataset.get("shards"))
-    items = read_items(data.path)["movie_id"].to_numpy()
-    users = read_users(data.path)["user_id"].to_numpy()
-    same_items = np.array_equal(items, dataset["item_movie_ids"].numpy())
-    if not (same_items and np.array_equal(users, dataset["user_ids"].numpy())):
-        raise CheckpointError(
-            f"{state['path']} was trained on {dataset['path']} ({dataset['num_users']} users x "
-            f"{dataset['num_items']} items), and {data.path} numbers its users or movies differently; "
-            "pass the dataset it was trained on with --data"
-        )
+    path = verify_dataset(state, data_path)
+    data = load_sequences(path, shards=state["dataset"].get("shards"))
     model = model_from_checkpoint(state, device)
     loss = state.get("config", {}).get("train", {}).get("loss", "bce")
     return Evaluator(data, split, protocols, ks, seed, max_users=max_users).run(model, device, loss=loss)

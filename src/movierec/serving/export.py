@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from movierec.errors import CheckpointError, ConfigError, MovierecError
-from movierec.files import atomic_path
+from movierec.files import GuardedWriter, atomic_path
 from movierec.models.sse_pt import SSEPT
 
 FORMATS = ("onnx", "torchscript")
@@ -90,7 +90,7 @@ def load_source(ref: str | Path, tracking_uri: str | None = None) -> ExportSourc
     MLflow references are resolved by :func:`movierec.serving.loader.load_state` (the run's logged
     `checkpoints/best.ckpt`) in the store `tracking_uri` names; no dataset files are needed to export.
     """
-    from movierec.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
+    from movierec.models.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 
     if str(ref).startswith(("runs:", "models:")):
         from movierec.serving.loader import load_state
@@ -199,8 +199,8 @@ def export_onnx(module: ScoringModule, out: Path, meta: dict) -> Path:
 def export_torchscript(module: ScoringModule, out: Path, meta: dict) -> Path:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(module, example_inputs(module.model), check_trace=True)
-    with atomic_path(out) as tmp, _quiet():
-        torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(meta)})
+    with atomic_path(out) as tmp, GuardedWriter(tmp) as handle, _quiet():
+        torch.jit.save(traced, handle, _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(meta)})
     return out
 
 

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from movierec.errors import CheckpointError
+from movierec.models.checkpoint import BEST, load_checkpoint
 from movierec.serving.recommender import Recommender
-from movierec.training.checkpoint import BEST, load_checkpoint
 
 RUN_CHECKPOINT = "checkpoints/best.ckpt"
 

@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from movierec.data.layout import META_FILE, load_sequences, read_items, sha256_file
+from movierec.data.layout import load_sequences, read_items
 from movierec.data.sequences import UserHistories, left_padded, ragged_indices
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
+from movierec.models.checkpoint import model_from_checkpoint, verify_dataset
 from movierec.models.sse_pt import SSEPT
 
 
@@ -128,18 +129,9 @@ class Recommender:
     @classmethod
     def from_checkpoint(cls, state: dict, data: str | Path | None = None, source: str = "") -> Recommender:
         """Build from a loaded checkpoint and its prepared dataset (``data`` overrides the recorded path)."""
-        from movierec.training.checkpoint import model_from_checkpoint
-
         identity = state.get("dataset") or {}
-        recorded = identity.get("path")
-        path = Path(data) if data is not None else Path(recorded) if recorded else None
-        if path is None:
-            raise DataError("the checkpoint does not record its dataset folder; pass --data with the prepared dataset")
+        path = verify_dataset(state, data)
         fix = "pass --data with the prepared dataset folder the model was trained on"
-        if not (path / META_FILE).is_file():
-            raise DataError(f"the model's dataset {path} is missing ({path / META_FILE} not found); {fix}")
-        if identity.get("meta_sha256") and sha256_file(path / META_FILE) != identity["meta_sha256"]:
-            raise DataError(f"{path} is not the dataset this model was trained on (its meta.json differs); {fix}")
         try:
             data_seq = load_sequences(path, shards=identity.get("shards"))
             items_table = read_items(path)

@@ -1,17 +1,9 @@
-"""Checkpoints: everything needed to continue a run exactly, or to start a new one from its weights.
+"""Fine-tuning from a checkpoint (`--init-from`): which pretrained tensors a new model takes, and the report.
 
-A checkpoint is a `torch.save` dict loaded with `weights_only=True` (no code runs on load) holding the
-model, optimizer and grad-scaler states, epoch, global step, early-stopping state, the world size, the
-resolved config, and the dataset's identity (path, meta.json checksum, original movie/user ids).
-Writes go to a temporary file in the same folder, then `os.replace`, so a crash never leaves a torn file.
+The checkpoint format itself lives in :mod:`movierec.models.checkpoint`.
 """
 
 from __future__ import annotations
-
-import pickle
-import zipfile
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,51 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from movierec.errors import CheckpointError
-from movierec.files import atomic_path
-from movierec.models.sse_pt import SSEPT, ModelConfig
-
-FORMAT = "movierec-checkpoint-v1"
-LAST, BEST = "last.ckpt", "best.ckpt"
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
-    return path
-
-
-def resolve_checkpoint(path: str | Path, prefer: str = LAST) -> Path:
-    """A checkpoint file, or a run folder (its `last.ckpt`, or `best.ckpt` when asked)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (prefer, LAST, BEST):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path} is a folder without {LAST} or {BEST}; pass a run folder or a .ckpt file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return path
-
-
-def load_checkpoint(path: str | Path, prefer: str = LAST, map_location: str | torch.device = "cpu") -> dict:
-    file = resolve_checkpoint(path, prefer)
-    try:
-        # mmap: tensors are read from the file as they are used, so loading the weights of a large model
-        # does not also bring its optimizer moments into memory
-        state = torch.load(file, map_location=map_location, weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{file} is not a readable movierec checkpoint ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not a movierec checkpoint (no '{FORMAT}' marker)")
-    state["path"] = str(file)
-    return state
-
-
-def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> SSEPT:
-    model = SSEPT(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+from movierec.models.sse_pt import SSEPT
 
 
 def match_ids(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -18,17 +19,12 @@ from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_i
 from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
 from movierec.errors import CheckpointError, ConfigError
 from movierec.evaluation.evaluate import Evaluator
+from movierec.files import FolderLock
+from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
 from movierec.training import distributed, losses
 from movierec.training.batches import TrainBatches
-from movierec.training.checkpoint import (
-    BEST,
-    LAST,
-    init_from_pretrained,
-    load_checkpoint,
-    print_init_report,
-    save_checkpoint,
-)
+from movierec.training.checkpoint import init_from_pretrained, print_init_report
 from movierec.training.config import RunConfig, dump_config
 from movierec.training.optim import build_optimizers, clip_grad_norm, embedding_tables, resolve_optimizer
 from movierec.training.tracking import ExperimentInBackground, git_commit, plot_curves, run_params, tracking_uri
@@ -548,7 +544,10 @@ class Trainer:
 
 def train(config: RunConfig, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
     """Train (or resume) a model as configured; returns the MLflow run id and test metrics of the best model."""
-    try:
-        return Trainer(config, resume=resume, console=console).fit()
-    finally:
-        distributed.teardown()
+    # the run folder is rank 0's: a second run on it is refused at once, before any setup or MLflow call
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock(config.run_dir, "train") if is_main else nullcontext():
+        try:
+            return Trainer(config, resume=resume, console=console).fit()
+        finally:
+            distributed.teardown()
