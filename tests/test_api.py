@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import select
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
-from serving_docs import documented_commands, quickstart_layout
+from serving_docs import DOCS, documented_commands, quickstart_layout
 
-from movierec.serving.api import MAX_BATCH, MAX_BODY_BYTES, MAX_HISTORY, MAX_K, create_app
+from movierec.serving.api import (
+    BODY_DEADLINE,
+    BODY_TIMEOUT,
+    MAX_BATCH,
+    MAX_BODY_BYTES,
+    MAX_CONCURRENT_REQUESTS,
+    MAX_HISTORY,
+    MAX_K,
+    create_app,
+)
 from movierec.serving.loader import load_model
 
 
@@ -64,6 +77,22 @@ def test_openapi_schema_documents_every_endpoint(client):
     fields = schema["components"]["schemas"]["RecommendationOut"]["properties"]
     assert set(fields) == {"rank", "movieId", "title", "score"}
     assert schema["components"]["schemas"]["HistoryRequest"]["properties"]["history"]["maxItems"] == MAX_HISTORY
+
+
+def test_openapi_declares_one_error_schema_for_every_error_status(client):
+    schema = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            statuses = set(operation["responses"])
+            assert {"200", "400", "408", "413", "503"} <= statuses, (path, method)
+            assert ("411" in statuses) == (method == "post"), (path, method)
+            assert ("422" in statuses) == (path != "/health"), (path, method)
+            for status, response in operation["responses"].items():
+                if status != "200":
+                    ref = response["content"]["application/json"]["schema"]["$ref"]
+                    assert ref == "#/components/schemas/ErrorOut", (path, method, status)
+    assert schema["components"]["schemas"]["ErrorOut"]["properties"]["detail"]["type"] == "string"
 
 
 # --------------------------------------------------------------------------- GET user recommendations
@@ -150,7 +179,18 @@ def test_history_errors(client, body, status, fragment):
 
 def test_malformed_and_oversized_bodies(client):
     bad = client.post("/v1/recommendations", content=b'{"history": [13,', headers={"content-type": "application/json"})
-    assert_error(bad, 422, "JSON decode error")
+    assert_error(bad, 422, "body: JSON decode error at character 16: Expecting value")
+    json_type = {"content-type": "application/json"}
+    not_utf8 = client.post("/v1/recommendations", content=b'{"history": [13, "\xff"]}', headers=json_type)
+    assert_error(not_utf8, 422, "JSON decode error", "not UTF-8")
+    latin1 = client.post(
+        "/v1/recommendations", content='{"history": [13], "é": 1}'.encode("latin-1"), headers=json_type
+    )
+    assert_error(latin1, 422, "not UTF-8")
+    nested = client.post("/v1/recommendations", content=b"[" * 100_000, headers=json_type)
+    assert_error(nested, 422, "nested too deeply")
+    untyped = client.post("/v1/recommendations", content=b'{"history": [13]}')  # not parsed without a JSON type
+    assert_error(untyped, 422, "Input should be a valid dictionary")
     huge = b'{"history": [' + b"13," * (MAX_BODY_BYTES // 3) + b"13]}"
     assert_error(client.post("/v1/recommendations", content=huge), 413, "request body over")
 
@@ -161,6 +201,173 @@ def test_malformed_and_oversized_bodies(client):
     assert client.put("/v1/recommendations", json={"history": [13]}).status_code == 405
     assert client.get("/v1/recommendations").status_code == 405
     assert client.get("/etc/passwd").status_code == 404
+
+
+def asgi_request(app, method: str, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict, int]:
+    """Call the ASGI app as a server would, the body arriving in `chunks`: status, headers, chunks pulled."""
+    pulled, messages = 0, []
+
+    async def receive():
+        nonlocal pulled
+        if pulled == len(chunks):
+            await asyncio.Event().wait()  # nothing more comes until the client hangs up
+        pulled += 1
+        return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.encode(), value.encode()) for name, value in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    start = messages[0]
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, pulled
+
+
+def test_body_limit_counts_the_bytes_received_not_content_length(rec, client):
+    """A body longer than its Content-Length is cut off at the limit: 413, and the rest is never read."""
+    app = create_app(rec)
+    piece = b" " * (1 << 16)
+    status, headers, pulled = asgi_request(app, "POST", "/v1/recommendations", {"content-length": "16"}, [piece] * 32)
+    assert status == 413 and headers["connection"] == "close"
+    assert pulled == MAX_BODY_BYTES // len(piece) + 1  # the piece that passed the limit, and no more
+    lying = client.post("/v1/recommendations", content=iter([piece] * 32), headers={"content-length": "16"})
+    assert_error(lying, 413, f"request body over {MAX_BODY_BYTES} bytes")
+    assert lying.headers["connection"] == "close"
+    small = create_app(rec, max_body_bytes=100)
+    status, _, pulled = asgi_request(small, "GET", "/health", {}, [b"x" * 60, b"x" * 60, b"x" * 60])
+    assert status == 413 and pulled == 2  # every method's body is counted
+    status, _, _ = asgi_request(small, "GET", "/health", {}, [b"x" * 50, b"x" * 50])
+    assert status == 200
+    gets = client.request("GET", "/health", content=b" " * (MAX_BODY_BYTES + 1))
+    assert_error(gets, 413, "request body over")
+    for bad in ({"max_body_bytes": -1}, {"body_timeout": 0}, {"body_deadline": -1.0}, {"max_concurrent_requests": 0}):
+        with pytest.raises(ValueError, match="request limits need"):
+            create_app(rec, **bad)
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ({"transfer-encoding": "chunked", "content-length": "17"}, "both Transfer-Encoding and Content-Length"),
+        ([("content-length", "17"), ("content-length", "17")], "at most one Content-Length"),
+        ({"content-length": "17 bytes"}, "Content-Length must be a decimal number"),
+        ({"content-length": "-17"}, "Content-Length must be a decimal number"),
+    ],
+)
+def test_ambiguous_framing_is_refused(client, headers, fragment):
+    response = client.post("/v1/recommendations", content=b'{"history": [13]}', headers=headers)
+    assert_error(response, 400, fragment)
+    assert response.headers["connection"] == "close"
+
+
+# --------------------------------------------------------------------------- the OpenAPI document
+
+
+def conforms(value, schema: dict, components: dict, where: str = "body") -> None:
+    """Assert that `value` matches an OpenAPI 3.1 schema: $ref, anyOf, type, required, properties, items."""
+    if "$ref" in schema:
+        return conforms(value, components[schema["$ref"].rsplit("/", 1)[1]], components, where)
+    if "anyOf" in schema:
+        for option in schema["anyOf"]:
+            try:
+                return conforms(value, option, components, where)
+            except AssertionError:
+                pass
+        raise AssertionError(f"{where}: {value!r} matches none of {schema['anyOf']}")
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None), "number": (int, float)}
+    kind = schema.get("type")
+    if kind == "integer":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an integer"
+    elif kind is not None:
+        assert isinstance(value, kinds[kind]), f"{where}: {value!r} is not {kind}"
+        assert kind in ("boolean", "null") or not isinstance(value, bool), f"{where}: {value!r} is not {kind}"
+    if kind == "object":
+        missing = set(schema.get("required", ())) - set(value)
+        assert not missing, f"{where}: missing {missing}"
+        for name, item in value.items():
+            assert name in schema.get("properties", {}), f"{where}: undeclared field {name!r}"
+            conforms(item, schema["properties"][name], components, f"{where}.{name}")
+    if kind == "array":
+        for i, item in enumerate(value):
+            conforms(item, schema.get("items", {}), components, f"{where}[{i}]")
+    return None
+
+
+def assert_documented(openapi: dict, method: str, route: str, response: httpx.Response) -> None:
+    """The response's status is declared for `method route`, and its JSON body matches the declared schema."""
+    declared = openapi["paths"][route][method.lower()]["responses"]
+    status = str(response.status_code)
+    assert status in declared, f"{method} {route} answered {status}, declared {sorted(declared)}: {response.text}"
+    assert response.headers["content-type"] == "application/json"
+    schema = declared[status]["content"]["application/json"]["schema"]
+    conforms(response.json(), schema, openapi["components"]["schemas"])
+
+
+USER_ROUTE, HISTORY_ROUTE = "/v1/users/{user_id}/recommendations", "/v1/recommendations"
+BATCH_ROUTE, ITEM_ROUTE = "/v1/users/recommendations", "/v1/items/{movie_id}"
+JSON = {"content-type": "application/json"}
+OVERSIZED = b'{"history": [' + b"13," * (MAX_BODY_BYTES // 3) + b"13]}"
+NOT_UTF8 = '{"history": [13], "é": 1}'.encode("latin-1")
+CHUNKED_AND_LENGTH = {"transfer-encoding": "chunked", "content-length": "17"}
+CONTRACT_CASES = {
+    # id: (method, route, url, request arguments, expected status)
+    "health": ("GET", "/health", "/health", {}, 200),
+    "health-oversized-body": ("GET", "/health", "/health", {"content": OVERSIZED}, 413),
+    "health-bad-length": ("GET", "/health", "/health", {"headers": {"content-length": "x"}}, 400),
+    "item": ("GET", ITEM_ROUTE, "/v1/items/23", {}, 200),
+    "item-negative": ("GET", ITEM_ROUTE, "/v1/items/-1", {}, 422),
+    "item-not-a-number": ("GET", ITEM_ROUTE, "/v1/items/abc", {}, 422),
+    "item-too-big": ("GET", ITEM_ROUTE, f"/v1/items/{2**64}", {}, 422),
+    "item-unknown": ("GET", ITEM_ROUTE, "/v1/items/24", {}, 404),
+    "user": ("GET", USER_ROUTE, "/v1/users/{user}/recommendations?k=3", {}, 200),
+    "user-negative": ("GET", USER_ROUTE, "/v1/users/-1/recommendations", {}, 422),
+    "user-k-not-a-number": ("GET", USER_ROUTE, "/v1/users/{user}/recommendations?k=ten", {}, 422),
+    "user-k-over-items": ("GET", USER_ROUTE, "/v1/users/{user}/recommendations?k=151", {}, 422),
+    "user-unknown": ("GET", USER_ROUTE, "/v1/users/1/recommendations", {}, 404),
+    "history": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"json": {"history": [13, 7]}}, 200),
+    "history-not-utf8": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": NOT_UTF8, "headers": JSON}, 422),
+    "history-bad-json": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": b'{"history": [13,', "headers": JSON}, 422),
+    "history-deep-json": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": b"[" * 100_000, "headers": JSON}, 422),
+    "history-no-content-type": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": b'{"history": [13]}'}, 422),
+    "history-wrong-types": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"json": {"history": ["13"], "k": 2.5}}, 422),
+    "history-all-unknown": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"json": {"history": [1, 2]}}, 422),
+    "history-oversized": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": OVERSIZED}, 413),
+    "history-oversized-lying-length": (
+        "POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": [OVERSIZED], "headers": {"content-length": "2"}}, 413
+    ),
+    "history-chunked": ("POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": [b'{"history": [13]}']}, 411),
+    "history-chunked-and-length": (
+        "POST", HISTORY_ROUTE, HISTORY_ROUTE, {"content": b'{"history": [13]}', "headers": CHUNKED_AND_LENGTH}, 400
+    ),
+    "batch-wrong-types": ("POST", BATCH_ROUTE, BATCH_ROUTE, {"json": {"user_ids": ["1007"]}}, 422),
+    "batch-all-unknown": ("POST", BATCH_ROUTE, BATCH_ROUTE, {"json": {"user_ids": [1, 2]}}, 404),
+    "batch-declared-oversized": (
+        "POST", BATCH_ROUTE, BATCH_ROUTE, {"json": {"user_ids": [0]}, "headers": {"content-length": "9" * 12}}, 413
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "url", "arguments", "status"), CONTRACT_CASES.values(), ids=CONTRACT_CASES.keys()
+)
+def test_every_response_matches_the_openapi_document(client, users, method, route, url, arguments, status):
+    openapi = client.get("/openapi.json").json()
+    response = client.request(method, url.format(user=users[0]), **arguments)
+    assert response.status_code == status, response.text
+    assert_documented(openapi, method, route, response)
 
 
 # --------------------------------------------------------------------------- POST batch of users
@@ -234,6 +441,138 @@ def wait_for_health(proc: subprocess.Popen, port: int, log: Path) -> httpx.Respo
         except httpx.TransportError:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def limited_server(rec):
+    """A uvicorn server in this process, on 127.0.0.1, with short body timeouts and 4 request slots."""
+    app = create_app(rec, body_timeout=1.0, body_deadline=2.5, max_concurrent_requests=4)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield config.port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def head(method: str, path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length (what this server sends): status, headers, body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    header_block, body = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = header_block.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def assert_closed(sock: socket.socket) -> None:
+    """The server hung up: the read ends, and it takes no more body (50 MiB cannot be sent)."""
+    assert sock.recv(65536) == b""
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(50):
+            sock.sendall(b"0" * (1 << 20))
+
+
+def raw_error(sock: socket.socket, status: int, *fragments: str) -> dict[str, str]:
+    got, headers, body = read_response(sock)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    detail = json.loads(body)["detail"]
+    assert isinstance(detail, str) and all(f in detail for f in fragments), detail
+    return headers
+
+
+def test_real_server_refuses_chunked_body_with_content_length(limited_server):
+    """Request smuggling: uvicorn (h11) would read the chunked body whatever Content-Length says."""
+    with connect(limited_server) as sock:
+        framing = ("Content-Type: application/json", "Transfer-Encoding: chunked", "Content-Length: 16")
+        sock.sendall(head("POST", "/v1/recommendations", *framing) + b"100000\r\n" + b" " * 4096)
+        headers = raw_error(sock, 400, "both Transfer-Encoding and Content-Length")
+        assert headers["connection"] == "close"
+        assert_closed(sock)
+
+
+def test_real_server_limits_bodies_before_reading_them(limited_server):
+    with connect(limited_server) as sock:  # chunked, no Content-Length
+        sock.sendall(head("POST", "/v1/recommendations", "Transfer-Encoding: chunked") + b"100000\r\n" + b" " * 4096)
+        assert raw_error(sock, 411, "Content-Length")["connection"] == "close"
+        assert_closed(sock)
+    with connect(limited_server) as sock:  # over the limit: answered on the headers alone
+        sock.sendall(head("POST", "/v1/recommendations", f"Content-Length: {MAX_BODY_BYTES + 1}"))
+        assert raw_error(sock, 413, f"over {MAX_BODY_BYTES} bytes")["connection"] == "close"
+        assert_closed(sock)
+
+
+def test_real_server_keeps_good_requests_and_connections_alive(limited_server):
+    body = json.dumps({"history": [13, 23, 33], "k": 4}).encode()
+    request = head("POST", "/v1/recommendations", "Content-Type: application/json", f"Content-Length: {len(body)}")
+    with connect(limited_server) as sock:
+        for _ in range(2):  # the same connection serves both
+            sock.sendall(request + body)
+            status, headers, answer = read_response(sock)
+            assert status == 200 and "connection" not in headers
+            assert len(json.loads(answer)["recommendations"]) == 4
+        sock.sendall(head("GET", "/health"))
+        assert read_response(sock)[0] == 200
+
+
+def test_real_server_drops_stalled_uploads_and_frees_their_slots(limited_server):
+    """4 stalled uploads hold the 4 slots (a 5th request gets 503) until each gets 408 and is closed."""
+    openapi = httpx.get(f"http://127.0.0.1:{limited_server}/openapi.json", timeout=5).json()
+    started = time.monotonic()
+    stalled = [connect(limited_server) for _ in range(4)]
+    try:
+        for sock in stalled:
+            sock.sendall(head("POST", "/v1/recommendations", "Content-Length: 100") + b'{"history": [')
+        time.sleep(0.3)
+        busy = httpx.get(f"http://127.0.0.1:{limited_server}/health", timeout=5)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert_documented(openapi, "GET", "/health", busy)
+        for sock in stalled:
+            status, headers, body = read_response(sock)
+            assert status == 408 and headers["connection"] == "close", body
+            assert "no body bytes for 1 s" in json.loads(body)["detail"]
+            assert_documented(
+                openapi, "POST", "/v1/recommendations", httpx.Response(408, headers=headers, content=body)
+            )
+            assert sock.recv(65536) == b""
+        assert time.monotonic() - started < 8
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert httpx.get(f"http://127.0.0.1:{limited_server}/health", timeout=5).status_code == 200
+
+
+def test_real_server_drops_a_trickled_upload_at_the_deadline(limited_server):
+    """A byte every 0.3 s never trips the 1 s idle timeout, but the whole body may take only 2.5 s."""
+    with connect(limited_server) as sock:
+        started = time.monotonic()
+        sock.sendall(head("POST", "/v1/recommendations", "Content-Length: 1000"))
+        while not select.select([sock], [], [], 0.3)[0]:
+            assert time.monotonic() - started < 8, "no answer to a trickled upload"
+            sock.sendall(b" ")
+        raw_error(sock, 408, "over 2.5 s")
+        assert 2.4 < time.monotonic() - started < 8
 
 
 def test_movierec_serve_runs_uvicorn_on_localhost(trained_run, users, tmp_path):
@@ -326,3 +665,11 @@ def test_documented_server_and_requests(trained_run, rec, tmp_path, monkeypatch)
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_documented_limits_are_the_defaults():
+    text = " ".join(DOCS.read_text().split())
+    assert MAX_BODY_BYTES == 1 << 20 and "a body over 1 MiB" in text
+    assert f"no byte for {BODY_TIMEOUT:g} s, or not complete after {BODY_DEADLINE:g} s" in text
+    assert f"At most {MAX_CONCURRENT_REQUESTS} requests are in progress" in text
+    assert f"| **503** | {MAX_CONCURRENT_REQUESTS} requests are already in progress" in text

@@ -8,10 +8,14 @@ Endpoints (the OpenAPI schema at ``/openapi.json`` and the docs at ``/docs`` are
 - ``POST /v1/users/recommendations`` ``{"user_ids": [...], "k": 10}``: many users in one batched pass;
 - ``GET /v1/items/{movie_id}``: a movie's title, year and genres.
 
-Errors are JSON ``{"detail": "<what is wrong>"}``: 404 for an unknown user or movie, 422 for a request
-that fails validation (bad k, empty or too long history, all movieIds unknown, wrong types), 413 for a
-body over 1 MiB, 411 for a body without Content-Length. Requests carry only ids and numbers: nothing a
-client sends names a file, and ids are looked up in in-memory tables only.
+Every error is JSON ``{"detail": "<what is wrong>"}`` (the ``ErrorOut`` schema, declared in the OpenAPI
+document for every status each route can answer): 404 for an unknown user or movie; 422 for a request
+that fails validation (bad k, empty or too long history, all movieIds unknown, wrong types, a body that
+is not UTF-8 JSON); and, from :class:`~movierec.serving.limits.RequestLimits` before the app runs, 400
+for ambiguous framing (``Transfer-Encoding`` with ``Content-Length``), 411 for a body without
+``Content-Length``, 413 for a body over 1 MiB (counted as it arrives), 408 for a body that stalls and 503
+when too many requests are in progress. Requests carry only ids and numbers: nothing a client sends names
+a file, and ids are looked up in in-memory tables only.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import FastAPI, Path, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from movierec import __version__
+from movierec.serving.limits import RequestLimits, check_limits
 from movierec.serving.recommender import (
     Recommendation,
     Recommender,
@@ -37,6 +44,9 @@ MAX_HISTORY = 5000
 MAX_BATCH = 1000
 MAX_BODY_BYTES = 1 << 20
 MAX_ID = 2**63 - 1
+BODY_TIMEOUT = 10.0  # seconds a request body may go without a byte arriving
+BODY_DEADLINE = 60.0  # seconds a whole request body may take
+MAX_CONCURRENT_REQUESTS = 128  # requests in progress (reading their body or being served) before 503s
 
 Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
 K = Annotated[StrictInt, Field(ge=1, le=MAX_K, description="number of recommendations (at most the item count)")]
@@ -102,11 +112,9 @@ class Health(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    detail: str
+    """The body of every error response (4xx and 503)."""
 
-
-NOT_FOUND = {404: {"model": ErrorOut, "description": "unknown user or movie"}}
-INVALID = {422: {"model": ErrorOut, "description": "the request is invalid; `detail` says why"}}
+    detail: str = Field(description="what is wrong, in one line")
 
 
 def _location(loc: tuple) -> str:
@@ -115,29 +123,81 @@ def _location(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "request"
 
 
-def create_app(recommender: Recommender) -> FastAPI:
-    """The app serving `recommender` (already loaded: the model is loaded once, at start)."""
+def _message(error: dict) -> str:
+    if error.get("type") == "json_invalid":
+        position = error.get("loc", ("body", "?"))[-1]
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        return f"body: JSON decode error at character {position}: {reason}"
+    return f"{_location(error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+
+
+def _unparsable(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "the body is not UTF-8"
+    if isinstance(exc, RecursionError):
+        return "the JSON is nested too deeply"
+    return type(exc).__name__
+
+
+def create_app(
+    recommender: Recommender,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT,
+    body_deadline: float = BODY_DEADLINE,
+    max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+) -> FastAPI:
+    """The app serving `recommender` (already loaded: the model is loaded once, at start).
+
+    The limits (see :mod:`movierec.serving.limits`) apply to every request, whatever server runs the app:
+    a body over `max_body_bytes` (counted as it arrives) gets 413, a body with no bytes for `body_timeout`
+    seconds or not complete after `body_deadline` seconds gets 408, and a request arriving while
+    `max_concurrent_requests` are in progress gets 503.
+    """
+    check_limits(max_body_bytes, body_timeout, body_deadline, max_concurrent_requests)
     app = FastAPI(
         title="movierec",
         version=__version__,
-        description="Top-k movie recommendations from a trained SSE-PT/SASRec model.",
+        description="Top-k movie recommendations from a trained SSE-PT/SASRec model. Every error response is "
+        '`{"detail": "<what is wrong>"}`.',
     )
     app.state.recommender = recommender
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+        body_deadline=body_deadline,
+        max_concurrent=max_concurrent_requests,
+    )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is None:
-                return JSONResponse({"detail": "a request body needs a Content-Length header"}, status_code=411)
-            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-                return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    described = {
+        400: "ambiguous framing: both Transfer-Encoding and Content-Length, or a bad Content-Length",
+        404: "unknown user or movie",
+        408: f"the request body stalled ({body_timeout:g} s without a byte) or took over {body_deadline:g} s",
+        411: "a request body without Content-Length",
+        413: f"a request body over {max_body_bytes} bytes",
+        422: "the request is invalid (a parameter, the JSON body or its encoding); `detail` says why",
+        503: f"{max_concurrent_requests} requests already in progress; retry later (see Retry-After)",
+    }
+
+    def errors(*statuses: int) -> dict:
+        """The OpenAPI `responses` of a route: the statuses every route can answer, and `statuses`."""
+        every = {400, 408, 413, 503, *statuses}
+        return {s: {"model": ErrorOut, "description": described[s]} for s in sorted(every)}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        messages = [f"{_location(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        messages = [_message(e) for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(messages[:10])}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 (undeclared) for a JSON body it cannot decode other than by a JSONDecodeError
+        # (not UTF-8, nested past the recursion limit); the body is invalid JSON like any other: 422
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            detail = f"body: JSON decode error: {_unparsable(exc.__cause__)}"
+            return JSONResponse({"detail": detail}, status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(UnknownUserError)
     @app.exception_handler(UnknownItemError)
@@ -148,14 +208,14 @@ def create_app(recommender: Recommender) -> FastAPI:
     async def unprocessable(_: Request, exc: RecommendError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    @app.get("/health", response_model=Health, tags=["service"])
+    @app.get("/health", response_model=Health, responses=errors(), tags=["service"])
     def health() -> Health:
         return Health(status="ok", version=__version__, **recommender.describe())
 
     @app.get(
         "/v1/users/{user_id}/recommendations",
         response_model=UserRecommendations,
-        responses={**NOT_FOUND, **INVALID},
+        responses=errors(404, 422),
         tags=["recommendations"],
     )
     def user_recommendations(
@@ -167,7 +227,9 @@ def create_app(recommender: Recommender) -> FastAPI:
         recs = recommender.recommend_user(user_id, k, include_seen)
         return UserRecommendations(userId=user_id, recommendations=[RecommendationOut.of(r) for r in recs])
 
-    @app.post("/v1/recommendations", response_model=HistoryResponse, responses=INVALID, tags=["recommendations"])
+    @app.post(
+        "/v1/recommendations", response_model=HistoryResponse, responses=errors(411, 422), tags=["recommendations"]
+    )
     def history_recommendations(request: HistoryRequest) -> HistoryResponse:
         """Top-k for a new person from the movies they watched; unknown movieIds are reported and ignored."""
         result = recommender.recommend_history(request.history, request.k, request.include_seen)
@@ -179,7 +241,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.post(
         "/v1/users/recommendations",
         response_model=BatchResponse,
-        responses={**NOT_FOUND, **INVALID},
+        responses=errors(404, 411, 422),
         tags=["recommendations"],
     )
     def batch_recommendations(request: BatchRequest) -> BatchResponse:
@@ -197,7 +259,7 @@ def create_app(recommender: Recommender) -> FastAPI:
             unknownUserIds=unknown,
         )
 
-    @app.get("/v1/items/{movie_id}", response_model=ItemOut, responses=NOT_FOUND, tags=["items"])
+    @app.get("/v1/items/{movie_id}", response_model=ItemOut, responses=errors(404, 422), tags=["items"])
     def item(movie_id: Annotated[int, Path(ge=0, le=MAX_ID, description="original MovieLens movieId")]) -> ItemOut:
         found = recommender.item(movie_id)
         return ItemOut(movieId=found.movie_id, title=found.title, year=found.year, genres=found.genres)
