@@ -294,7 +294,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print_metrics(f"{args.split} split, {int(metrics['users']):,} users", metrics)
     if args.json:
-        args.json.write_text(json.dumps(metrics, indent=2))
+        from movierec.files import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -408,7 +411,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if history is not None:
         result = recommender.recommend_history(history, args.k, args.include_seen)
         recs, unknown = result.recommendations, result.unknown_movie_ids
-        title = f"top {args.k} for a history of {len(history)} movies"
+        unknown_ids = set(unknown)
+        used = sum(movie_id not in unknown_ids for movie_id in history)
+        ignored = f", {len(history) - used} unknown id(s) ignored" if used < len(history) else ""
+        title = f"top {args.k} for a history of {used} movies{ignored}"
     else:
         recs = recommender.recommend_user(args.user, args.k, args.include_seen)
         title = f"top {args.k} for user {args.user}"
