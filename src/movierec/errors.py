@@ -20,3 +20,7 @@ class ConfigError(MovierecError):
 
 class CheckpointError(MovierecError):
     """A checkpoint is missing, corrupt, or does not fit the model or data it is used with."""
+
+
+class TrackingError(MovierecError):
+    """The MLflow tracking store (a server or a local store) cannot be reached or refuses a request."""

@@ -2,20 +2,48 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
+import signal
+import socket
+import ssl
 import subprocess
 import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
+from movierec.errors import TrackingError
 from movierec.training.config import RunConfig
 
 DEFAULT_DB = "mlflow.db"
 # MLflow's usage telemetry would try to reach the internet; a training run has no business doing that.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's HTTP client waits 120 s for an answer and retries 7 times with backoff 2: a closed port fails after
+# about 4.5 minutes, a server that accepts but never answers after about 20. These defaults (a user's own
+# settings win) make a call to a server that is gone fail within about 2 minutes (a few seconds for a closed
+# port) while still riding out a restart of a few seconds. `check_server` fails faster still, before training.
+HTTP_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+for _name, _value in HTTP_CLIENT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+PROBE_TIMEOUT_S = 5.0  # per try of `check_server`
+PROBE_PAUSES_S = (1.0, 2.0)  # between its tries: 3 tries, at most about 18 s in all
+# tags of every training run: which process trains it, so that a later run can tell that it was killed
+HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "movierec.host", "movierec.pid", "movierec.process_started"
 # we log the model with pickle on purpose (it is our own class) and pin torch ourselves
 logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
 logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
+# creating a fresh SQLite store logs INFO lines on stderr, which would break the CLI's one-line errors
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -36,6 +64,7 @@ def ensure_experiment(name: str, uri: str) -> str:
 
     Uses a client bound to `uri` and sets no process-wide state, so it may run on a thread.
     """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -46,18 +75,27 @@ def ensure_experiment(name: str, uri: str) -> str:
     if uri.startswith("sqlite:///"):
         root = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
         artifact_location = root.as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # another training created it meanwhile
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 class ExperimentInBackground:
-    """`ensure_experiment` on a thread, started while data and model are set up.
+    """`ensure_experiment` and `end_dead_runs` on a thread, started while data and model are set up.
 
     Importing MLflow and migrating a fresh SQLite store take several seconds of a run's start-up; overlapped
-    with the data setup they no longer delay the first optimizer step. Errors surface in `result()`.
+    with the data setup they no longer delay the first optimizer step. Errors surface in `result()`; the runs
+    found dead are in `ended` (and a failure to look for them, which does not stop training, in `warning`).
     """
 
     def __init__(self, name: str, uri: str):
         self.uri = uri
+        self.ended: list[str] = []
+        self.warning: str | None = None
         self._experiment_id: str | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._open, args=(name, uri), name="mlflow-setup", daemon=True)
@@ -68,6 +106,11 @@ class ExperimentInBackground:
             self._experiment_id = ensure_experiment(name, uri)
         except BaseException as exc:  # re-raised on the caller's thread
             self._error = exc
+            return
+        try:
+            self.ended = end_dead_runs(uri, self._experiment_id)
+        except Exception as exc:  # only bookkeeping: the run itself can still be tracked
+            self.warning = f"could not look for runs of dead processes: {one_line(exc)}"
 
     def wait(self) -> None:
         """Let a store being created finish (a process that exits mid-migration leaves a broken store)."""
@@ -78,6 +121,150 @@ class ExperimentInBackground:
         if self._error is not None:
             raise self._error
         return str(self._experiment_id)
+
+
+def check_server(uri: str, experiment: str) -> None:
+    """Fail fast, with one line naming `uri`, when an http(s) tracking server does not answer.
+
+    Called before training starts: three tries of `PROBE_TIMEOUT_S` each (so about 3 s for a closed port,
+    18 s for a server that accepts connections but never answers), instead of MLflow's own minutes of retries.
+    Any HTTP answer below 500 counts as answering (404: no such experiment yet; 401/403: MLflow's request will
+    carry the credentials), as does a TLS error (MLflow has its own TLS settings); other URIs are not probed.
+    """
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
+    started, reason = time.monotonic(), ""
+    for pause in (*PROBE_PAUSES_S, None):
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return
+            reason = f"it answered HTTP {exc.code} {exc.reason}"
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLError):
+                return
+            reason = _describe(exc.reason)
+        except ValueError:  # a URL urllib cannot parse: leave it to MLflow
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            reason = _describe(exc)
+        if pause is not None:
+            time.sleep(pause)
+    tries = len(PROBE_PAUSES_S) + 1
+    raise TrackingError(
+        f"MLflow tracking server {uri} is not answering ({reason}; {tries} tries in "
+        f"{time.monotonic() - started:.0f} s): start it, or point --tracking-uri / MLFLOW_TRACKING_URI at one "
+        "that runs (or at a local store, e.g. sqlite:///mlflow.db)"
+    )
+
+
+def _describe(exc: BaseException | str) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "it closed the connection without answering"
+    return one_line(exc)
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An exception's message on one line, at most `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_tracking_failure(exc: BaseException) -> bool:
+    """Whether `exc` comes from MLflow or its HTTP client (as opposed to a bug or a training error)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException | requests.RequestException)
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the training process (host, pid, its start time, so that a reused pid is not mistaken)."""
+    import psutil
+
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PROCESS_STARTED_TAG: f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether process `pid` of this host still runs and is the one started at `started` (epoch seconds)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # it exists; we cannot tell more
+        return True
+
+
+def end_dead_runs(uri: str, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of the experiment still RUNNING whose training process on this host is gone.
+
+    A SIGKILLed (or OOM-killed, or powered-off) training cannot end its own run; the next training on the same
+    host against the same experiment does it. Runs of other hosts and runs without the tags are left alone.
+    Resuming such a run sets it back to RUNNING. Returns the ids of the runs ended.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags[PID_TAG])
+            started = float(tags[PROCESS_STARTED_TAG]) if PROCESS_STARTED_TAG in tags else None
+        except (KeyError, ValueError):
+            continue
+        if not process_alive(pid, started):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+@contextmanager
+def sigterm_raises_system_exit():
+    """While inside, SIGTERM raises SystemExit(143) in the main thread instead of ending the process at once.
+
+    So a run stopped by `kill`, `docker stop` or a scheduler ends its MLflow run KILLED and leaves its last
+    checkpoint intact. Only installed from the main thread and over the default handler; a second SIGTERM
+    kills at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def git_commit() -> str:

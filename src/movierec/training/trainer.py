@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_items, read_users, sha256_file
 from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
-from movierec.errors import CheckpointError, ConfigError
+from movierec.errors import CheckpointError, ConfigError, TrackingError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.files import FolderLock
 from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
@@ -27,7 +27,18 @@ from movierec.training.batches import TrainBatches
 from movierec.training.checkpoint import init_from_pretrained, print_init_report
 from movierec.training.config import RunConfig, dump_config
 from movierec.training.optim import build_optimizers, clip_grad_norm, embedding_tables, resolve_optimizer
-from movierec.training.tracking import ExperimentInBackground, git_commit, plot_curves, run_params, tracking_uri
+from movierec.training.tracking import (
+    ExperimentInBackground,
+    check_server,
+    git_commit,
+    is_tracking_failure,
+    one_line,
+    plot_curves,
+    process_tags,
+    run_params,
+    sigterm_raises_system_exit,
+    tracking_uri,
+)
 
 
 @dataclass
@@ -106,7 +117,9 @@ class Trainer:
             self.console = Console(quiet=True)
         self.experiment = None
         if self.dist.is_main:
-            self.experiment = ExperimentInBackground(c.tracking.experiment, tracking_uri(c.tracking.uri))
+            uri = tracking_uri(c.tracking.uri)
+            check_server(uri, c.tracking.experiment)  # seconds, not minutes, to learn that the server is down
+            self.experiment = ExperimentInBackground(c.tracking.experiment, uri)
         try:
             self._set_up(c, device_name)
         except BaseException:
@@ -396,46 +409,133 @@ class Trainer:
 
     @contextmanager
     def _tracking(self):
-        """The MLflow run (rank 0 only): created with its params, or re-opened on resume."""
+        """The MLflow run (rank 0 only): created with its params, or re-opened on resume; tagged with this process.
+
+        It ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM (which raises SystemExit while the
+        run is open). An MLflow failure is one TrackingError line naming the store: the checkpoints keep what was
+        trained, and `--resume` continues the same MLflow run, logging the epochs it missed.
+        """
         import mlflow
 
-        c = self.config
-        experiment_id = self.experiment.result()
-        mlflow.set_tracking_uri(self.experiment.uri)
-        if c.tracking.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
-            mlflow.set_system_metrics_samples_before_logging(1)
-        with mlflow.start_run(
-            run_id=self.run_id,
-            experiment_id=None if self.run_id else experiment_id,
-            run_name=None if self.run_id else c.tracking.run_name,
-            log_system_metrics=c.tracking.system_metrics,
-        ) as run:
-            if self.run_id is None:
-                self.run_id = run.info.run_id
-                mlflow.log_params(
-                    run_params(
-                        c,
-                        {
-                            "dataset.name": self.identity["name"],
-                            "dataset.meta_sha256": self.identity["meta_sha256"],
-                            "dataset.num_users": self.data.num_users,
-                            "dataset.num_items": self.data.num_items,
-                            "dataset.shards": ",".join(map(str, self.data.shard_indices)),
-                            "model.num_parameters": sum(p.numel() for p in self.model.parameters()),
-                            "train.optimizer_resolved": self.optimizer_kind,
-                            "train.world_size": self.dist.world_size,
-                            "train.global_batch_size": c.train.batch_size * self.batches_per_step,
-                            "eval.validation_users": self.validator.num_users,
-                            "device": str(self.device),
-                            "git_commit": git_commit(),
-                            "torch_version": torch.__version__,
-                        },
+        c, uri = self.config, self.experiment.uri
+        resumed = self.run_id is not None
+        try:
+            experiment_id = self.experiment.result()
+            mlflow.set_tracking_uri(uri)
+            if c.tracking.system_metrics:
+                mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
+                mlflow.set_system_metrics_samples_before_logging(1)
+            run = mlflow.start_run(
+                run_id=self.run_id,
+                experiment_id=None if resumed else experiment_id,
+                run_name=None if resumed else c.tracking.run_name,
+                log_system_metrics=c.tracking.system_metrics,
+                tags=process_tags(),  # on resume: the new process
+            )
+        except Exception as exc:
+            error = self._tracking_error(exc, "opening the run" if resumed else "creating the run")
+            if error is exc:
+                raise
+            raise error from exc
+        for run_id in self.experiment.ended:
+            self.console.print(
+                f"notice: MLflow run {run_id} was RUNNING, but its process on this host is gone: marked KILLED",
+                soft_wrap=True,
+            )
+        if self.experiment.warning:
+            self.console.print(f"warning: {self.experiment.warning}", soft_wrap=True)
+        with sigterm_raises_system_exit():
+            try:
+                if resumed:
+                    self._log_missing_epochs()
+                else:
+                    self.run_id = run.info.run_id
+                    mlflow.log_params(
+                        run_params(
+                            c,
+                            {
+                                "dataset.name": self.identity["name"],
+                                "dataset.meta_sha256": self.identity["meta_sha256"],
+                                "dataset.num_users": self.data.num_users,
+                                "dataset.num_items": self.data.num_items,
+                                "dataset.shards": ",".join(map(str, self.data.shard_indices)),
+                                "model.num_parameters": sum(p.numel() for p in self.model.parameters()),
+                                "train.optimizer_resolved": self.optimizer_kind,
+                                "train.world_size": self.dist.world_size,
+                                "train.global_batch_size": c.train.batch_size * self.batches_per_step,
+                                "eval.validation_users": self.validator.num_users,
+                                "device": str(self.device),
+                                "git_commit": git_commit(),
+                                "torch_version": torch.__version__,
+                            },
+                        )
                     )
-                )
-                if self.init_report is not None:
-                    mlflow.log_text(print_init_report(self.init_report, self.console), "init_from.tsv")
-            yield run
+                    if self.init_report is not None:
+                        mlflow.log_text(print_init_report(self.init_report, self.console), "init_from.tsv")
+                yield run
+            except Exception as exc:
+                self._end_run("FAILED")
+                error = self._tracking_error(exc, f"at epoch {self.epoch}")
+                if error is exc:
+                    raise
+                raise error from exc
+            except BaseException:  # KeyboardInterrupt, SystemExit (SIGTERM)
+                self._end_run("KILLED")
+                resume = self._resume_hint()
+                self.console.print(f"stopped: MLflow run {self.run_id} ended KILLED{resume}", soft_wrap=True)
+                raise
+        try:
+            mlflow.end_run("FINISHED")
+        except Exception as exc:
+            error = self._tracking_error(exc, "marking the finished run FINISHED (all else is logged)")
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _tracking_error(self, exc: BaseException, when: str) -> BaseException:
+        """`exc` as a one-line TrackingError naming the store if it is an MLflow failure, else `exc` itself."""
+        if not is_tracking_failure(exc):
+            return exc
+        return TrackingError(
+            f"MLflow tracking at {self.experiment.uri} failed {when}: {one_line(exc)}{self._resume_hint()}"
+        )
+
+    def _resume_hint(self) -> str:
+        if self.run_id is None or not (Path(self.config.run_dir) / LAST).is_file():
+            return ""
+        if getattr(self, "_final_logged", False):  # its checkpoints are marked finished
+            return ""
+        return (
+            f"; the checkpoints in {self.config.run_dir} hold epoch {self.epoch}: "
+            f"`movierec train --resume {self.config.run_dir}` continues MLflow run {self.run_id}"
+        )
+
+    def _end_run(self, status: str) -> None:
+        """End the active MLflow run as `status`; if the store is gone, a warning (a later run on this host
+        marks the run KILLED)."""
+        import mlflow
+
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:
+            self.console.print(f"warning: could not mark MLflow run {self.run_id} {status}: {one_line(exc)}")
+
+    def _log_epoch(self, record: dict) -> None:
+        import mlflow
+
+        metrics = {mlflow_key(k): v for k, v in record.items() if k != "epoch"}
+        mlflow.log_metrics(metrics, step=record["epoch"])
+
+    def _log_missing_epochs(self) -> None:
+        """On resume: log the epochs of the checkpoint's history that never reached MLflow (its store failed,
+        or the process was killed, after the checkpoint was written)."""
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(self.experiment.uri).get_metric_history(self.run_id, "train_loss")
+        logged = {metric.step for metric in history}
+        for record in self.history:
+            if record["epoch"] not in logged:
+                self._log_epoch(record)
 
     def _evaluate(self, evaluator: Evaluator) -> dict:
         """Every process scores its share of the users; the totals are summed, so all ranks agree."""
@@ -470,14 +570,12 @@ class Trainer:
                         self.bad_evals += 1
                 self.history.append(record)
                 if self.dist.is_main:
-                    import mlflow
-
-                    mlflow.log_metrics({mlflow_key(k): v for k, v in record.items() if k != "epoch"}, step=self.epoch)
                     state = self.state()
                     if improved:  # best first: last.ckpt is the commit point a resume starts from
                         save_checkpoint(run_dir / BEST, state)
                     save_checkpoint(run_dir / LAST, state)
                     (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+                    self._log_epoch(record)  # after the checkpoint: a failing store loses no training
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
 
     @property
@@ -520,26 +618,33 @@ class Trainer:
         import mlflow
 
         c, best_path = self.config, run_dir / BEST
-        mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=self.best_epoch)
-        mlflow.log_metric("best_epoch", self.best_epoch)
         final = self.state(finished=True)  # the best weights, marked finished so --resume refuses it
         for path in (best_path, run_dir / LAST):
             save_checkpoint(path, final)
-        mlflow.log_artifact(str(best_path), artifact_path="checkpoints")
-        mlflow.log_artifact(str(run_dir / "config.yaml"))
-        mlflow.log_artifact(str(run_dir / "history.json"))
-        if self.history:
-            mlflow.log_artifact(str(plot_curves(self.history, run_dir / "curves.png", self.metric_name)))
-        if c.tracking.log_model:
-            import mlflow.pytorch
+        try:
+            mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=self.best_epoch)
+            mlflow.log_metric("best_epoch", self.best_epoch)
+            mlflow.log_artifact(str(best_path), artifact_path="checkpoints")
+            mlflow.log_artifact(str(run_dir / "config.yaml"))
+            mlflow.log_artifact(str(run_dir / "history.json"))
+            if self.history:
+                mlflow.log_artifact(str(plot_curves(self.history, run_dir / "curves.png", self.metric_name)))
+            if c.tracking.log_model:
+                import mlflow.pytorch
 
-            tables = embedding_tables(self.model)
-            for table in tables:  # the logged model is for inference and fine-tuning: plain embeddings
-                table.sparse = False
-            mlflow.pytorch.log_model(self.model.cpu().eval(), name="model", serialization_format="pickle")
-            for table in tables:
-                table.sparse = self.optimizer_kind == "sparse-adam"
-            self.model.to(self.device)
+                tables = embedding_tables(self.model)
+                for table in tables:  # the logged model is for inference and fine-tuning: plain embeddings
+                    table.sparse = False
+                mlflow.pytorch.log_model(self.model.cpu().eval(), name="model", serialization_format="pickle")
+                for table in tables:
+                    table.sparse = self.optimizer_kind == "sparse-adam"
+                self.model.to(self.device)
+        except BaseException:  # not all of it reached MLflow: --resume goes straight to this final step again
+            unfinished = {**final, "finished": False}
+            for path in (best_path, run_dir / LAST):
+                save_checkpoint(path, unfinished)
+            raise
+        self._final_logged = True
 
 
 def train(config: RunConfig, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
