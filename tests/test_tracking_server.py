@@ -358,3 +358,26 @@ def test_a_failure_in_the_final_logging_leaves_the_run_resumable(server, data, t
     artifacts = {a.path for a in MlflowClient(server).list_artifacts(result.run_id)}
     assert {"history.json", "curves.png"} <= artifacts and status(server, result.run_id) == "FINISHED"
     assert load_checkpoint(tmp_path / "final" / "last.ckpt")["finished"]
+
+
+def test_only_runs_of_dead_processes_of_this_host_are_ended(tmp_path):
+    """No server needed: the same bookkeeping on a SQLite store, with a reused pid and foreign runs."""
+    from movierec.training.tracking import PROCESS_STARTED_TAG, end_dead_runs, ensure_experiment, process_tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = ensure_experiment("bookkeeping", uri)
+    assert ensure_experiment("bookkeeping", uri) == experiment
+    client, tags = MlflowClient(uri), process_tags()
+    runs = {
+        "alive": tags,
+        "dead": {**tags, PID_TAG: "999999999"},
+        "pid reused": {**tags, PROCESS_STARTED_TAG: "12345.0"},
+        "other host": {**tags, HOST_TAG: "elsewhere", PID_TAG: "999999999"},
+        "untagged": {},
+    }
+    ids = {name: client.create_run(experiment, tags=run_tags).info.run_id for name, run_tags in runs.items()}
+    assert sorted(end_dead_runs(uri, experiment)) == sorted([ids["dead"], ids["pid reused"]])
+    statuses = {name: status(uri, run_id) for name, run_id in ids.items()}
+    assert statuses == {
+        "alive": "RUNNING", "dead": "KILLED", "pid reused": "KILLED", "other host": "RUNNING", "untagged": "RUNNING",
+    }  # fmt: skip
