@@ -285,7 +285,7 @@ def test_evaluate_command(workspace, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     capsys.readouterr()
     assert main(["evaluate", str(bad)]) == 2
-    assert "not a readable movierec checkpoint" in capsys.readouterr().err
+    assert "is not a movierec checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(result.run_dir), "--data", str(workspace["other"])]) == 2
     assert "is not the dataset this model was trained on" in capsys.readouterr().err
     assert main(["evaluate", str(result.run_dir), "--protocol", "sampled-1000"]) == 2

@@ -19,7 +19,7 @@ from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_i
 from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
 from movierec.errors import CheckpointError, ConfigError, TrackingError
 from movierec.evaluation.evaluate import Evaluator
-from movierec.files import FolderLock
+from movierec.files import FolderLock, atomic_path
 from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
 from movierec.training import distributed, losses
@@ -110,6 +110,9 @@ class Trainer:
             )
         self.config = config
         c = config
+        # read the checkpoint to start from before anything is set up, so that a bad one fails in a second
+        pretrained = c.init.from_checkpoint if self.resume_state is None else None
+        self.pretrained = load_checkpoint(pretrained, prefer=BEST) if pretrained else None
         if c.train.num_threads:
             torch.set_num_threads(c.train.num_threads)
         self.dist, device_name = distributed.setup(c.train.device)
@@ -186,11 +189,10 @@ class Trainer:
         self.init_report: list[tuple[str, str, str]] | None = None
         if self.resume_state is not None:
             self._restore(self.resume_state)
-        elif c.init.from_checkpoint:
-            pretrained = load_checkpoint(c.init.from_checkpoint, prefer=BEST)
+        elif self.pretrained is not None:
             self.init_report = init_from_pretrained(
                 self.model,
-                pretrained,
+                self.pretrained,
                 self.identity["item_movie_ids"].numpy(),
                 self.identity["user_ids"].numpy(),
                 c.init.map_by_id,
@@ -395,7 +397,8 @@ class Trainer:
         run_dir = Path(c.run_dir)
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(c))
+            with atomic_path(run_dir / "config.yaml") as tmp:
+                tmp.write_text(dump_config(c))
         with self._tracking() if self.dist.is_main else nullcontext():
             world = f", {self.dist.world_size} processes ({self.dist.backend})" if self.dist.enabled else ""
             self.console.print(
@@ -574,7 +577,8 @@ class Trainer:
                     if improved:  # best first: last.ckpt is the commit point a resume starts from
                         save_checkpoint(run_dir / BEST, state)
                     save_checkpoint(run_dir / LAST, state)
-                    (run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+                    with atomic_path(run_dir / "history.json") as tmp:
+                        tmp.write_text(json.dumps(self.history, indent=1))
                     self._log_epoch(record)  # after the checkpoint: a failing store loses no training
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
 
