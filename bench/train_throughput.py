@@ -4,7 +4,9 @@
 
 Each (recipe, precision) runs in its own process, so its peak RSS is its own. Prints sequences/s,
 non-padding tokens/s, the implied time of one pass over the 6,040 users (an "epoch", as SASRec.pytorch
-counts it) and peak RSS. Reference on this 2-core CPU: SASRec.pytorch, SASRec recipe, 27 s per pass.
+counts it), the achieved GFLOP/s (non-padding tokens x `ModelConfig.train_flops_per_token`) beside this
+machine's measured fp32 matmul peak, and peak RSS. Compare with SASRec.pytorch only in the same sitting:
+`../shared/peers/time-sasrec-pytorch .venv/bin/python` right before or after.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def worker(data: str, precision: str, overrides: list[str], steps: int, threads:
     seconds = time.perf_counter() - started
     epoch_batches = len(trainer.batches)
     return {
+        "gflops": stats["tokens_per_s"] * trainer.model_config.train_flops_per_token() / 1e9,
         "sequences_per_s": stats["sequences_per_s"],
         "tokens_per_s": stats["tokens_per_s"],
         "epoch_s": seconds / min(steps, epoch_batches) * epoch_batches,
@@ -47,6 +50,24 @@ def worker(data: str, precision: str, overrides: list[str], steps: int, threads:
         "threads": torch.get_num_threads(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def matmul_peak_gflops(threads: int | None, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matrix-multiply rate with the given threads: the best of `repeats` square products."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 def main() -> None:
@@ -59,6 +80,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "matmul":
+        print(json.dumps({"gflops": matmul_peak_gflops(args.threads)}))
+        return
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(worker(args.data, spec["precision"], spec["overrides"], args.steps, args.threads)))
@@ -71,25 +95,30 @@ def main() -> None:
         if args.precisions
         else (["fp32", "fp16", "bf16"] if torch.cuda.is_available() else ["fp32", "bf16"])
     )
+    def run_worker(spec: str) -> dict:
+        cmd = [sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--worker", spec]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+
+    peak = run_worker("matmul")["gflops"]
     rows = []
     for name in args.recipes.split(","):
         for precision in precisions:
             spec = json.dumps({"precision": precision, "overrides": [*RECIPES[name], *args.set]})
-            cmd = [sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--worker", spec]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append((name, precision, json.loads(out)))
+            rows.append((name, precision, run_worker(spec)))
     header = (
         f"{'recipe':<18}{'precision':<10}{'device':<8}{'threads':>8}{'seq/s':>9}{'tokens/s':>11}"
-        f"{'s/epoch':>9}{'peak RSS MiB':>14}"
+        f"{'s/epoch':>9}{'GFLOP/s':>9}{'% of peak':>10}{'peak RSS MiB':>14}"
     )
+    print(f"fp32 matmul peak of this machine (2048^2 products, same threads): {peak:.0f} GFLOP/s")
     print(header)
     print("-" * len(header))
     for name, precision, r in rows:
         print(
             f"{name:<18}{precision:<10}{r['device']:<8}{r['threads']:>8}{r['sequences_per_s']:>9.0f}"
-            f"{r['tokens_per_s']:>11.0f}{r['epoch_s']:>9.1f}{r['peak_rss_mib']:>14.0f}"
+            f"{r['tokens_per_s']:>11.0f}{r['epoch_s']:>9.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / peak:>9.0f}%"
+            f"{r['peak_rss_mib']:>14.0f}"
         )
 
 

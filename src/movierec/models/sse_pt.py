@@ -60,6 +60,15 @@ class ModelConfig(Architecture):
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def train_flops_per_token(self) -> float:
+        """Multiply-add FLOPs of one training position (forward + backward = 3x forward), for throughput
+        figures in GFLOP/s: per block the three d x d attention projections and the two of the feed-forward (10 d^2),
+        attention scores and weighted values over max_len keys (4 d L), plus the logits of the positive
+        and the negative item (4 d). Attention is counted over the full window, as the kernels compute it."""
+        d, length = self.d_model, self.max_len
+        forward = self.num_blocks * (10 * d * d + 4 * d * length) + 4 * d
+        return 3.0 * forward
+
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, as F.dropout, drawing the mask from uniform floats (about 2x faster on CPU)."""
