@@ -558,7 +558,7 @@ def quality_row(check: Check, data: Path | None, label: str, why: str) -> None:
     command = cli("train", "--config", str(config), "--data", str(data), "--device", mode.device,
                   "--run-dir", str(run_dir), "--tracking-uri", check.tracking_uri, *QUIET)  # fmt: skip
     if mode.cpu:
-        command += ["--epochs", "2", "eval.every=1", "eval.max_users=500", f"train.num_threads={mode.threads}"]
+        command += ["--epochs", "2", "eval.every_steps=1", "eval.max_users=500", f"train.num_threads={mode.threads}"]
     elif check.args.quality_epochs:
         command += ["--epochs", str(check.args.quality_epochs)]
     log(f"time-to-quality: {' '.join(command[3:])} (cap {cap:.0f} s)")

@@ -22,8 +22,8 @@ from movierec.models.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TINY = [
-    "model.max_len=20", "model.d_item=16", "model.d_user=8", "train.batch_size=32", "eval.patience=50",
-    "eval.every=100", "eval.ks=[10]", "eval.protocols=[full]", "eval.protocol=full",
+    "model.max_len=20", "model.d_item=16", "model.d_user=8", "train.batch_size=32", "eval.patience_steps=100000",
+    "eval.every_steps=100000", "eval.ks=[10]", "eval.protocols=[full]", "eval.protocol=full",
     "tracking.log_model=false", "tracking.system_metrics=false", "train.optimizer=sparse-adam",
 ]  # fmt: skip
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import mlflow
@@ -30,7 +32,8 @@ TINY = [
     "model.d_item=16",
     "model.d_user=8",
     "train.batch_size=64",
-    "eval.patience=50",
+    "eval.patience_steps=100000",
+    "eval.every_steps=1",
     "eval.ks=[5,10]",
     "tracking.log_model=false",
     "tracking.system_metrics=false",
@@ -126,11 +129,12 @@ def test_same_seed_gives_the_same_metrics(workspace):
 
 def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
     epochs = 4
-    reference = train(tiny_config(workspace, "uninterrupted", epochs=epochs))
+    schedule = ("train.warmup_steps=4", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1")  # resumed exactly too
+    reference = train(tiny_config(workspace, "uninterrupted", *schedule, epochs=epochs))
     run_dir = workspace["root"] / "runs" / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "movierec.cli", *cli_args(workspace, "killed", epochs=epochs)],
+        [sys.executable, "-m", "movierec.cli", *cli_args(workspace, "killed", *schedule, epochs=epochs)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     history = run_dir / "history.json"
@@ -155,6 +159,42 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
     # the resumed run continues the same MLflow run: one train_loss value per epoch
     steps = [m.step for m in MlflowClient(workspace["uri"]).get_metric_history(resumed["mlflow_run_id"], "train_loss")]
     assert sorted(set(steps)) == list(range(1, epochs + 1))
+
+
+def test_learning_rate_warm_up_and_cosine_schedule(workspace):
+    from movierec.training.trainer import Trainer
+
+    config = tiny_config(workspace, "schedule", "train.lr=0.01", "train.warmup_steps=4", "train.lr_schedule=cosine",
+                         "train.min_lr_ratio=0.1", "train.max_steps=24")  # fmt: skip
+    trainer = Trainer(config)
+    rates = [trainer.learning_rate(step) for step in range(24)]
+    assert rates[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert rates[4] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert rates[14] == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 10 / 19)))
+    assert all(a >= b for a, b in pairwise(rates[4:]))
+    trainer.train_epoch(max_steps=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.005)
+    config.train.lr_schedule = "constant"
+    assert [trainer.learning_rate(step) for step in (0, 3, 4, 23)] == pytest.approx([0.0025, 0.01, 0.01, 0.01])
+
+
+def test_early_stopping_counts_optimizer_steps(workspace):
+    """Patience in steps: with a gain threshold no later validation reaches, the run stops patience_steps
+    after its first validation, whatever the epoch size; min_steps holds it back; best.ckpt still follows
+    every (smaller) improvement."""
+    no_gain = ("eval.min_delta=1.0", "eval.patience_steps=6")
+    result = train(tiny_config(workspace, "patience", *no_gain, epochs=50))
+    steps = [h["step"] for h in result.history]
+    assert steps[-1] - steps[0] >= 6 and steps[-2] - steps[0] < 6 and result.epochs_run < 50
+    held = train(tiny_config(workspace, "patience-min", *no_gain, "eval.min_steps=30", epochs=50))
+    held_steps = [h["step"] for h in held.history]
+    assert held_steps[-1] >= 30 and held_steps[-2] < 30
+    assert all("val_loss" in h for h in held.history)  # every_steps=1: every epoch is validated
+    assert held.best_epoch >= 1
+    # validation every N steps: at the first epoch end at least N steps after the previous one
+    sparse = train(tiny_config(workspace, "every", "eval.every_steps=7", epochs=6))
+    validated = [h["step"] for h in sparse.history if "val_loss" in h]
+    assert all(b - a >= 7 for a, b in pairwise(validated[:-1])) and validated[-1] == sparse.history[-1]["step"]
 
 
 def test_resume_of_a_finished_run_is_refused(workspace):

@@ -71,10 +71,18 @@ class ModelConfig(Architecture):
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout, as F.dropout, drawing the mask from uniform floats (about 2x faster on CPU)."""
+    """Inverted dropout, as F.dropout, with a cheaper mask: CPU random numbers come from one Mersenne
+    Twister stream, and drawing them is most of dropout's cost, so each 64-bit draw is split into four
+    15-bit uniforms (p is rounded to a multiple of 2^-15). About 2x faster than F.dropout's Bernoulli on CPU."""
     if not training or p == 0:
         return x
-    return x * (torch.rand_like(x) >= p).to(x.dtype) * (1.0 / (1.0 - p))
+    count = x.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    uniform15 = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF  # the sign bit of each quarter dropped
+    # one float mask holding 0 or 1/(1-p): the product is then a single multiply forward and backward
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
+    mask = torch.where(uniform15 >= round(p * 32768), scale, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x * mask
 
 
 class Block(nn.Module):

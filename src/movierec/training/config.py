@@ -53,12 +53,24 @@ class TrainSection:
     # a lazy Adam (torch.optim.SparseAdam) that touches only the rows a batch used; auto: sparse-adam when the
     # item table has more rows than SPARSE_ROWS_PER_TOKEN x (batch_size x max_len), else adam (see results.md)
     optimizer: str = "auto"
+    # learning-rate schedule, a function of the optimizer step (so a resumed run continues it exactly):
+    # linear warm-up from 0 over warmup_steps, then constant, or a cosine decay to lr x min_lr_ratio at the
+    # last step (train.max_steps if set, else train.epochs x steps per epoch)
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
 class EvalSection:
-    every: int = 1  # validate every N epochs
-    patience: int = 10  # early stopping: validations without improvement
+    # Validation and early stopping count optimizer steps, not epochs, so that the same config behaves the
+    # same on 600 users and on 6 million: validate at the end of the first epoch that is at least
+    # every_steps steps past the previous validation; stop once patience_steps steps have passed without a
+    # validation gain of at least min_delta (smaller gains still update best.ckpt), never before min_steps.
+    every_steps: int = 250
+    patience_steps: int = 5000
+    min_delta: float = 0.001
+    min_steps: int = 0
     protocol: str = "sampled-uniform-100"  # protocol of the early-stopping metric
     metric: str = "ndcg@10"
     protocols: list[str] = field(default_factory=lambda: ["full", "sampled-uniform-100", "sampled-popularity-100"])
@@ -109,11 +121,19 @@ class RunConfig:
         return out
 
 
+RENAMED = {  # keys of older configs and checkpoints, for the error message
+    "eval.every": "eval.every_steps, counted in optimizer steps",
+    "eval.patience": "eval.patience_steps, counted in optimizer steps",
+}
+
+
 def _merge(target: Any, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
             known = ", ".join(f.name for f in dataclasses.fields(target))
-            raise ConfigError(f"unknown config key '{where}{key}'; known here: {known}")
+            renamed = RENAMED.get(f"{where}{key}")
+            hint = f" (it is now {renamed})" if renamed else ""
+            raise ConfigError(f"unknown config key '{where}{key}'{hint}; known here: {known}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -225,7 +245,11 @@ def validate(config: RunConfig) -> None:
         (0 <= m.keep_user <= 1 and 0 <= m.keep_item <= 1, "model.keep_user and model.keep_item are probabilities"),
         (e.protocol in PROTOCOLS, f"eval.protocol must be one of {', '.join(PROTOCOLS)}"),
         (all(p in PROTOCOLS for p in e.protocols), f"eval.protocols must be among {', '.join(PROTOCOLS)}"),
-        (e.every > 0 and e.patience > 0, "eval.every and eval.patience must be > 0"),
+        (e.every_steps > 0 and e.patience_steps > 0, "eval.every_steps and eval.patience_steps must be > 0"),
+        (e.min_delta >= 0 and e.min_steps >= 0, "eval.min_delta and eval.min_steps must be >= 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant|cosine, got {t.lr_schedule!r}"),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
         (m.num_heads > 0, "model.num_heads must be > 0"),
         (m.num_heads > 0 and (m.d_item + (m.d_user if m.kind == "sse-pt" else 0)) % m.num_heads == 0,
          "model.d_item + model.d_user must be divisible by model.num_heads"),

@@ -183,7 +183,10 @@ class Trainer:
         self.time_to_first_step: float | None = None
 
         self.epoch, self.step = 0, 0
-        self.best_metric, self.best_epoch, self.bad_evals = -math.inf, 0, 0
+        self.best_metric, self.best_epoch = -math.inf, 0
+        # early stopping: the last validation, the last gain of at least eval.min_delta and its value
+        self.last_eval_step, self.last_gain_step, self.gain_reference = 0, 0, -math.inf
+        self.elapsed = 0.0  # seconds of training and validation so far, over every resumed segment
         self.history: list[dict] = []
         self.run_id: str | None = None
         self.init_report: list[tuple[str, str, str]] | None = None
@@ -255,11 +258,11 @@ class Trainer:
             optimizer.load_state_dict(optimizer_state)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
-        self.best_metric, self.best_epoch, self.bad_evals = (
-            state["best_metric"],
-            state["best_epoch"],
-            state["bad_evals"],
-        )
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.last_eval_step = state.get("last_eval_step", state["step"])
+        self.last_gain_step = state.get("last_gain_step", state["step"])
+        self.gain_reference = state.get("gain_reference", state["best_metric"])
+        self.elapsed = state.get("elapsed", 0.0)
         self.history = list(state["history"])
         self.run_id = state.get("mlflow_run_id")
         saved_world = int(state.get("world_size", 1))
@@ -279,7 +282,10 @@ class Trainer:
             "step": self.step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
-            "bad_evals": self.bad_evals,
+            "last_eval_step": self.last_eval_step,
+            "last_gain_step": self.last_gain_step,
+            "gain_reference": self.gain_reference,
+            "elapsed": self.elapsed,
             "history": self.history,
             "world_size": self.dist.world_size,
             "optimizer_kind": self.optimizer_kind,
@@ -331,6 +337,22 @@ class Trainer:
             )
         return loss / c.grad_accumulation, batch.num_tokens
 
+    @property
+    def total_steps(self) -> int:
+        """The step a cosine schedule ends at: train.max_steps, else train.epochs full epochs."""
+        c = self.config.train
+        return c.max_steps or c.epochs * (len(self.batches) // self.batches_per_step)
+
+    def learning_rate(self, step: int) -> float:
+        """train.lr x warm-up x schedule at optimizer step `step` (0-based): a pure function of the step."""
+        c = self.config.train
+        factor = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_schedule == "cosine":
+            span = max(self.total_steps - 1 - c.warmup_steps, 1)  # the last step gets lr x min_lr_ratio
+            progress = min(max(step - c.warmup_steps, 0) / span, 1.0)
+            factor *= c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return c.lr * factor
+
     def train_epoch(self, progress: Progress | None = None, max_steps: int | None = None) -> dict:
         """One pass over the training users (or its first `max_steps` optimizer steps, for benchmarks).
 
@@ -365,7 +387,10 @@ class Trainer:
                 for optimizer in self.optimizers:
                     self.scaler.unscale_(optimizer)
                 clip_grad_norm(list(self.model.parameters()), c.grad_clip)
+            lr = self.learning_rate(self.step)
             for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 self.scaler.step(optimizer)
             self.scaler.update()
             self.step += 1
@@ -387,7 +412,7 @@ class Trainer:
             "seconds": elapsed,
             "sequences_per_s": seqs / elapsed,
             "tokens_per_s": tokens / elapsed,
-            "lr": self.optimizers[0].param_groups[0]["lr"],
+            "lr": self.learning_rate(max(self.step - 1, 0)),
         }
 
     # ------------------------------------------------------------------ the run
@@ -551,26 +576,32 @@ class Trainer:
         c = self.config
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
-            while self.epoch < c.train.epochs and self.bad_evals < c.eval.patience and not self.reached_max_steps:
+            while self.epoch < c.train.epochs and not self.reached_max_steps and not self.out_of_patience:
+                started = time.perf_counter()
                 remaining = None if c.train.max_steps is None else c.train.max_steps - self.step
                 record = {"epoch": self.epoch + 1, **self.train_epoch(progress, max_steps=remaining)}
                 self.epoch += 1
+                record["step"] = self.step
                 if self.time_to_first_step is not None and self.epoch == 1:
                     record["time_to_first_step_s"] = self.time_to_first_step
                 improved = False
-                if self.epoch % c.eval.every == 0 or self.epoch == c.train.epochs or self.reached_max_steps:
-                    started = time.perf_counter()
+                last = self.epoch == c.train.epochs or self.reached_max_steps
+                if self.step - self.last_eval_step >= c.eval.every_steps or last:
+                    eval_started = time.perf_counter()
                     metrics = self._evaluate(self.validator)
                     record["val_loss"] = metrics.pop("loss")
                     metrics.pop("users")
                     record.update({f"val_{k}": v for k, v in metrics.items()})
-                    record["eval_seconds"] = time.perf_counter() - started
+                    record["eval_seconds"] = time.perf_counter() - eval_started
                     value = metrics[self.metric_name]
+                    self.last_eval_step = self.step
                     improved = value > self.best_metric
                     if improved:
-                        self.best_metric, self.best_epoch, self.bad_evals = value, self.epoch, 0
-                    else:
-                        self.bad_evals += 1
+                        self.best_metric, self.best_epoch = value, self.epoch
+                    if value >= self.gain_reference + c.eval.min_delta:
+                        self.gain_reference, self.last_gain_step = value, self.step
+                self.elapsed += time.perf_counter() - started
+                record["elapsed_s"] = self.elapsed
                 self.history.append(record)
                 if self.dist.is_main:
                     state = self.state()
@@ -581,6 +612,12 @@ class Trainer:
                         tmp.write_text(json.dumps(self.history, indent=1))
                     self._log_epoch(record)  # after the checkpoint: a failing store loses no training
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
+
+    @property
+    def out_of_patience(self) -> bool:
+        """Early stopping: eval.patience_steps steps without a validation gain of eval.min_delta."""
+        e = self.config.eval
+        return self.step >= e.min_steps and self.step - self.last_gain_step >= e.patience_steps
 
     @property
     def reached_max_steps(self) -> bool:
