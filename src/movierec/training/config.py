@@ -71,6 +71,9 @@ class EvalSection:
     patience_steps: int = 5000
     min_delta: float = 0.001
     min_steps: int = 0
+    # also score the test split at each validation (eval.protocol only) for time-to-quality curves
+    # (bench/time_to_quality.py); it never selects anything, and the elapsed-time clock pauses while it runs
+    test_curve: bool = False
     protocol: str = "sampled-uniform-100"  # protocol of the early-stopping metric
     metric: str = "ndcg@10"
     protocols: list[str] = field(default_factory=lambda: ["full", "sampled-uniform-100", "sampled-popularity-100"])

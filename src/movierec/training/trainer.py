@@ -180,6 +180,7 @@ class Trainer:
             self.validator = self._evaluator("validation", protocols)
             note(f"{self.validator.num_users:,} users, protocols {', '.join(protocols)}")
         self.metric_name = f"{c.eval.protocol}/{c.eval.metric}"
+        self.test_curve = self._evaluator("evaluation", (c.eval.protocol,)) if c.eval.test_curve else None
         self.time_to_first_step: float | None = None
 
         self.epoch, self.step = 0, 0
@@ -600,6 +601,11 @@ class Trainer:
                         self.best_metric, self.best_epoch = value, self.epoch
                     if value >= self.gain_reference + c.eval.min_delta:
                         self.gain_reference, self.last_gain_step = value, self.step
+                    if c.eval.test_curve:
+                        curve_started = time.perf_counter()
+                        test = self._evaluate(self.test_curve)
+                        record[f"curve_test_{self.metric_name}"] = test[self.metric_name]
+                        started += time.perf_counter() - curve_started  # not part of the run's own time
                 self.elapsed += time.perf_counter() - started
                 record["elapsed_s"] = self.elapsed
                 self.history.append(record)
@@ -660,6 +666,7 @@ class Trainer:
 
         c, best_path = self.config, run_dir / BEST
         final = self.state(finished=True)  # the best weights, marked finished so --resume refuses it
+        final["test_metrics"] = test_metrics  # the run's result travels with its weights
         for path in (best_path, run_dir / LAST):
             save_checkpoint(path, final)
         try:
