@@ -297,7 +297,8 @@ def eval_worker(spec: dict) -> dict:
 
     from movierec.data.layout import load_sequences
     from movierec.evaluation.evaluate import Evaluator
-    from movierec.models.sse_pt import SSEPT, ModelConfig
+    from movierec.models.base import ModelConfig
+    from movierec.models.sse_pt import SSEPT
     from movierec.training.config import load_config
 
     if spec["threads"]:

@@ -31,8 +31,8 @@ class TableModel:
         self.scores = scores
         self.config = type("Config", (), {"num_items": scores.shape[1] - 1})()
 
-    def score_range(self, hidden, user_vecs, lo, hi):
-        return self.scores[hidden.long().squeeze(1)][:, lo:hi].clone()
+    def score_shared(self, queries, items):
+        return self.scores[queries.long().squeeze(1)][:, items].clone()
 
 
 @pytest.mark.parametrize("item_chunk", [1, 3, 100])
@@ -51,14 +51,15 @@ def test_full_ranking_excludes_the_input_history_and_counts_ties_against_the_tar
     )
     targets = torch.tensor(evaluator.targets)
     target_scores = scores.gather(1, targets[:, None])[:, 0]
-    hidden = torch.arange(3, dtype=torch.float32)[:, None]
-    ranks, log_partition = evaluator._full_pass(TableModel(scores), hidden, None, np.arange(3), targets, target_scores)
+    queries = torch.arange(3, dtype=torch.float32)[:, None]
+    ranks, log_partition = evaluator._full_pass(TableModel(scores), queries, np.arange(3), targets, target_scores)
     assert ranks.tolist() == [1, 1, 0]
     torch.testing.assert_close(log_partition, torch.logsumexp(scores[:, 1:], dim=1))
 
 
 def test_chunked_full_ranking_and_loss_match_one_chunk(tiny):
-    from movierec.models.sse_pt import SSEPT, ModelConfig
+    from movierec.models.base import ModelConfig
+    from movierec.models.sse_pt import SSEPT
 
     torch.manual_seed(0)
     model = SSEPT(ModelConfig(num_users=tiny.num_users, num_items=tiny.num_items, max_len=5, d_item=8, d_user=4))
@@ -70,7 +71,8 @@ def test_chunked_full_ranking_and_loss_match_one_chunk(tiny):
 
 def test_max_users_is_a_fixed_sample_and_splits_across_processes_give_the_same_numbers(tmp_path):
     from movierec.data.synthetic import generate_synthetic
-    from movierec.models.sse_pt import SSEPT, ModelConfig
+    from movierec.models.base import ModelConfig
+    from movierec.models.sse_pt import SSEPT
 
     interactions, _ = generate_synthetic(seed=1, num_users=120, num_items=60, num_clusters=3)
     data = load_sequences(write_dataset(interactions, tmp_path, "syn", source={"kind": "synthetic"}, num_shards=3))

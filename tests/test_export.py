@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from movierec.cli import main
+from movierec.models.base import ModelConfig
 from movierec.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from movierec.models.sse_pt import SSEPT, ModelConfig
+from movierec.models.sse_pt import SSEPT
 from movierec.serving.export import INPUT_NAMES, load_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -63,12 +64,16 @@ def pytorch_scores(model: SSEPT, history: np.ndarray, users: np.ndarray) -> np.n
     """The model's own scores; SSE-PT user 0 (a new person) gets the mean trained user vector."""
     with torch.inference_mode():
         users_t = torch.from_numpy(users)
-        user_vecs = model.user_vectors(users_t)
+        user_vecs = model.user_vectors(users_t.clamp(min=1))
         if user_vecs is not None:
             mean = model.user_emb.weight[1:].mean(0) * model.config.d_user**0.5
             user_vecs[users_t == 0] = mean
         hidden = model(torch.from_numpy(history), user_vecs)[:, -1]
-        return model.score_all(hidden, user_vecs).numpy()
+        scores = hidden[:, : model.config.d_item] @ model.item_emb.weight.t()
+        if user_vecs is not None:
+            scores = scores + (hidden[:, model.config.d_item :] * user_vecs).sum(-1, keepdim=True)
+        scores[:, 0] = float("-inf")
+        return scores.numpy()
 
 
 def export_scores(path: Path, fmt: str, history: np.ndarray, users: np.ndarray) -> np.ndarray:
@@ -309,7 +314,7 @@ def test_documented_export_and_registry_commands_run_as_written(logged_run, monk
 
 def test_relative_sqlite_uris_are_made_absolute(tmp_path, monkeypatch):
     """MLflow caches stores by URI string: a relative SQLite URI would stay bound to the first folder."""
-    from movierec.training.tracking import tracking_uri
+    from movierec.mlflow_store import tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
+from movierec.models.base import ModelConfig
+from movierec.models.sse_pt import SSEPT, apply_sse
 
 
 def make_model(kind: str = "sse-pt", **overrides) -> SSEPT:
@@ -73,9 +74,8 @@ def test_last_only_computes_the_last_position_exactly(kind):
     model = make_model(kind, num_heads=2)
     seqs = torch.tensor([[0, 0, 3, 5, 7], [1, 2, 3, 4, 6], [0, 0, 0, 0, 9]])
     users = torch.tensor([1, 2, 3])
-    full = model(seqs, model.user_vectors(users))[:, -1]
-    hidden, _ = model.last_hidden(seqs, users)
-    torch.testing.assert_close(hidden, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.queries(seqs, users, last_only=True), model.queries(seqs, users)[:, -1],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
 def test_input_is_scaled_concatenation_of_item_and_user_embeddings():
@@ -87,18 +87,36 @@ def test_input_is_scaled_concatenation_of_item_and_user_embeddings():
 
 
 def test_scores_are_tied_to_the_input_tables():
+    """logit(j) = h · [item_emb(j) ; user vector], whichever way the candidates are given."""
     model = make_model()
-    hidden = torch.randn(2, 16)
-    users = torch.tensor([1, 6])
+    seqs, users = torch.tensor([[0, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]]), torch.tensor([1, 6])
     user_vecs = model.user_vectors(users)
+    hidden = model(seqs, user_vecs)[:, -1]
+    queries = model.queries(seqs, users, last_only=True)
     items = torch.tensor([[3, 9, 29], [1, 2, 30]])
-    scores = model.score(hidden, items, user_vecs)
+    scores = model.score(queries, items)
     for row in range(2):
         for col in range(3):
             out_emb = torch.cat([model.item_emb.weight[items[row, col]], user_vecs[row]])
-            torch.testing.assert_close(scores[row, col], hidden[row] @ out_emb)
-    every = model.score_all(hidden, user_vecs)
+            torch.testing.assert_close(scores[row, col], hidden[row] @ out_emb, atol=1e-5, rtol=1e-5)
+    every = model.next_item_scores(seqs, users)
+    assert torch.all(every[:, 0] == float("-inf"))
     torch.testing.assert_close(every.gather(1, items), scores)
+    torch.testing.assert_close(model.score_shared(queries, slice(3, 10)), every[:, 3:10])
+    torch.testing.assert_close(model.score_shared(queries, torch.tensor([9, 3])), every[:, [9, 3]])
+
+
+def test_a_person_without_an_embedding_gets_the_mean_user_vector():
+    model = make_model()
+    seqs = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13]] * 2)
+    mean = model.user_emb.weight[1:].mean(0) * math.sqrt(4)
+    new_person = model.queries(seqs, torch.tensor([0, 3]), last_only=True)[0]
+    expected = model(seqs[:1], mean.unsqueeze(0))[0, -1]
+    torch.testing.assert_close(new_person[:12], expected[:12])
+    torch.testing.assert_close(new_person[12], expected[12:] @ mean)
+    with torch.no_grad():
+        model.user_emb.weight[1:] += 1.0  # the cached mean follows the weights
+    assert not torch.allclose(model.queries(seqs, torch.tensor([0, 3]), last_only=True)[0], new_person)
 
 
 def test_sasrec_has_no_user_embedding_and_no_user_sse():

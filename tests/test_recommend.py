@@ -17,8 +17,9 @@ from serving_docs import documented_commands, quickstart_layout
 from movierec.cli import main
 from movierec.data.layout import load_sequences
 from movierec.data.sequences import UserHistories
+from movierec.models.base import ModelConfig
 from movierec.models.checkpoint import load_checkpoint, save_checkpoint
-from movierec.models.sse_pt import SSEPT, ModelConfig
+from movierec.models.sse_pt import SSEPT
 from movierec.serving.loader import load_model
 from movierec.serving.recommender import Recommender, RecommendError, UnknownUserError
 
@@ -51,7 +52,11 @@ def reference_scores(rec: Recommender, items: list[int], user: int | None) -> np
             user_vecs = model.user_emb.weight[known].mean(0, keepdim=True) * math.sqrt(model.config.d_user)
         else:
             user_vecs = model.user_vectors(torch.tensor([user]))
-        return model.score_all(model(seq, user_vecs)[:, -1], user_vecs)[0, 1:].numpy()
+        hidden = model(seq, user_vecs)[:, -1]
+        scores = hidden[:, : model.config.d_item] @ model.item_emb.weight[1:].t()
+        if user_vecs is not None:
+            scores = scores + (hidden[:, model.config.d_item :] * user_vecs).sum(-1, keepdim=True)
+        return scores[0].numpy()
 
 
 def our_items(rec: Recommender, movie_ids: list[int]) -> list[int]:
@@ -140,7 +145,7 @@ def test_sasrec_needs_no_user_vector(rec):
     model = SSEPT(config).eval()
     offsets, items = np.array([0, 0, 2, 2, 5]), np.array([1, 2, 3, 4, 5])
     sasrec = Recommender(model, rec.item_movie_ids, [11, 22, 33], rec.titles, UserHistories(offsets, items))
-    assert sasrec.mean_user_vector is None and sasrec.has_user(11) and not sasrec.has_user(22)
+    assert model.new_user_vector() is None and sasrec.has_user(11) and not sasrec.has_user(22)
     # without a user embedding, a known user's recommendations are those of the same history
     by_user = sasrec.recommend_user(11, 4)
     by_history = sasrec.recommend_history(rec.item_movie_ids[[0, 1]].tolist(), 4).recommendations

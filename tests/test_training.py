@@ -113,8 +113,8 @@ def test_training_is_tracked_in_mlflow(workspace):
     seqs, users = torch.tensor([[0, 3, 4, 5]]), torch.tensor([2])
     from movierec.models.checkpoint import model_from_checkpoint
 
-    expected = model_from_checkpoint(state).last_hidden(seqs, users)[0]
-    torch.testing.assert_close(logged.eval().last_hidden(seqs, users)[0], expected)
+    expected = model_from_checkpoint(state).queries(seqs, users, last_only=True)
+    torch.testing.assert_close(logged.eval().queries(seqs, users, last_only=True), expected)
     assert state["finished"] and state["epoch"] == 2 and state["mlflow_run_id"] == result.run_id
 
 
@@ -241,7 +241,8 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
 
 
 def test_init_from_maps_by_id_even_when_shapes_match():
-    from movierec.models.sse_pt import SSEPT, ModelConfig
+    from movierec.models.base import ModelConfig
+    from movierec.models.sse_pt import SSEPT
     from movierec.training.checkpoint import init_from_pretrained
 
     torch.manual_seed(0)

@@ -21,11 +21,10 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EP
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
 
-def command(name: str, help_text: str):
-    """Register `add_fn` (options) under `name`; the decorated function runs the command."""
+def command(name: str, help_text: str, add_fn: Callable[[argparse.ArgumentParser], None]):
+    """Register a subcommand: `add_fn` declares its options, the decorated function runs it."""
 
     def register(run_fn):
-        add_fn = globals()[f"add_{run_fn.__name__.removeprefix('cmd_')}"]
         COMMANDS[name] = (add_fn, run_fn, help_text)
         return run_fn
 
@@ -75,7 +74,7 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the MD5 check of the archive")
 
 
-@command("prepare", "prepare a dataset into sharded training/validation/evaluation splits")
+@command("prepare", "prepare a dataset into sharded training/validation/evaluation splits", add_prepare)
 def cmd_prepare(args: argparse.Namespace) -> int:
     from movierec.data.api import prepare
     from movierec.data.summary import print_summary
@@ -114,7 +113,7 @@ def add_info(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("info", "print the summary of a prepared dataset (--verify: check every file)")
+@command("info", "print the summary of a prepared dataset (--verify: check every file)", add_info)
 def cmd_info(args: argparse.Namespace) -> int:
     from movierec.data.layout import verify_files
     from movierec.data.summary import print_summary
@@ -136,7 +135,9 @@ def add_download(p: argparse.ArgumentParser) -> None:
     _add_source_options(p)
 
 
-@command("download", "download a MovieLens release into the cache (or copy --archive there), MD5-verified")
+@command(
+    "download", "download a MovieLens release into the cache (or copy --archive there), MD5-verified", add_download
+)
 def cmd_download(args: argparse.Namespace) -> int:
     from movierec.data.download import data_home, download
     from movierec.data.registry import RELEASES
@@ -224,23 +225,9 @@ def config_from_args(args: argparse.Namespace):
     return config
 
 
-def print_metrics(title: str, metrics: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    protocols = list(dict.fromkeys(k.split("/")[0] for k in metrics if "/" in k))
-    names = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics if "/" in k))
-    table.add_column("metric")
-    for protocol in protocols:
-        table.add_column(protocol, justify="right")
-    for name in names:
-        table.add_row(name, *(f"{metrics.get(f'{p}/{name}', float('nan')):.4f}" for p in protocols))
-    Console().print(table)
-
-
-@command("train", "train SSE-PT or SASRec with MLflow tracking, checkpoints, resume and fine-tuning")
+@command("train", "train SSE-PT or SASRec with MLflow tracking, checkpoints, resume and fine-tuning", add_train)
 def cmd_train(args: argparse.Namespace) -> int:
+    from movierec.evaluation.metrics import print_metrics
     from movierec.training.trainer import train
 
     config = config_from_args(args)
@@ -270,12 +257,13 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
 
 
-@command("evaluate", "HR/NDCG/MRR@k of a checkpoint, full ranking and sampled negatives, all users")
+@command("evaluate", "HR/NDCG/MRR@k of a checkpoint, full ranking and sampled negatives, all users", add_evaluate)
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from movierec.errors import ConfigError
     from movierec.evaluation.evaluate import PROTOCOLS, evaluate_checkpoint
+    from movierec.evaluation.metrics import print_metrics
 
     protocols = tuple(p.strip() for p in args.protocol.split(",") if p.strip())
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -307,7 +295,9 @@ def add_quickstart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
 
 
-@command("quickstart", "the main job on the embedded synthetic dataset: prepare, train, evaluate, recommend")
+@command(
+    "quickstart", "the main job on the embedded synthetic dataset: prepare, train, evaluate, recommend", add_quickstart
+)
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from movierec.quickstart import quickstart
 
@@ -331,7 +321,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("export", "export the scoring function to ONNX or TorchScript; register the model in MLflow")
+@command("export", "export the scoring function to ONNX or TorchScript; register the model in MLflow", add_export)
 def cmd_export(args: argparse.Namespace) -> int:
     from movierec.serving.export import load_source, register
 
@@ -398,7 +388,7 @@ def add_recommend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-@command("recommend", "top-k movies with titles for a known user or for a new person's history")
+@command("recommend", "top-k movies with titles for a known user or for a new person's history", add_recommend)
 def cmd_recommend(args: argparse.Namespace) -> int:
     import json
 
@@ -445,7 +435,11 @@ def add_export_recs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="users scored per batch (default 256)")
 
 
-@command("export-recs", "top-k recommendations for every user into a parquet file, batched, written atomically")
+@command(
+    "export-recs",
+    "top-k recommendations for every user into a parquet file, batched, written atomically",
+    add_export_recs,
+)
 def cmd_export_recs(args: argparse.Namespace) -> int:
     import time
 
@@ -470,7 +464,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-@command("serve", "serve recommendations over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs")
+@command("serve", "serve recommendations over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs", add_serve)
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 

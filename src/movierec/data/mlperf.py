@@ -166,7 +166,6 @@ def prepare_mlperf(
     shards: str | None = None,
     shard_pairs: int = DEFAULT_SHARD_PAIRS,
     overwrite: bool = False,
-    checksums: bool = True,
     source: dict | None = None,
 ) -> Path:
     """Convert the chosen input shards into `out/name`, one input shard in memory at a time."""
@@ -214,10 +213,8 @@ def prepare_mlperf(
             next_user += len(users)
             original_users.append(users)
             last_user = int(users[-1]) if len(users) else last_user
-            entry = {"shard": k, "train": train_path.name, "test": test_path.name}
-            if checksums:
-                entry["train_sha256"] = sha256_file(train_path)
-                entry["test_sha256"] = sha256_file(test_path)
+            entry = {"shard": k, "train": train_path.name, "test": test_path.name,
+                     "train_sha256": sha256_file(train_path), "test_sha256": sha256_file(test_path)}  # fmt: skip
             inputs.append(entry)
             del remapped
         if next_user == 1:

@@ -194,7 +194,6 @@ def write_dataset(
     min_item_interactions: int = 5,
     shard_pairs: int = DEFAULT_SHARD_PAIRS,
     num_shards: int | None = None,
-    time_ordered: bool = True,
     overwrite: bool = False,
     original_item_ids: np.ndarray | None = None,
     original_user_ids: np.ndarray | None = None,
@@ -234,7 +233,7 @@ def write_dataset(
                 "tie_break": TIE_BREAK,
                 "split": "leave-one-out: last -> evaluation, second-to-last -> validation (users with >= 3)",
             },
-            "time_ordered": time_ordered,
+            "time_ordered": True,  # every source written here has timestamps (MLPerf's files go through mlperf.py)
             "num_users": len(split["original_users"]),
             "num_items": len(split["original_items"]),
             "num_interactions": len(split["users"]),

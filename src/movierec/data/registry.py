@@ -14,7 +14,7 @@ from movierec.errors import DataError
 
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
 
-# Formats of the ratings file; `parsers.read_release` dispatches on them.
+# Formats of the ratings file; `sources.read_release` dispatches on them.
 FORMAT_ML100K = "ml-100k"  # u.data: `user<TAB>item<TAB>rating<TAB>timestamp`, titles in u.item (latin-1, `|`)
 FORMAT_DAT = "dat"  # ratings.dat: `UserID::MovieID::Rating::Timestamp`, titles in movies.dat
 FORMAT_CSV = "csv"  # ratings.csv with header `userId,movieId,rating,timestamp`, titles in movies.csv

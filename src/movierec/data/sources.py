@@ -1,4 +1,4 @@
-"""Turn a named source (synthetic, a SASRec text file, ...) into a prepared dataset folder."""
+"""Readers of raw dataset sources: SASRec `user item` text files and MovieLens releases (zip or folder)."""
 
 from __future__ import annotations
 

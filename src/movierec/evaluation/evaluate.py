@@ -23,19 +23,21 @@ import torch
 from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems, seeded_candidates
 from movierec.data.sequences import UserHistories, inputs_with_appended
+from movierec.errors import ConfigError
 from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
-from movierec.models.sse_pt import SSEPT, bce_from_logits
+from movierec.models.base import SequentialModel
+from movierec.models.sse_pt import bce_from_logits
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
-SPLITS = ("validation", "evaluation")
+HELD_OUT = ("validation", "evaluation")  # the splits with one held-out pair per user
 LOSS_STREAM = len(PROTOCOLS)  # hash stream of the one negative of the validation BCE loss
 SAMPLE_STREAM = 99  # hash stream of the max_users sample
 
 
 def evaluated_users(data: SequenceData, split: str, max_users: int | None = None, seed: int = 0) -> np.ndarray:
     """The users with a held-out item in `split`, or a seeded, fixed sample of `max_users` of them (sorted)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in HELD_OUT:
+        raise ConfigError(f"split must be one of {HELD_OUT}, got {split!r}")
     held_out = data.valid_item if split == "validation" else data.test_item
     users = data.users[held_out[data.users] > 0]
     if max_users is not None and max_users < len(users):
@@ -61,7 +63,7 @@ class Evaluator:
     ):
         unknown = [p for p in protocols if p not in PROTOCOLS]
         if unknown:
-            raise ValueError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
         self.data, self.split, self.protocols, self.ks = data, split, protocols, ks
         self.seed, self.batch_size, self.num_negatives, self.item_chunk = seed, batch_size, num_negatives, item_chunk
         self.users = evaluated_users(data, split, max_users, seed)
@@ -108,7 +110,7 @@ class Evaluator:
     @torch.inference_mode()
     def run(
         self,
-        model: SSEPT,
+        model: SequentialModel,
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         loss: str = "bce",
@@ -132,16 +134,15 @@ class Evaluator:
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
-                    hidden, user_vecs = model.last_hidden(torch.from_numpy(seqs).to(device), users)
-                hidden = hidden.float()
-                user_vecs = None if user_vecs is None else user_vecs.float()
-                target_scores = model.score(hidden, targets[:, None], user_vecs)[:, 0]
+                    queries = model.queries(torch.from_numpy(seqs).to(device), users, last_only=True)
+                queries = queries.float()
+                target_scores = model.score(queries, targets[:, None])[:, 0]
                 full_ranks, log_partition = None, None
                 if "full" in self.protocols or loss != "bce":
-                    full_ranks, log_partition = self._full_pass(model, hidden, user_vecs, rows, targets, target_scores)
+                    full_ranks, log_partition = self._full_pass(model, queries, rows, targets, target_scores)
                 if loss == "bce":
                     negs = torch.from_numpy(self.negatives_for_loss(rows)).to(device)
-                    negative_scores = model.score(hidden, negs[:, None], user_vecs)[:, 0]
+                    negative_scores = model.score(queries, negs[:, None])[:, 0]
                     batch_loss = bce_from_logits(target_scores, negative_scores)  # the training objective
                 else:
                     batch_loss = (log_partition - target_scores).mean()  # cross-entropy over all items
@@ -153,7 +154,7 @@ class Evaluator:
                         ranks = full_ranks
                     else:
                         negs = torch.from_numpy(self.negatives(protocol, rows)).to(device)
-                        scores = model.score(hidden, torch.cat([targets[:, None], negs], -1), user_vecs).cpu().numpy()
+                        scores = model.score(queries, torch.cat([targets[:, None], negs], -1)).cpu().numpy()
                         ranks = rank_of_target(scores[:, 0], scores[:, 1:])
                     values = metrics_from_ranks(ranks, self.ks)
                     sums[offset : offset + len(values)] += np.array(list(values.values())) * len(rows)
@@ -177,16 +178,15 @@ class Evaluator:
 
     def _full_pass(
         self,
-        model: SSEPT,
-        hidden: torch.Tensor,
-        user_vecs: torch.Tensor | None,
+        model: SequentialModel,
+        queries: torch.Tensor,
         rows: np.ndarray,
         targets: torch.Tensor,
         target_scores: torch.Tensor,
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Full-ranking ranks (history and target excluded, ties against the target) and the log-partition
         over all items, computed chunk by chunk over the catalog."""
-        device = hidden.device
+        device = queries.device
         hist_rows, hist_items = self.history(rows)
         order = np.argsort(hist_items, kind="stable")
         hist_rows, hist_items = hist_rows[order], hist_items[order]
@@ -196,7 +196,7 @@ class Evaluator:
         num_items = model.config.num_items
         for lo in range(1, num_items + 1, self.item_chunk):
             hi = min(lo + self.item_chunk, num_items + 1)
-            scores = model.score_range(hidden, user_vecs, lo, hi)
+            scores = model.score_shared(queries, slice(lo, hi))
             log_partition = torch.logaddexp(log_partition, torch.logsumexp(scores, dim=1))
             a, b = np.searchsorted(hist_items, [lo, hi])
             if b > a:

@@ -27,3 +27,19 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10, 20)) 
         out[f"ndcg@{k}"] = float(np.where(hit, gains, 0.0).mean())
     out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
     return out
+
+
+def print_metrics(title: str, metrics: dict) -> None:
+    """A table of `<protocol>/<metric>` values: one column per protocol, one row per metric."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    protocols = list(dict.fromkeys(k.split("/")[0] for k in metrics if "/" in k))
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics if "/" in k))
+    table.add_column("metric")
+    for protocol in protocols:
+        table.add_column(protocol, justify="right")
+    for name in names:
+        table.add_row(name, *(f"{metrics.get(f'{p}/{name}', float('nan')):.4f}" for p in protocols))
+    Console().print(table)

@@ -1,1 +1,6 @@
-"""SSE-PT and SASRec."""
+"""Sequential recommenders behind one contract (`base.SequentialModel`) and a registry of their kinds.
+
+Importing this package registers the built-in kinds: `sse-pt` and `sasrec` (`sse_pt.py`).
+"""
+
+from movierec.models import sse_pt  # noqa: F401 (registers its kinds)

@@ -21,7 +21,7 @@ import torch
 from movierec.data.layout import META_FILE, read_meta, sha256_file
 from movierec.errors import CheckpointError, DataError
 from movierec.files import GuardedWriter, atomic_path
-from movierec.models.sse_pt import SSEPT, ModelConfig
+from movierec.models.base import ModelConfig, SequentialModel, build_model
 
 FORMAT = "movierec-checkpoint-v1"
 LAST, BEST = "last.ckpt", "best.ckpt"
@@ -76,12 +76,12 @@ def load_checkpoint(path: str | Path, prefer: str = LAST, map_location: str | to
     return state
 
 
-def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> SSEPT:
+def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> SequentialModel:
     """The model a checkpoint holds, in eval mode; a checkpoint whose tensors do not fit its own config
     (for example an item table with the wrong number of rows) is a CheckpointError, not a traceback."""
     where = state.get("path", "checkpoint")
     try:
-        model = SSEPT(ModelConfig(**state["model_config"]))
+        model = build_model(ModelConfig(**state["model_config"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: its model config is not valid ({exc})") from exc
     try:

@@ -12,62 +12,14 @@ embeddings tied to the input table.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from movierec.models.base import Architecture, ModelConfig, SequentialModel, register
+
 LN_EPS = 1e-8
-
-
-@dataclass
-class Architecture:
-    """The model's hyper-parameters: the `model:` section of a run config."""
-
-    kind: str = "sse-pt"  # "sse-pt" or "sasrec"
-    max_len: int = 200
-    d_item: int = 100
-    d_user: int = 50
-    num_blocks: int = 2
-    num_heads: int = 1
-    dropout: float = 0.2
-    keep_user: float = 0.08  # SSE keep probabilities (the official flags --threshold_user/--threshold_item)
-    keep_item: float = 0.9
-
-
-@dataclass(kw_only=True)
-class ModelConfig(Architecture):
-    """An architecture sized for a dataset."""
-
-    num_users: int
-    num_items: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("sse-pt", "sasrec"):
-            raise ValueError(f"model.kind must be 'sse-pt' or 'sasrec', got {self.kind!r}")
-        if self.kind == "sasrec":  # SASRec: no user embedding and no SSE
-            self.d_user, self.keep_user, self.keep_item = 0, 1.0, 1.0
-        if self.kind == "sse-pt" and self.d_user <= 0:
-            raise ValueError("SSE-PT needs model.d_user > 0 (use kind: sasrec for no user embedding)")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_item + d_user = {self.d_model} must be divisible by num_heads={self.num_heads}")
-
-    @property
-    def d_model(self) -> int:
-        return self.d_item + self.d_user
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def train_flops_per_token(self) -> float:
-        """Multiply-add FLOPs of one training position (forward + backward = 3x forward), for throughput
-        figures in GFLOP/s: per block the three d x d attention projections and the two of the feed-forward (10 d^2),
-        attention scores and weighted values over max_len keys (4 d L), plus the logits of the positive
-        and the negative item (4 d). Attention is counted over the full window, as the kernels compute it."""
-        d, length = self.d_model, self.max_len
-        forward = self.num_blocks * (10 * d * d + 4 * d * length) + 4 * d
-        return 3.0 * forward
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -124,8 +76,24 @@ class Block(nn.Module):
         return x * keep
 
 
-class SSEPT(nn.Module):
-    """Input at each position: [item_emb(i)·√d_i ; user_emb(u)·√d_u] + positional embedding."""
+@register("sse-pt", "sasrec")
+class SSEPT(SequentialModel):
+    """Input at each position: [item_emb(i)·√d_i ; user_emb(u)·√d_u] + positional embedding.
+
+    The logit of item j at a position with hidden state h = [h_i ; h_u] is h_i · item_emb(j) + h_u · u: its
+    query is [h_i ; h_u · u] (d_item + 1 values; SASRec's is h, d_item values).
+    """
+
+    @classmethod
+    def resolve(cls, config: Architecture) -> None:
+        if config.kind == "sasrec":  # SASRec: no user embedding and no SSE
+            config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0
+        if config.kind == "sse-pt" and config.d_user <= 0:
+            raise ValueError("SSE-PT needs model.d_user > 0 (use kind: sasrec for no user embedding)")
+        if config.d_model % config.num_heads:
+            raise ValueError(
+                f"d_item + d_user = {config.d_model} must be divisible by num_heads={config.num_heads}"
+            )
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -148,10 +116,15 @@ class SSEPT(nn.Module):
             self.item_emb.weight[0].zero_()
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
-        """The scaled user embedding used on both the input and the output side (None for SASRec)."""
+        """The scaled user embedding used on both the input and the output side (None for SASRec); user 0,
+        a person without an embedding, gets the mean of the trained users' vectors (`new_user_vector`)."""
         if self.user_emb is None:
             return None
-        return self.user_emb(users) * math.sqrt(self.config.d_user)
+        vectors = self.user_emb(users) * math.sqrt(self.config.d_user)
+        traced = torch.jit.is_tracing() or torch.compiler.is_compiling()  # no data-dependent branch in an export
+        if traced or bool((users == 0).any()):
+            vectors = torch.where((users == 0).unsqueeze(-1), self.new_user_vector(), vectors)
+        return vectors
 
     def new_user_vector(self) -> torch.Tensor | None:
         """The user vector for a person the model has no embedding for: the mean of all user vectors.
@@ -161,7 +134,17 @@ class SSEPT(nn.Module):
         """
         if self.user_emb is None:
             return None
-        return self.user_emb.weight[1:].mean(0) * math.sqrt(self.config.d_user)
+        weight = self.user_emb.weight
+        if self.training or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return weight[1:].mean(0) * math.sqrt(self.config.d_user)
+        # serving asks for it on every request with a new person; a table of millions of users costs tens of
+        # ms to average, so the mean is kept until the weights change (their version counter moves)
+        key = (weight.data_ptr(), weight._version, weight.device)
+        if getattr(self, "_mean_user_key", None) != key:
+            with torch.no_grad():
+                self._mean_user_vector = weight[1:].mean(0) * math.sqrt(self.config.d_user)
+            self._mean_user_key = key
+        return self._mean_user_vector
 
     def forward(self, seqs: torch.Tensor, user_vecs: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """Hidden states (B, L, d) for left-padded item sequences (B, L), L <= max_len.
@@ -189,31 +172,34 @@ class SSEPT(nn.Module):
             x = block(x, attn_mask, keep, last_only and index == len(self.blocks) - 1)
         return self.final_norm(x)
 
-    def score(self, hidden: torch.Tensor, items: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
-        """Logits of `items` (..., K) given `hidden` (..., d): h · [item_emb(j) ; user_vec], tied weights."""
-        d_i = self.config.d_item
-        logits = (hidden[..., :d_i].unsqueeze(-2) * self.item_emb(items)).sum(-1)
-        if user_vecs is not None:
-            user_term = (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
-            logits = logits + user_term
-        return logits
+    # ------------------------------------------------------------------ the SequentialModel contract
 
-    def score_all(self, hidden: torch.Tensor, user_vecs: torch.Tensor | None) -> torch.Tensor:
-        """Logits over every item id (..., num_items + 1); column 0 (padding) is meaningless."""
-        return self.score_range(hidden, user_vecs, 0, self.config.num_items + 1)
-
-    def score_range(self, hidden: torch.Tensor, user_vecs: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
-        """Logits of the item ids lo..hi-1 (..., hi - lo): one chunk of the catalog, for bounded memory."""
-        d_i = self.config.d_item
-        logits = hidden[..., :d_i] @ self.item_emb.weight[lo:hi].t()
-        if user_vecs is not None:
-            logits = logits + (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
-        return logits
-
-    def last_hidden(self, seqs: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden state after the last item of each sequence (for next-item prediction) and user vectors."""
+    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         user_vecs = self.user_vectors(users)
-        return self(seqs, user_vecs, last_only=True)[:, -1], user_vecs
+        hidden = self(sequences, user_vecs, last_only=last_only)
+        if last_only:
+            hidden = hidden[:, -1]
+        if user_vecs is None:
+            return hidden
+        d_i = self.config.d_item
+        user_term = (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
+        return torch.cat([hidden[..., :d_i], user_term], dim=-1)
+
+    def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        d_i = self.config.d_item
+        logits = (queries[..., :d_i].unsqueeze(-2) * self.item_emb(items)).sum(-1)
+        return logits + queries[..., d_i:] if self.user_emb is not None else logits
+
+    def score_shared(self, queries: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
+        d_i = self.config.d_item
+        table = self.item_emb.weight[items] if isinstance(items, slice) else self.item_emb(items)
+        logits = queries[..., :d_i] @ table.t()
+        return logits + queries[..., d_i:] if self.user_emb is not None else logits
+
+    def training_batch(
+        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return apply_sse(users, inputs, targets, self.config)
 
 
 def bce_from_logits(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

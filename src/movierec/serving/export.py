@@ -35,7 +35,7 @@ from torch import nn
 
 from movierec.errors import CheckpointError, ConfigError, MovierecError
 from movierec.files import GuardedWriter, atomic_path
-from movierec.models.sse_pt import SSEPT
+from movierec.models.base import SequentialModel
 
 FORMATS = ("onnx", "torchscript")
 METADATA_KEY = "movierec"
@@ -47,37 +47,23 @@ ONNX_OPSET = 18
 
 
 class ScoringModule(nn.Module):
-    """(history (B, max_len), users (B,)) -> scores over every item index (B, num_items + 1).
+    """(history (B, max_len), users (B,)) -> scores over every item index (B, num_items + 1): the model's
+    `next_item_scores`. User index 0 is a person the model has no embedding for (SSE-PT: the mean user
+    vector, as `movierec recommend --history`); SASRec ignores `users`."""
 
-    SSE-PT: user index 0 means "a person the model has no embedding for" and gets the mean of the trained
-    users' vectors, as `movierec recommend --history` does. SASRec ignores `users`.
-    """
-
-    def __init__(self, model: SSEPT):
+    def __init__(self, model: SequentialModel):
         super().__init__()
         self.model = model.eval()
-        padding = torch.zeros(model.config.num_items + 1, dtype=torch.bool)
-        padding[0] = True
-        self.register_buffer("padding", padding, persistent=False)
-        if model.user_emb is not None:
-            with torch.no_grad():
-                mean = model.new_user_vector()
-            self.register_buffer("mean_user_vector", mean.detach().clone(), persistent=False)
 
     def forward(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-        user_vecs = self.model.user_vectors(users)
-        if user_vecs is not None:
-            user_vecs = torch.where((users == 0).unsqueeze(-1), self.mean_user_vector, user_vecs)
-        hidden = self.model(history, user_vecs, last_only=True)[:, -1]
-        scores = self.model.score_all(hidden, user_vecs)
-        return scores.masked_fill(self.padding, float("-inf"))
+        return self.model.next_item_scores(history, users)
 
 
 @dataclass
 class ExportSource:
     """A model to export and what is known about where it came from."""
 
-    model: SSEPT
+    model: SequentialModel
     dataset: dict | None = None
     run_id: str | None = None
     tracking_uri: str | None = None
@@ -93,8 +79,8 @@ def load_source(ref: str | Path, tracking_uri: str | None = None) -> ExportSourc
     from movierec.models.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 
     if str(ref).startswith(("runs:", "models:")):
+        from movierec.mlflow_store import tracking_uri as resolve_uri
         from movierec.serving.loader import load_state
-        from movierec.training.tracking import tracking_uri as resolve_uri
 
         tracking_uri = resolve_uri(tracking_uri)  # the store to register in, too
         state = load_state(str(ref), tracking_uri)
@@ -120,8 +106,8 @@ def metadata(source: ExportSource, fmt: str) -> dict:
         "num_users": c.num_users,
         "inputs": {
             "history": f"int64 (batch, {c.max_len}): item indices 1..{c.num_items}, oldest first, left-padded with 0",
-            "users": f"int64 (batch,): user indices 1..{c.num_users}, 0 for a new person"
-            + (" (ignored: SASRec has no user embedding)" if c.kind == "sasrec" else " (mean user vector)"),
+            "users": f"int64 (batch,): user indices 1..{c.num_users}, 0 for a person the model has no embedding "
+            "for (SSE-PT: the mean user vector; a model without user embeddings ignores it)",
         },
         "output": f"float32 (batch, {c.num_items + 1}): score of each item index; column 0 (padding) is -inf",
         "model_config": c.to_dict(),
@@ -137,7 +123,7 @@ def metadata(source: ExportSource, fmt: str) -> dict:
     return meta
 
 
-def example_inputs(model: SSEPT, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(model: SequentialModel, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random left-padded histories of varied length (one empty), random users and one new person (0)."""
     c = model.config
     generator = torch.Generator().manual_seed(seed)
@@ -260,7 +246,7 @@ def run_export(path: str | Path, fmt: str, history: np.ndarray, users: np.ndarra
         return scripted(torch.from_numpy(history), torch.from_numpy(users)).numpy()
 
 
-def verify_export(path: str | Path, fmt: str, model: SSEPT, batch_sizes: tuple[int, ...] = (1, 7)) -> float:
+def verify_export(path: str | Path, fmt: str, model: SequentialModel, batch_sizes: tuple[int, ...] = (1, 7)) -> float:
     """Largest |export - PyTorch| over the finite scores of random batches of each size."""
     module = ScoringModule(model.cpu().eval())
     worst = 0.0
@@ -283,7 +269,7 @@ def register(run_id: str | None, name: str, tracking_uri: str | None) -> tuple[s
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from movierec.training.tracking import tracking_uri as resolve_uri
+    from movierec.mlflow_store import tracking_uri as resolve_uri
 
     if not run_id:
         raise CheckpointError("this model has no MLflow run id (it was not trained with tracking); cannot register it")

@@ -76,7 +76,7 @@ def _registered_run_id(name_version: str, tracking_uri: str, ref: str) -> str:
 
 def load_state(ref: str | Path, tracking_uri: str | None = None) -> dict:
     """The checkpoint dict behind a MODEL reference (see the module docstring)."""
-    from movierec.training.tracking import tracking_uri as resolve_uri
+    from movierec.mlflow_store import tracking_uri as resolve_uri
 
     text = str(ref)
     if text.startswith(("runs:/", "models:/")):

@@ -32,8 +32,8 @@ from movierec.data.layout import load_sequences, read_items
 from movierec.data.sequences import UserHistories, left_padded, ragged_indices
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
+from movierec.models.base import SequentialModel
 from movierec.models.checkpoint import model_from_checkpoint, verify_dataset
-from movierec.models.sse_pt import SSEPT
 
 
 class RecommendError(MovierecError):
@@ -89,7 +89,7 @@ class Recommender:
 
     def __init__(
         self,
-        model: SSEPT,
+        model: SequentialModel,
         item_movie_ids: np.ndarray,
         user_ids: np.ndarray,
         titles: Sequence[str | None],
@@ -121,8 +121,6 @@ class Recommender:
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
         self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
         self.known_users = np.flatnonzero(histories.lengths > 0)  # our indices, not userIds
-        with torch.inference_mode():
-            self.mean_user_vector = model.new_user_vector()
 
     # ------------------------------------------------------------------ construction
 
@@ -221,37 +219,30 @@ class Recommender:
                 width = int(min(max_len, max(1, (ends - starts).max())))
                 seqs, _ = left_padded(items, ends, starts, width)
                 batch_users = torch.from_numpy(users[rows]).to(device)
-                user_vecs = model.user_vectors(batch_users)
-                if user_vecs is not None and (batch_users == 0).any():
-                    user_vecs = torch.where((batch_users == 0)[:, None], self.mean_user_vector, user_vecs)
-                hidden = model(torch.from_numpy(seqs).to(device), user_vecs, last_only=True)[:, -1]
+                queries = model.queries(torch.from_numpy(seqs).to(device), batch_users, last_only=True)
                 seen = None
                 if exclude_seen:
                     row_lengths = ends - starts
                     seen = (np.repeat(np.arange(len(rows)), row_lengths), items[ragged_indices(starts, row_lengths)])
-                values, indices = self._chunked_top_k(hidden, user_vecs, k, seen)
+                values, indices = self._chunked_top_k(queries, k, seen)
                 top_items[rows] = indices.cpu().numpy()
                 top_scores[rows] = values.cpu().numpy()
         return top_items, top_scores
 
     def _chunked_top_k(
-        self,
-        hidden: torch.Tensor,
-        user_vecs: torch.Tensor | None,
-        k: int,
-        seen: tuple[np.ndarray, np.ndarray] | None,
+        self, queries: torch.Tensor, k: int, seen: tuple[np.ndarray, np.ndarray] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores, item ids) over the catalog scored `item_chunk` items at a time, a running top-k
         keeping memory at (batch x chunk) whatever the number of items; `seen` (row, item) pairs are left out."""
-        device = hidden.device
+        device = queries.device
         if seen is not None:
             order = np.argsort(seen[1], kind="stable")
             seen_rows, seen_items = seen[0][order], seen[1][order]
-        best_scores = torch.full((len(hidden), k), -torch.inf, device=device)
-        best_items = torch.zeros((len(hidden), k), dtype=torch.long, device=device)
+        best_scores = torch.full((len(queries), k), -torch.inf, device=device)
+        best_items = torch.zeros((len(queries), k), dtype=torch.long, device=device)
         for lo in range(1, self.num_items + 1, self.item_chunk):
             hi = min(lo + self.item_chunk, self.num_items + 1)
-            scores = self.model.score_range(hidden, user_vecs, lo, hi).float()
+            scores = self.model.score_shared(queries, slice(lo, hi)).float()
             if seen is not None:
                 a, b = np.searchsorted(seen_items, [lo, hi])
                 rows = torch.from_numpy(seen_rows[a:b]).to(device)

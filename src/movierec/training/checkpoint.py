@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from movierec.errors import CheckpointError
-from movierec.models.sse_pt import SSEPT
+from movierec.models.base import SequentialModel
 
 
 def match_ids(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +23,7 @@ def match_ids(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def init_from_pretrained(
-    model: SSEPT,
+    model: SequentialModel,
     state: dict,
     item_movie_ids: np.ndarray | None = None,
     user_ids: np.ndarray | None = None,

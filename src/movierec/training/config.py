@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from movierec.errors import ConfigError
-from movierec.models.sse_pt import Architecture
+from movierec.models.base import MODELS, Architecture, model_class
 
 
 @dataclass
@@ -222,7 +222,7 @@ def validate(config: RunConfig) -> None:
 
     t, m, e = config.train, config.model, config.eval
     checks = [
-        (m.kind in ("sse-pt", "sasrec"), f"model.kind must be sse-pt or sasrec, got {m.kind!r}"),
+        (m.kind in MODELS, f"model.kind must be one of {', '.join(sorted(MODELS))}, got {m.kind!r}"),
         (t.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}, got {t.loss!r}"),
         (
             t.precision in ("fp32", "fp16", "bf16", "auto"),
@@ -254,9 +254,6 @@ def validate(config: RunConfig) -> None:
         (t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant|cosine, got {t.lr_schedule!r}"),
         (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
         (m.num_heads > 0, "model.num_heads must be > 0"),
-        (m.num_heads > 0 and (m.d_item + (m.d_user if m.kind == "sse-pt" else 0)) % m.num_heads == 0,
-         "model.d_item + model.d_user must be divisible by model.num_heads"),
-        (m.kind == "sasrec" or m.d_user > 0, "sse-pt needs model.d_user > 0 (use model.kind=sasrec for none)"),
         (all(int(k) > 0 for k in e.ks), "eval.ks must be positive"),
         (e.metric == "mrr" or (e.metric.split("@")[0] in ("ndcg", "hr") and e.metric.split("@")[-1].isdigit()
                                and int(e.metric.split("@")[-1]) in e.ks),
@@ -265,6 +262,10 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:  # what the kind forces (SASRec: d_user 0, no SSE) is set here, so config.yaml and MLflow show it
+        model_class(m.kind).resolve(m)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def dump_config(config: RunConfig) -> str:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from movierec.models.sse_pt import SSEPT, bce_from_logits
+from movierec.models.base import SequentialModel
+from movierec.models.sse_pt import bce_from_logits
 
 LOSSES = ("bce", "sampled-softmax", "ce")
 
@@ -21,48 +22,42 @@ LOSSES = ("bce", "sampled-softmax", "ce")
 class Objective(nn.Module):
     """A batch's training loss as one module: what DistributedDataParallel wraps, forward pass included."""
 
-    def __init__(self, model: SSEPT, kind: str, log_q: torch.Tensor | None = None):
+    def __init__(self, model: SequentialModel, kind: str, log_q: torch.Tensor | None = None):
         super().__init__()
         self.model, self.kind, self.log_q = model, kind, log_q
 
     def forward(
         self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
     ) -> torch.Tensor:
-        user_vecs = self.model.user_vectors(users)
-        hidden = self.model(inputs, user_vecs)
+        queries = self.model.queries(inputs, users)
         if self.kind == "bce":
-            return bce_loss(self.model, hidden, user_vecs, targets, negatives)
+            return bce_loss(self.model, queries, targets, negatives)
         if self.kind == "sampled-softmax":
-            return sampled_softmax_loss(self.model, hidden, user_vecs, targets, negatives, self.log_q)
-        return full_softmax_loss(self.model, hidden, targets)
+            return sampled_softmax_loss(self.model, queries, targets, negatives, self.log_q)
+        return full_softmax_loss(self.model, queries, targets)
 
 
 def bce_loss(
-    model: SSEPT, hidden: torch.Tensor, user_vecs: torch.Tensor | None, targets: torch.Tensor, negatives: torch.Tensor
+    model: SequentialModel, queries: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
 ) -> torch.Tensor:
     """Mean over positions with a target of -log σ(s_pos) - log(1 - σ(s_neg))."""
-    logits = model.score(hidden, torch.stack([targets, negatives], dim=-1), user_vecs)
+    logits = model.score(queries, torch.stack([targets, negatives], dim=-1))
     mask = targets != 0
     return bce_from_logits(logits[..., 0][mask], logits[..., 1][mask])
 
 
 def sampled_softmax_loss(
-    model: SSEPT,
-    hidden: torch.Tensor,
-    user_vecs: torch.Tensor | None,
+    model: SequentialModel,
+    queries: torch.Tensor,
     targets: torch.Tensor,
     negatives: torch.Tensor,
     log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over [target, shared negatives]; `log_q` (num_items + 1,) is the sampling log-probability."""
     mask = targets != 0
-    h = hidden[mask]
-    users = None if user_vecs is None else user_vecs.unsqueeze(1).expand(*targets.shape, -1)[mask]
-    pos = model.score(h, targets[mask].unsqueeze(-1), users)  # (N, 1)
-    d_i = model.config.d_item
-    neg = h[:, :d_i] @ model.item_emb(negatives).t()  # (N, K)
-    if users is not None:
-        neg = neg + (h[:, d_i:] * users).sum(-1, keepdim=True)
+    q = queries[mask]
+    pos = model.score(q, targets[mask].unsqueeze(-1))  # (N, 1)
+    neg = model.score_shared(q, negatives)  # (N, K)
     if log_q is not None:
         pos = pos - log_q[targets[mask]].unsqueeze(-1)
         neg = neg - log_q[negatives].unsqueeze(0)
@@ -71,11 +66,10 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def full_softmax_loss(model: SSEPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over items 1..num_items. The user term of the score is the same for every item of a
-    position, so it cancels in the softmax and is left out."""
+def full_softmax_loss(model: SequentialModel, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over items 1..num_items."""
     mask = targets != 0
-    logits = hidden[mask][:, : model.config.d_item] @ model.item_emb.weight[1:].t()
+    logits = model.score_shared(queries[mask], slice(1, model.config.num_items + 1))
     return F.cross_entropy(logits, targets[mask] - 1)
 
 

@@ -20,8 +20,9 @@ from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_n
 from movierec.errors import CheckpointError, ConfigError, TrackingError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.files import FolderLock, atomic_path
+from movierec.mlflow_store import tracking_uri
+from movierec.models.base import ModelConfig, build_model
 from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from movierec.models.sse_pt import SSEPT, ModelConfig, apply_sse
 from movierec.training import distributed, losses
 from movierec.training.batches import TrainBatches
 from movierec.training.checkpoint import init_from_pretrained, print_init_report
@@ -37,7 +38,6 @@ from movierec.training.tracking import (
     process_tags,
     run_params,
     sigterm_raises_system_exit,
-    tracking_uri,
 )
 
 
@@ -147,7 +147,7 @@ class Trainer:
             self.model_config = ModelConfig(
                 num_users=self.data.num_users, num_items=self.data.num_items, **vars(c.model)
             )
-            self.model = SSEPT(self.model_config).to(self.device)
+            self.model = build_model(self.model_config).to(self.device)
             self.optimizer_kind = resolve_optimizer(
                 c.train.optimizer, c.train.loss, self.data.num_items, c.train.batch_size, c.model.max_len,
                 self.dist.backend, c.train.weight_decay,
@@ -321,7 +321,7 @@ class Trainer:
         batch = self.batches.make_batch(users)
         negatives = torch.from_numpy(self._negatives(rng, batch.users, batch.targets)).to(dev)
         users_t, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
-        users_t, inputs, targets = apply_sse(users_t, inputs, targets, self.model_config)
+        users_t, inputs, targets = self.model.training_batch(users_t, inputs, targets)
         autocast = torch.autocast(
             dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
         )

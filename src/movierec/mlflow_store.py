@@ -1,0 +1,42 @@
+"""Where MLflow runs live, and how this package talks to MLflow: shared by training (which logs runs) and by
+serving and export (which read `runs:/` and `models:/` references), so that none of them imports another."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_DB = "mlflow.db"
+# MLflow's usage telemetry would try to reach the internet; a training run has no business doing that.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's HTTP client waits 120 s for an answer and retries 7 times with backoff 2: a closed port fails after
+# about 4.5 minutes, a server that accepts but never answers after about 20. These defaults (a user's own
+# settings win) make a call to a server that is gone fail within about 2 minutes (a few seconds for a closed
+# port) while still riding out a restart of a few seconds. `check_server` fails faster still, before training.
+HTTP_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+for _name, _value in HTTP_CLIENT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+# we log the model with pickle on purpose (it is our own class) and pin torch ourselves
+logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
+# creating a fresh SQLite store logs INFO lines on stderr, which would break the CLI's one-line errors
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def tracking_uri(configured: str | None) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+
+    A relative `sqlite:///path` is made absolute: MLflow caches stores by URI string for the life of the
+    process, so a relative one would stay bound to the working directory it was first used from.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        uri = f"sqlite:///{Path(path).resolve()}{sep}{query}"
+    return uri

@@ -1,0 +1,130 @@
+"""The contract between a sequential recommender and every stage, and the registry of model kinds.
+
+Training, evaluation, serving and export use a model only through :class:`SequentialModel`: queries from
+left-padded item sequences, logits of candidate items, and the training-time batch transform. A new model
+is one file that subclasses it and registers its kind, RecBole-style::
+
+    @register("my-model")
+    class MyModel(SequentialModel):
+        ...
+
+and `model.kind: my-model` in a run config trains, evaluates, serves and exports it. The file must be
+imported before a config names the kind (the built-in models are imported by :mod:`movierec.models`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Architecture:
+    """The model's hyper-parameters: the `model:` section of a run config (each kind reads what it needs)."""
+
+    kind: str = "sse-pt"  # a registered kind: sse-pt, sasrec, ...
+    max_len: int = 200
+    d_item: int = 100
+    d_user: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    keep_user: float = 0.08  # SSE keep probabilities (the official flags --threshold_user/--threshold_item)
+    keep_item: float = 0.9
+
+    @property
+    def d_model(self) -> int:
+        return self.d_item + self.d_user
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Architecture):
+    """An architecture sized for a dataset, as its model kind resolves it (see `SequentialModel.resolve`)."""
+
+    num_users: int
+    num_items: int
+
+    def __post_init__(self) -> None:
+        model_class(self.kind).resolve(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def train_flops_per_token(self) -> float:
+        """Multiply-add FLOPs of one training position (forward + backward = 3x forward), for throughput
+        figures in GFLOP/s: per block the three d x d attention projections and the two of the feed-forward
+        (10 d^2), attention scores and weighted values over max_len keys (4 d L), plus the logits of the
+        positive and the negative item (4 d). Attention is counted over the full window, as computed."""
+        d, length = self.d_model, self.max_len
+        forward = self.num_blocks * (10 * d * d + 4 * d * length) + 4 * d
+        return 3.0 * forward
+
+
+class SequentialModel(nn.Module, ABC):
+    """What every stage may ask of a model. Item ids are 1..num_items (0 is padding); user ids are
+    1..num_users, and user 0 is a person the model has no embedding for (a new visitor): each model decides
+    what that means (SSE-PT: the mean user vector; SASRec: nothing, it has no user embedding)."""
+
+    config: ModelConfig
+
+    @classmethod
+    def resolve(cls, config: Architecture) -> None:
+        """Check `config` and set the values this kind forces (e.g. SASRec: no user embedding), in place,
+        so that checkpoints and MLflow record what is actually trained. Raise ValueError when invalid."""
+
+    @abstractmethod
+    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Query vectors (B, L, Q) for left-padded item sequences (B, L) of users (B,): position t's query
+        predicts the item after position t. `last_only`: the last position's alone, (B, Q)."""
+
+    @abstractmethod
+    def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits (..., K) of per-query candidate items (..., K) for queries (..., Q)."""
+
+    @abstractmethod
+    def score_shared(self, queries: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
+        """Logits (..., K) of one set of items shared by every query: a 1-D tensor of ids, or a slice lo:hi
+        of the catalog (a chunk of it, for bounded memory at full ranking)."""
+
+    def training_batch(
+        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's own training-time transform of a batch (regularisation, masking); none by default."""
+        return users, inputs, targets
+
+    def next_item_scores(self, sequences: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_items + 1) of every item after each sequence; column 0 (padding) is -inf.
+        What export traces: the scoring function of the model, whole."""
+        scores = self.score_shared(self.queries(sequences, users, last_only=True), slice(0, self.config.num_items + 1))
+        padding = torch.arange(scores.shape[-1], device=scores.device) == 0
+        return scores.masked_fill(padding, float("-inf"))
+
+
+MODELS: dict[str, type[SequentialModel]] = {}
+
+
+def register(*kinds: str):
+    """Class decorator: `model.kind: <kind>` builds this class."""
+
+    def add(cls: type[SequentialModel]) -> type[SequentialModel]:
+        for kind in kinds:
+            MODELS[kind] = cls
+        return cls
+
+    return add
+
+
+def model_class(kind: str) -> type[SequentialModel]:
+    import movierec.models  # noqa: F401 (registers the built-in kinds)
+
+    if kind not in MODELS:
+        raise ValueError(f"model.kind must be one of {', '.join(sorted(MODELS))}, got {kind!r}")
+    return MODELS[kind]
+
+
+def build_model(config: ModelConfig) -> SequentialModel:
+    """A fresh model of `config.kind`."""
+    return model_class(config.kind)(config)

@@ -1,0 +1,85 @@
+"""The training objectives against their definitions, written out by hand on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from movierec.models.base import ModelConfig, build_model
+from movierec.training.losses import (
+    Objective,
+    bce_loss,
+    full_softmax_loss,
+    popularity_log_q,
+    sampled_softmax_loss,
+)
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    config = ModelConfig(num_users=4, num_items=12, max_len=5, d_item=8, d_user=4, dropout=0.0)
+    model = build_model(config).eval()
+    inputs = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6]])
+    targets = torch.tensor([[0, 0, 4, 5, 9], [2, 3, 4, 6, 7]])
+    users = torch.tensor([1, 3])
+    return model, model.queries(inputs, users), inputs, targets, users
+
+
+def logit(model, queries, row, col, item) -> torch.Tensor:
+    return model.score(queries[row, col], torch.tensor([item]))[0]
+
+
+def test_bce_is_the_mean_over_target_positions(setup):
+    model, queries, _, targets, _ = setup
+    negatives = torch.tensor([[1, 1, 7, 8, 10], [11, 12, 1, 2, 3]])
+    expected = []
+    for row, col in zip(*torch.nonzero(targets, as_tuple=True), strict=True):
+        pos = logit(model, queries, row, col, int(targets[row, col]))
+        neg = logit(model, queries, row, col, int(negatives[row, col]))
+        expected.append(-F.logsigmoid(pos) - F.logsigmoid(-neg))
+    torch.testing.assert_close(bce_loss(model, queries, targets, negatives), torch.stack(expected).mean())
+
+
+def test_sampled_softmax_with_log_q_and_the_target_among_the_negatives(setup):
+    model, queries, _, targets, _ = setup
+    negatives = torch.tensor([4, 10, 11])  # item 4 is also a target: it must not count against itself
+    log_q = torch.log(torch.linspace(0.01, 0.2, 13))
+    rows = []
+    for row, col in zip(*torch.nonzero(targets, as_tuple=True), strict=True):
+        target = int(targets[row, col])
+        pos = logit(model, queries, row, col, target) - log_q[target]
+        negs = [logit(model, queries, row, col, int(n)) - log_q[n] for n in negatives if int(n) != target]
+        rows.append(-F.log_softmax(torch.stack([pos, *negs]), dim=0)[0])
+    got = sampled_softmax_loss(model, queries, targets, negatives, log_q)
+    torch.testing.assert_close(got, torch.stack(rows).mean())
+
+
+def test_full_softmax_is_cross_entropy_over_every_item(setup):
+    model, queries, _, targets, _ = setup
+    rows = []
+    for row, col in zip(*torch.nonzero(targets, as_tuple=True), strict=True):
+        logits = torch.stack([logit(model, queries, row, col, item) for item in range(1, 13)])
+        rows.append(-F.log_softmax(logits, dim=0)[int(targets[row, col]) - 1])
+    torch.testing.assert_close(full_softmax_loss(model, queries, targets), torch.stack(rows).mean())
+
+
+@pytest.mark.parametrize("kind", ["bce", "sampled-softmax", "ce"])
+def test_objective_is_the_loss_of_the_models_queries(setup, kind):
+    model, queries, inputs, targets, users = setup
+    negatives = torch.tensor([[1, 1, 7, 8, 10], [11, 12, 1, 2, 3]]) if kind == "bce" else torch.tensor([10, 11])
+    expected = {
+        "bce": lambda: bce_loss(model, queries, targets, negatives),
+        "sampled-softmax": lambda: sampled_softmax_loss(model, queries, targets, negatives),
+        "ce": lambda: full_softmax_loss(model, queries, targets),
+    }[kind]()
+    torch.testing.assert_close(Objective(model, kind)(users, inputs, targets, negatives), expected)
+
+
+def test_popularity_log_q_is_a_distribution_with_padding_never_drawn():
+    log_q = popularity_log_q(np.array([5, 0, 3, 9]))
+    assert log_q[0] == -np.inf
+    np.testing.assert_allclose(np.exp(log_q[1:]).sum(), 1.0)
+    np.testing.assert_allclose(np.exp(log_q[1:]), np.array([1, 4, 10]) / 15)  # +1 smoothing: item 1 drawable
