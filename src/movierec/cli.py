@@ -184,20 +184,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Layer the config: checkpoint (on resume) or defaults, YAML file, KEY=VALUE overrides, named flags."""
+    """The run config of `train`'s arguments: a resumed run's own config (unless --config is given) or the
+    defaults, the YAML file, KEY=VALUE overrides, then the named flags (see `training.config.load_config`)."""
     from movierec.models.checkpoint import load_checkpoint
-    from movierec.training.config import config_from_dict, load_config, parse_override, validate
+    from movierec.training.config import config_from_dict, load_config
 
-    if args.resume and not args.config:
-        config = config_from_dict(load_checkpoint(args.resume)["config"])
-        resumed = Path(args.resume)
-        config.run_dir = str(resumed if resumed.is_dir() else resumed.parent)  # where it is now, if it moved
-        for override in args.overrides:
-            from movierec.training.config import _merge
-
-            _merge(config, parse_override(override), "")
-    else:
-        config = load_config(args.config, args.overrides)
+    base = None
     flags = {
         "data.path": args.data,
         "train.epochs": args.epochs,
@@ -213,16 +205,11 @@ def config_from_args(args: argparse.Namespace):
         "train.device": args.device,
         "train.max_steps": args.max_steps,
     }
-    for key, value in flags.items():
-        if value is None:
-            continue
-        target = config
-        *sections, name = key.split(".")
-        for section in sections:
-            target = getattr(target, section)
-        setattr(target, name, value)
-    validate(config)
-    return config
+    if args.resume and not args.config:
+        base = config_from_dict(load_checkpoint(args.resume)["config"])
+        resumed = Path(args.resume)
+        base.run_dir = str(resumed if resumed.is_dir() else resumed.parent)  # where it is now, if it moved
+    return load_config(args.config, args.overrides, flags, base=base)
 
 
 @command("train", "train SSE-PT or SASRec with MLflow tracking, checkpoints, resume and fine-tuning", add_train)

@@ -124,7 +124,7 @@ class RunConfig:
         return out
 
 
-RENAMED = {  # keys of older configs and checkpoints, for the error message
+REPLACED = {  # keys of older configs, for the error message; checkpoints that hold them drop them on resume
     "eval.every": "eval.every_steps, counted in optimizer steps",
     "eval.patience": "eval.patience_steps, counted in optimizer steps",
 }
@@ -134,8 +134,8 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
             known = ", ".join(f.name for f in dataclasses.fields(target))
-            renamed = RENAMED.get(f"{where}{key}")
-            hint = f" (it is now {renamed})" if renamed else ""
+            replaced = REPLACED.get(f"{where}{key}")
+            hint = f" (it is now {replaced})" if replaced else ""
             raise ConfigError(f"unknown config key '{where}{key}'{hint}; known here: {known}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
@@ -182,8 +182,17 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    config = RunConfig()
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """The one place a run's config is assembled, lowest layer first: `base` (a resumed run's config) or the
+    defaults, the YAML file at `path`, `section.key=value` overrides, then named flags (`{"train.epochs": 5}`,
+    None = not given). Every layer goes through the same type checks; the result is validated, with the
+    values the model kind forces already set."""
+    config = base or RunConfig()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -197,6 +206,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _merge(config, values, "")
     for override in overrides:
         _merge(config, parse_override(override), "")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            nested: Any = value
+            for part in reversed(key.split(".")):
+                nested = {part: nested}
+            _merge(config, nested, "")
     validate(config)
     return config
 
@@ -211,6 +226,9 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     for (section, old), new in RENAMED.items():
         if old in values.get(section, {}):
             values[section][new] = values[section].pop(old)
+    for dotted in REPLACED:  # epoch-counted early stopping of older runs: the step-counted defaults apply
+        section, old = dotted.split(".")
+        values.get(section, {}).pop(old, None)
     config = RunConfig()
     _merge(config, values, "")
     return config
