@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from movierec.models.base import ModelConfig, build_model
+from movierec.training.config import load_config
 from movierec.training.losses import (
-    Objective,
     bce_loss,
+    build_objective,
     full_softmax_loss,
+    gbce_loss,
     popularity_log_q,
     sampled_softmax_loss,
 )
@@ -66,16 +68,52 @@ def test_full_softmax_is_cross_entropy_over_every_item(setup):
     torch.testing.assert_close(full_softmax_loss(model, queries, targets), torch.stack(rows).mean())
 
 
-@pytest.mark.parametrize("kind", ["bce", "sampled-softmax", "ce"])
-def test_objective_is_the_loss_of_the_models_queries(setup, kind):
+def test_gbce_weights_the_positive_by_beta_and_sums_the_shared_negatives(setup):
+    model, queries, _, targets, _ = setup
+    negatives = torch.tensor([[7, 8, 10], [11, 12, 1]])  # per sequence, shared by its positions
+    beta = 0.4
+    rows = []
+    for row, col in zip(*torch.nonzero(targets, as_tuple=True), strict=True):
+        pos = logit(model, queries, row, col, int(targets[row, col]))
+        negs = torch.stack([logit(model, queries, row, col, int(n)) for n in negatives[row]])
+        rows.append(-beta * F.logsigmoid(pos) - F.logsigmoid(-negs).sum())
+    torch.testing.assert_close(gbce_loss(model, queries, targets, negatives, beta), torch.stack(rows).mean())
+
+
+@pytest.mark.parametrize("kind", ["bce", "gbce", "sampled-softmax", "ce"])
+def test_each_objective_draws_its_negatives_and_takes_the_models_queries(setup, tmp_path, kind):
+    from data_builders import ratings
+
+    from movierec.data.layout import load_sequences
+    from movierec.data.negatives import SeenItems
+    from movierec.data.prepare import Interactions, write_dataset
+
     model, queries, inputs, targets, users = setup
-    negatives = torch.tensor([[1, 1, 7, 8, 10], [11, 12, 1, 2, 3]]) if kind == "bce" else torch.tensor([10, 11])
+    rows = ratings(num_users=4, per_user=8, num_items=12)
+    path = write_dataset(Interactions(users=rows[:, 0], items=rows[:, 1], timestamps=rows[:, 3]), tmp_path, "t",
+                         source={}, min_user_interactions=0, min_item_interactions=0)  # fmt: skip
+    data = load_sequences(path)
+    train = load_config(None, [f"train.loss={kind}", "train.num_negatives=3", "train.gbce_t=0.5"]).train
+    objective = build_objective(model, train, data, SeenItems.from_data(data))
+    negatives = objective.negatives(np.random.default_rng(0), users.numpy(), targets.numpy())
+    expected_shape = {"bce": targets.shape, "gbce": (2, 3), "sampled-softmax": (3,), "ce": (0,)}[kind]
+    assert negatives.shape == tuple(expected_shape)
+    if kind in ("bce", "gbce"):  # never an item the user has seen
+        for row, user in enumerate(users.tolist()):
+            seen = set(data.train_sequence(user).tolist())
+            assert not seen & set(negatives[row].ravel().tolist())
+    negatives_t = torch.from_numpy(negatives)
     expected = {
-        "bce": lambda: bce_loss(model, queries, targets, negatives),
-        "sampled-softmax": lambda: sampled_softmax_loss(model, queries, targets, negatives),
+        "bce": lambda: bce_loss(model, queries, targets, negatives_t),
+        "gbce": lambda: gbce_loss(model, queries, targets, negatives_t, objective.beta),
+        "sampled-softmax": lambda: sampled_softmax_loss(model, queries, targets, negatives_t),
         "ce": lambda: full_softmax_loss(model, queries, targets),
     }[kind]()
-    torch.testing.assert_close(Objective(model, kind)(users, inputs, targets, negatives), expected)
+    torch.testing.assert_close(objective(users, inputs, targets, negatives_t), expected)
+    assert objective.validation_loss == ("ce" if kind in ("ce", "sampled-softmax") else "bce")
+    if kind == "gbce":  # alpha = 3 / 11 sampled of the other items, t = 0.5
+        alpha = 3 / 11
+        assert objective.beta == pytest.approx(alpha * (0.5 * (1 - 1 / alpha) + 1 / alpha))
 
 
 def test_popularity_log_q_is_a_distribution_with_padding_never_drawn():

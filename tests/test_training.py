@@ -276,6 +276,8 @@ def test_init_from_a_checkpoint_of_another_model_kind_is_an_error(workspace):
         ["train.loss=ce"],
         ["train.loss=sampled-softmax", "train.negative_sampling=popularity", "train.num_negatives=32"],
         ["train.loss=sampled-softmax", "model.kind=sasrec"],
+        ["train.loss=gbce", "train.num_negatives=16"],
+        ["train.loss=gbce", "train.num_negatives=16", "train.optimizer=sparse-adam"],
         ["train.precision=bf16"],
         ["train.token_weighting=false"],
     ],

@@ -226,5 +226,6 @@ def evaluate_checkpoint(
     path = verify_dataset(state, data_path)
     data = load_sequences(path, shards=state["dataset"].get("shards"))
     model = model_from_checkpoint(state, device)
-    loss = state.get("config", {}).get("train", {}).get("loss", "bce")
+    trained_with = state.get("config", {}).get("train", {}).get("loss", "bce")  # checkpoints before validation_loss
+    loss = state.get("validation_loss") or ("ce" if trained_with in ("ce", "sampled-softmax") else "bce")
     return Evaluator(data, split, protocols, ks, seed, max_users=max_users).run(model, device, loss=loss)

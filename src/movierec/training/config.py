@@ -33,7 +33,8 @@ class TrainSection:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     loss: str = "bce"  # bce | sampled-softmax | ce
-    num_negatives: int = 256  # sampled-softmax only
+    num_negatives: int = 256  # sampled-softmax: per batch; gbce: per sequence
+    gbce_t: float = 0.75  # gbce calibration: 0 is plain BCE over the negatives, 1 fully calibrated (gSASRec's 0.75)
     negative_sampling: str = "uniform"  # sampled-softmax: uniform | popularity (with log-Q correction)
     precision: str = "auto"  # fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -242,6 +243,7 @@ def validate(config: RunConfig) -> None:
     checks = [
         (m.kind in MODELS, f"model.kind must be one of {', '.join(sorted(MODELS))}, got {m.kind!r}"),
         (t.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}, got {t.loss!r}"),
+        (0 <= t.gbce_t <= 1 and t.num_negatives > 0, "train.gbce_t must be in [0, 1] and train.num_negatives > 0"),
         (
             t.precision in ("fp32", "fp16", "bf16", "auto"),
             f"train.precision must be fp32|fp16|bf16|auto, got {t.precision!r}",

@@ -1,6 +1,11 @@
-"""Training objectives over the hidden states of non-padding positions.
+"""Training objectives: one class per `train.loss`, each owning its negatives, its loss over the model's
+queries, and which validation loss the evaluator reports for it.
 
 - `bce` (the paper): the next item against one sampled negative the user has not seen, binary cross-entropy.
+- `gbce` (gSASRec, Petrov & Macdonald, RecSys 2023): the next item against `num_negatives` unseen items,
+  drawn once per sequence and shared by its positions, with the calibrated generalised BCE: the positive's
+  log-sigmoid is weighted by beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = num_negatives / (items - 1),
+  t = `gbce_t`, which undoes the over-confidence that many negatives give BCE.
 - `sampled-softmax`: the next item against N negatives shared by the batch, softmax cross-entropy; with
   popularity sampling the logits are corrected by log Q (Yi et al., RecSys 2019) so the estimate is unbiased.
 - `ce`: softmax over all items ("SASRec+", Klenitskiy & Vasilev, RecSys 2023).
@@ -13,28 +18,100 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from movierec.data.layout import SequenceData
+from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
 from movierec.models.base import SequentialModel
 from movierec.models.sse_pt import bce_from_logits
 
-LOSSES = ("bce", "sampled-softmax", "ce")
-
 
 class Objective(nn.Module):
-    """A batch's training loss as one module: what DistributedDataParallel wraps, forward pass included."""
+    """A batch's training loss as one module (what DistributedDataParallel wraps, forward pass included).
 
-    def __init__(self, model: SequentialModel, kind: str, log_q: torch.Tensor | None = None):
+    Subclasses set `validation_loss`, the loss the evaluator reports at validation: "bce" (against one
+    seeded negative per user) or "ce" (softmax over every item)."""
+
+    validation_loss = "bce"
+
+    def __init__(self, model: SequentialModel, train, data: SequenceData, seen: SeenItems):
         super().__init__()
-        self.model, self.kind, self.log_q = model, kind, log_q
+        self.model, self.train_config, self.data, self.seen = model, train, data, seen
+
+    def negatives(self, rng: np.random.Generator, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The batch's negative items (drawn with `rng`, seeded per batch); none by default."""
+        return np.zeros(0, dtype=np.int64)
+
+    def loss(self, queries: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(
         self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
     ) -> torch.Tensor:
-        queries = self.model.queries(inputs, users)
-        if self.kind == "bce":
-            return bce_loss(self.model, queries, targets, negatives)
-        if self.kind == "sampled-softmax":
-            return sampled_softmax_loss(self.model, queries, targets, negatives, self.log_q)
+        return self.loss(self.model.queries(inputs, users), targets, negatives)
+
+
+class BCE(Objective):
+    def negatives(self, rng, users, targets):
+        return sample_training_negatives(rng, self.seen, users[:, None], targets.shape, self.data.num_items)
+
+    def loss(self, queries, targets, negatives):
+        return bce_loss(self.model, queries, targets, negatives)
+
+
+class GBCE(Objective):
+    def __init__(self, model, train, data, seen):
+        super().__init__(model, train, data, seen)
+        alpha = train.num_negatives / max(data.num_items - 1, 1)
+        self.beta = alpha * (train.gbce_t * (1 - 1 / alpha) + 1 / alpha)
+
+    def negatives(self, rng, users, targets):
+        shape = (len(users), self.train_config.num_negatives)
+        return sample_training_negatives(rng, self.seen, users[:, None], shape, self.data.num_items)
+
+    def loss(self, queries, targets, negatives):
+        return gbce_loss(self.model, queries, targets, negatives, self.beta)
+
+
+class SampledSoftmax(Objective):
+    validation_loss = "ce"
+
+    def __init__(self, model, train, data, seen):
+        super().__init__(model, train, data, seen)
+        self.sample_cdf = None
+        log_q = None
+        if train.negative_sampling == "popularity":  # a buffer, so it moves with .to(device)
+            log_q_64 = popularity_log_q(data.item_counts())
+            self.sample_cdf = np.cumsum(np.exp(log_q_64))
+            log_q = torch.from_numpy(log_q_64).float()
+        self.register_buffer("log_q", log_q, persistent=False)
+
+    def negatives(self, rng, users, targets):
+        if self.sample_cdf is not None:
+            return draw_by_weight(rng, self.sample_cdf, self.train_config.num_negatives)
+        return rng.integers(1, self.data.num_items + 1, size=self.train_config.num_negatives)
+
+    def loss(self, queries, targets, negatives):
+        return sampled_softmax_loss(self.model, queries, targets, negatives, self.log_q)
+
+
+class FullSoftmax(Objective):
+    validation_loss = "ce"
+
+    def loss(self, queries, targets, negatives):
         return full_softmax_loss(self.model, queries, targets)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "bce": BCE,
+    "gbce": GBCE,
+    "sampled-softmax": SampledSoftmax,
+    "ce": FullSoftmax,
+}
+LOSSES = tuple(OBJECTIVES)
+
+
+def build_objective(model: SequentialModel, train, data: SequenceData, seen: SeenItems) -> Objective:
+    """The objective `train.loss` names, for `model` on `data` (`train`: the config's train section)."""
+    return OBJECTIVES[train.loss](model, train, data, seen)
 
 
 def bce_loss(
@@ -44,6 +121,17 @@ def bce_loss(
     logits = model.score(queries, torch.stack([targets, negatives], dim=-1))
     mask = targets != 0
     return bce_from_logits(logits[..., 0][mask], logits[..., 1][mask])
+
+
+def gbce_loss(
+    model: SequentialModel, queries: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Mean over positions with a target of -beta log σ(s_pos) - Σ_k log(1 - σ(s_k)); `negatives` (B, K) are
+    shared by the positions of each sequence (one batched product instead of B x L x K gathers)."""
+    mask = targets != 0
+    positive = model.score(queries, targets.unsqueeze(-1))[..., 0][mask]
+    negative = torch.stack([model.score_shared(q, n) for q, n in zip(queries, negatives, strict=True)])[mask]
+    return (beta * F.softplus(-positive) + F.softplus(negative).sum(-1)).mean()
 
 
 def sampled_softmax_loss(

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_items, read_users, sha256_file
-from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
+from movierec.data.negatives import SeenItems
 from movierec.errors import CheckpointError, ConfigError, TrackingError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.files import FolderLock, atomic_path
@@ -170,11 +170,6 @@ class Trainer:
             copied = sum(not isinstance(p, np.memmap) for p in self.seen.items.parts)
             index = f"{copied} shards sorted" if copied else "the mapped shards (already sorted)"
             note(f"{len(self.batches):,} batches per epoch; seen-item index: {index}")
-        self.log_q = None
-        if c.train.loss == "sampled-softmax" and c.train.negative_sampling == "popularity":
-            log_q = losses.popularity_log_q(self.data.item_counts())
-            self.log_q = torch.from_numpy(log_q).float().to(self.device)
-            self.sample_cdf = np.cumsum(np.exp(log_q))
         with self._stage("validation") as note:
             protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
             self.validator = self._evaluator("validation", protocols)
@@ -201,7 +196,7 @@ class Trainer:
                 self.identity["user_ids"].numpy(),
                 c.init.map_by_id,
             )
-        self.objective = losses.Objective(self.model, c.train.loss, self.log_q)
+        self.objective = losses.build_objective(self.model, c.train, self.data, self.seen).to(self.device)
         self.train_module: torch.nn.Module = self.objective
         if self.dist.enabled:  # after restore / init-from: DDP starts every rank from rank 0's weights
             from torch.nn.parallel import DistributedDataParallel
@@ -290,6 +285,7 @@ class Trainer:
             "history": self.history,
             "world_size": self.dist.world_size,
             "optimizer_kind": self.optimizer_kind,
+            "validation_loss": self.objective.validation_loss,
             "config": json.loads(json.dumps(self.config.to_dict())),
             "dataset": self.identity,
             "mlflow_run_id": self.run_id,
@@ -297,16 +293,6 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ one epoch
-
-    def _negatives(self, rng: np.random.Generator, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        t = self.config.train
-        if t.loss == "bce":
-            return sample_training_negatives(rng, self.seen, users[:, None], targets.shape, self.data.num_items)
-        if t.loss == "sampled-softmax":
-            if self.log_q is not None:
-                return draw_by_weight(rng, self.sample_cdf, t.num_negatives)
-            return rng.integers(1, self.data.num_items + 1, size=t.num_negatives)
-        return np.zeros(0, dtype=np.int64)
 
     def _batch_loss(self, index: int, users: np.ndarray) -> tuple[torch.Tensor, int]:
         """The (weighted) loss of global batch `index` of this epoch, and its number of target positions.
@@ -319,7 +305,7 @@ class Trainer:
         torch.manual_seed(int(seeds.generate_state(1, np.uint64)[0] >> np.uint64(1)))
         rng = np.random.default_rng(seeds)
         batch = self.batches.make_batch(users)
-        negatives = torch.from_numpy(self._negatives(rng, batch.users, batch.targets)).to(dev)
+        negatives = torch.from_numpy(self.objective.negatives(rng, batch.users, batch.targets)).to(dev)
         users_t, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
         users_t, inputs, targets = self.model.training_batch(users_t, inputs, targets)
         autocast = torch.autocast(
@@ -569,7 +555,7 @@ class Trainer:
     def _evaluate(self, evaluator: Evaluator) -> dict:
         """Every process scores its share of the users; the totals are summed, so all ranks agree."""
         return evaluator.run(
-            self.model, self.device, self.autocast_dtype, self.config.train.loss,
+            self.model, self.device, self.autocast_dtype, self.objective.validation_loss,
             part=(self.dist.rank, self.dist.world_size), all_reduce=self.dist.all_reduce_sum,
         )  # fmt: skip
 
