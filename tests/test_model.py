@@ -154,3 +154,43 @@ def test_config_rejects_inconsistent_shapes():
         ModelConfig(num_users=2, num_items=2, d_item=10, d_user=3, num_heads=2)
     with pytest.raises(ValueError, match="d_user"):
         ModelConfig(num_users=2, num_items=2, d_user=0)
+
+
+def make_bert4rec(**overrides):
+    from movierec.models.base import build_model
+
+    torch.manual_seed(0)
+    options = {"kind": "bert4rec", "num_users": 3, "num_items": 30, "max_len": 8, "d_item": 16, "num_heads": 2}
+    return build_model(ModelConfig(**{**options, **overrides})).eval()
+
+
+def test_bert4rec_attends_both_ways_and_ignores_padding():
+    model = make_bert4rec()
+    seqs = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13]])
+    users = torch.tensor([1])
+    base = model.queries(seqs, users)
+    later = seqs.clone()
+    later[0, 6:] = torch.tensor([20, 21])
+    assert not torch.allclose(model.queries(later, users)[0, 3], base[0, 3])  # position 3 sees the future
+    unpadded = model.queries(seqs[:, 2:], users)
+    torch.testing.assert_close(unpadded[0, -1], base[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_bert4rec_cloze_batch_and_the_appended_mask():
+    model = make_bert4rec(mask_prob=0.3, max_len=50)
+    torch.manual_seed(1)
+    inputs = torch.randint(1, 31, (400, 50))
+    inputs[:5, :10] = 0  # some left padding
+    targets = torch.cat([inputs[:, 1:], torch.randint(1, 31, (400, 1))], dim=1)
+    _, cloze, hidden = model.training_batch(torch.ones(400, dtype=torch.long), inputs, targets)
+    masked = cloze == model.mask_id
+    window = torch.cat([inputs[:, 1:], targets[:, -1:]], dim=1)
+    assert torch.equal(hidden[masked], window[masked]) and torch.all(hidden[~masked] == 0)
+    assert torch.all(masked[:, -1]) and not torch.any(masked & (window == 0))
+    assert abs(masked[:, :-1].float().mean().item() - 0.3) < 0.02
+    # inference: a full window drops its oldest item to make room for the [mask]
+    full = torch.randint(1, 31, (2, 50))
+    expected = model._encode(torch.cat([full[:, 1:], torch.full((2, 1), model.mask_id)], dim=1))[:, -1]
+    torch.testing.assert_close(model.queries(full, torch.tensor([1, 2]), last_only=True), expected)
+    scores = model.next_item_scores(full, torch.tensor([0, 0]))
+    assert scores.shape == (2, 31) and torch.all(scores[:, 0] == float("-inf"))  # the [mask] is never scored

@@ -45,9 +45,13 @@ class BagOfItems(SequentialModel):
         return queries @ table.t()
 
 
-def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, capsys):
-    overrides = ["model.kind=toy-bag", "model.max_len=20", "model.d_item=16", "train.epochs=2", "eval.ks=[10]",
-                 "eval.every_steps=1", "tracking.log_model=false", "tracking.system_metrics=false"]  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [("toy-bag", []), ("bert4rec", ["train.loss=ce", "model.num_heads=2"]), ("bert4rec", ["train.loss=bce"])],
+)
+def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, capsys, kind, extra):
+    overrides = [f"model.kind={kind}", "model.max_len=20", "model.d_item=16", "train.epochs=2", "eval.ks=[10]",
+                 "eval.every_steps=1", "tracking.log_model=false", "tracking.system_metrics=false", *extra]  # fmt: skip
     config = load_config(None, overrides)
     config.data.path, config.run_dir = str(trained_run.data_dir), str(tmp_path / "run")
     config.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -68,7 +72,7 @@ def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, caps
     history = [r.movie_id for r in recs[:3]]
     assert len(recommender.recommend_history(history, 4).recommendations) == 4
     assert main(["recommend", str(result.run_dir), "--user", str(user), "--k", "3"]) == 0
-    assert "toy-bag" in capsys.readouterr().out
+    assert kind in capsys.readouterr().out
 
     source = load_source(result.run_dir)
     for fmt, name in (("onnx", "toy.onnx"), ("torchscript", "toy.pt")):
@@ -77,7 +81,7 @@ def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, caps
 
 
 def test_the_registry_names_every_kind_and_refuses_unknown_ones():
-    assert {"sse-pt", "sasrec", "toy-bag"} <= set(MODELS)
+    assert {"sse-pt", "sasrec", "bert4rec", "toy-bag"} <= set(MODELS)
     with pytest.raises(ValueError, match=r"model\.kind must be one of .*sasrec.*sse-pt.*toy-bag.*got 'gru4rec'"):
         ModelConfig(kind="gru4rec", num_users=3, num_items=5)
     with pytest.raises(ConfigError, match=r"model\.kind must be one of"):

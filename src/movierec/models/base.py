@@ -34,6 +34,7 @@ class Architecture:
     dropout: float = 0.2
     keep_user: float = 0.08  # SSE keep probabilities (the official flags --threshold_user/--threshold_item)
     keep_item: float = 0.9
+    mask_prob: float = 0.2  # BERT4Rec: share of a sequence's items hidden for the cloze objective
 
     @property
     def d_model(self) -> int:

@@ -1,0 +1,104 @@
+"""BERT4Rec (Sun et al., CIKM 2019): a bidirectional Transformer trained to fill in masked items (cloze).
+
+Training hides `mask_prob` of a sequence's items behind a [mask] token (id num_items + 1) and predicts them
+from both sides; at inference a [mask] is appended after the history and its prediction is the next item.
+Blocks follow the paper's BERT layout: multi-head self-attention without a causal mask, a GELU
+feed-forward of width 4d, each sub-layer followed by dropout, a residual and LayerNorm (post-norm); the
+output head is a dense layer + GELU + LayerNorm, scored against the (tied) item table plus a per-item bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from movierec.models.base import Architecture, ModelConfig, SequentialModel, register
+
+
+class BidirectionalBlock(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn_in, self.ffn_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.attn_norm, self.ffn_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, d = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+        attended = attended.transpose(1, 2).reshape(batch, length, d)
+        x = self.attn_norm(x + F.dropout(self.out(attended), p, self.training))
+        hidden = self.ffn_out(F.dropout(F.gelu(self.ffn_in(x)), p, self.training))
+        return self.ffn_norm(x + F.dropout(hidden, p, self.training))
+
+
+@register("bert4rec")
+class BERT4Rec(SequentialModel):
+    @classmethod
+    def resolve(cls, config: Architecture) -> None:
+        config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0  # no user embedding, no SSE
+        if config.d_item % config.num_heads:
+            raise ValueError(f"model.d_item = {config.d_item} must be divisible by num_heads={config.num_heads}")
+        if not 0 < config.mask_prob < 1:
+            raise ValueError(f"model.mask_prob must be in (0, 1), got {config.mask_prob}")
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_item
+        self.mask_id = config.num_items + 1
+        self.item_emb = nn.Embedding(config.num_items + 2, d, padding_idx=0)  # + the [mask] token
+        self.pos_emb = nn.Embedding(config.max_len, d)
+        self.input_norm = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(
+            BidirectionalBlock(d, config.num_heads, config.dropout) for _ in range(config.num_blocks)
+        )
+        self.head, self.head_norm = nn.Linear(d, d), nn.LayerNorm(d)
+        self.item_bias = nn.Parameter(torch.zeros(config.num_items + 2))
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def _encode(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded ids, [mask] included -> (B, L, d) output-head states."""
+        length = sequences.shape[1]
+        positions = torch.arange(self.config.max_len - length, self.config.max_len, device=sequences.device)
+        x = self.item_emb(sequences) + self.pos_emb(positions)
+        x = F.dropout(self.input_norm(x), self.config.dropout, self.training)
+        key_mask = (sequences != 0)[:, None, None, :]  # padding is never attended to
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.head_norm(F.gelu(self.head(x)))
+
+    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        if not last_only:  # training: the cloze positions of `training_batch`'s inputs
+            return self._encode(sequences)
+        if sequences.shape[1] >= self.config.max_len:  # room for the [mask]: the oldest item leaves the window
+            sequences = sequences[:, 1:]
+        mask = torch.full_like(sequences[:, :1], self.mask_id)
+        return self._encode(torch.cat([sequences, mask], dim=1))[:, -1]
+
+    def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return (queries.unsqueeze(-2) * self.item_emb(items)).sum(-1) + self.item_bias[items]
+
+    def score_shared(self, queries: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
+        if isinstance(items, slice):
+            return queries @ self.item_emb.weight[items].t() + self.item_bias[items]
+        return queries @ self.item_emb(items).t() + self.item_bias[items]
+
+    def training_batch(
+        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next-item pairs -> cloze: the window ending at the last target (as wide as the inputs, so the
+        batch keeps its shape) with `mask_prob` of its items masked, and always the last one (the position
+        inference asks about); the targets are the hidden items, 0 elsewhere."""
+        window = torch.cat([inputs[:, 1:], targets[:, -1:]], dim=1)
+        real = window != 0
+        masked = (torch.rand(window.shape, device=window.device) < self.config.mask_prob) & real
+        masked[:, -1] |= real[:, -1]
+        return users, torch.where(masked, self.mask_id, window), torch.where(masked, window, 0)
