@@ -1,11 +1,12 @@
 """Time to quality: wall seconds and epochs until test NDCG@10 reaches given thresholds, SSE-PT and SASRec.
 
     python bench/time_to_quality.py --data data/ml-1m-sasrec [--models sse-pt,sasrec] \
-        [--thresholds 0.55,0.58,0.60,0.62] [--out runs/time-to-quality] [--set KEY=VALUE ...]
+        [--thresholds 0.55,0.58,0.60,0.62] [--minutes 30] [--out runs/time-to-quality] [--set KEY=VALUE ...]
     python bench/time_to_quality.py --runs sse-pt=runs/x sasrec=runs/y      # curves of finished runs
 
 Each model trains once with its config as shipped (`configs/ml-1m-<model>.yaml`, no overrides but the run
-folder, the MLflow store and `eval.test_curve=true`), in its own process, one after the other. With
+folder, the MLflow store, `eval.test_curve=true` and the time budget `train.max_minutes`), in its own
+process, one after the other. With
 `eval.test_curve` the trainer also scores the test split at every validation; the clock of the run
 (`elapsed_s` in history.json: training plus validation, from the first step) pauses while it does, so the
 seconds are those of a run without it. Prints, per model and threshold, the first validation at which test
@@ -25,13 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 METRIC = "sampled-uniform-100/ndcg@10"
 
 
-def train(model: str, data: str, out: Path, extra: list[str]) -> Path:
+def train(model: str, data: str, out: Path, minutes: float, extra: list[str]) -> Path:
     """One run of `configs/ml-1m-<model>.yaml` as shipped; returns its run folder."""
     run_dir = out / model
     command = [
         sys.executable, "-m", "movierec", "train", "--config", str(REPO / "configs" / f"ml-1m-{model}.yaml"),
         "--data", data, "--run-dir", str(run_dir), "--tracking-uri", f"sqlite:///{out.resolve()}/mlflow.db",
-        "--run-name", f"time-to-quality-{model}", "eval.test_curve=true", *extra,
+        "--run-name", f"time-to-quality-{model}", "--max-minutes", str(minutes), "eval.test_curve=true", *extra,
     ]  # fmt: skip
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/ml-1m-sasrec")
     parser.add_argument("--models", default="sse-pt,sasrec", help="comma-separated: configs/ml-1m-<model>.yaml")
     parser.add_argument("--thresholds", default="0.55,0.58,0.60,0.62")
+    parser.add_argument("--minutes", type=float, default=30.0, help="each run's budget (train.max_minutes)")
     parser.add_argument("--out", type=Path, default=Path("runs/time-to-quality"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides (all models)")
     parser.add_argument("--runs", nargs="*", default=[], metavar="MODEL=RUN_DIR", help="use finished runs instead")
@@ -91,7 +93,9 @@ def main() -> None:
     if args.runs:
         run_dirs = {spec.split("=", 1)[0]: Path(spec.split("=", 1)[1]) for spec in args.runs}
     else:
-        run_dirs = {model: train(model, args.data, args.out, args.set) for model in args.models.split(",")}
+        run_dirs = {
+            model: train(model, args.data, args.out, args.minutes, args.set) for model in args.models.split(",")
+        }
     curves = {model: curve(run_dir) for model, run_dir in run_dirs.items()}
 
     header = f"{'model':<10}{'threshold':>10}{'reached at epoch':>18}{'after minutes':>15}"

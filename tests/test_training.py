@@ -197,6 +197,12 @@ def test_early_stopping_counts_optimizer_steps(workspace):
     assert all(b - a >= 7 for a, b in pairwise(validated[:-1])) and validated[-1] == sparse.history[-1]["step"]
 
 
+def test_a_time_budget_stops_after_the_epoch_that_spends_it(workspace):
+    result = train(tiny_config(workspace, "budget", "eval.every_steps=1000", "train.max_minutes=0.0001", epochs=50))
+    assert result.epochs_run == 1 and "val_loss" in result.history[0]  # the last epoch is validated
+    assert result.test_metrics and result.history[0]["elapsed_s"] >= 0.006
+
+
 def test_resume_of_a_finished_run_is_refused(workspace):
     result = train(tiny_config(workspace, "finished", epochs=1))
     for resume in (Path(result.run_dir) / "best.ckpt", result.run_dir):

@@ -181,6 +181,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"], help="train.precision")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--max-steps", type=int, help="train.max_steps: stop after N optimizer steps")
+    p.add_argument("--max-minutes", type=float, help="train.max_minutes: stop after M minutes, then test the best")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -204,6 +205,7 @@ def config_from_args(args: argparse.Namespace):
         "train.precision": args.precision,
         "train.device": args.device,
         "train.max_steps": args.max_steps,
+        "train.max_minutes": args.max_minutes,
     }
     if args.resume and not args.config:
         base = config_from_dict(load_checkpoint(args.resume)["config"])

@@ -50,6 +50,9 @@ class TrainSection:
     # batch_size x grad_accumulation x world size (processes under torchrun); lr is not rescaled
     grad_accumulation: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (with checkpoints and test metrics)
+    # stop at the first epoch end after this many minutes of training and validation (the run's own clock,
+    # summed over resumed segments), then test the best checkpoint as usual: "the best model in 30 minutes"
+    max_minutes: float | None = None
     # adam: dense Adam on every parameter; sparse-adam: the item and user tables get row-sparse gradients and
     # a lazy Adam (torch.optim.SparseAdam) that touches only the rows a batch used; auto: sparse-adam when the
     # item table has more rows than SPARSE_ROWS_PER_TOKEN x (batch_size x max_len), else adam (see results.md)
@@ -253,6 +256,7 @@ def validate(config: RunConfig) -> None:
         (t.batch_size > 0 and t.lr > 0, "train.batch_size and train.lr must be > 0"),
         (t.grad_accumulation >= 1, "train.grad_accumulation must be >= 1"),
         (t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0 (or null for no limit)"),
+        (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0 (or null for no limit)"),
         (t.optimizer in ("auto", "adam", "sparse-adam"),
          f"train.optimizer must be auto|adam|sparse-adam, got {t.optimizer!r}"),
         (not (t.optimizer == "sparse-adam" and t.loss == "ce"),

@@ -563,7 +563,9 @@ class Trainer:
         c = self.config
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
-            while self.epoch < c.train.epochs and not self.reached_max_steps and not self.out_of_patience:
+            while self.epoch < c.train.epochs and not (
+                self.reached_max_steps or self.out_of_patience or self.out_of_time
+            ):
                 started = time.perf_counter()
                 remaining = None if c.train.max_steps is None else c.train.max_steps - self.step
                 record = {"epoch": self.epoch + 1, **self.train_epoch(progress, max_steps=remaining)}
@@ -572,7 +574,7 @@ class Trainer:
                 if self.time_to_first_step is not None and self.epoch == 1:
                     record["time_to_first_step_s"] = self.time_to_first_step
                 improved = False
-                last = self.epoch == c.train.epochs or self.reached_max_steps
+                last = self.epoch == c.train.epochs or self.reached_max_steps or self.out_of_time_after(started)
                 if self.step - self.last_eval_step >= c.eval.every_steps or last:
                     eval_started = time.perf_counter()
                     metrics = self._evaluate(self.validator)
@@ -604,6 +606,18 @@ class Trainer:
                         tmp.write_text(json.dumps(self.history, indent=1))
                     self._log_epoch(record)  # after the checkpoint: a failing store loses no training
                 self.console.print(self._summary_line(record, improved), soft_wrap=True)
+
+    @property
+    def out_of_time(self) -> bool:
+        """train.max_minutes of the run's clock are spent."""
+        budget = self.config.train.max_minutes
+        return budget is not None and self.elapsed >= 60 * budget
+
+    def out_of_time_after(self, epoch_started: float) -> bool:
+        """Whether the epoch that started at `epoch_started` (perf_counter) ends the time budget, so that
+        the last epoch is validated before the run stops."""
+        budget = self.config.train.max_minutes
+        return budget is not None and self.elapsed + time.perf_counter() - epoch_started >= 60 * budget
 
     @property
     def out_of_patience(self) -> bool:
