@@ -38,7 +38,11 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, kernel_name):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     workdir = tmp_path / "work"
     workdir.mkdir()
-    client = NotebookClient(nb, timeout=300, kernel_name=kernel_name, resources={"metadata": {"path": str(workdir)}})
+    # iopub_timeout: how long nbclient waits for a cell's last outputs once it has finished; its default of
+    # 4 s dropped the output of a cell on a loaded 2-core machine (CI with other jobs running)
+    client = NotebookClient(
+        nb, timeout=300, iopub_timeout=60, kernel_name=kernel_name, resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
 
     outputs = [output for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs]
