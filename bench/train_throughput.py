@@ -95,6 +95,7 @@ def main() -> None:
         if args.precisions
         else (["fp32", "fp16", "bf16"] if torch.cuda.is_available() else ["fp32", "bf16"])
     )
+
     def run_worker(spec: str) -> dict:
         cmd = [sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--worker", spec]
         if args.threads:

@@ -91,9 +91,7 @@ class SSEPT(SequentialModel):
         if config.kind == "sse-pt" and config.d_user <= 0:
             raise ValueError("SSE-PT needs model.d_user > 0 (use kind: sasrec for no user embedding)")
         if config.d_model % config.num_heads:
-            raise ValueError(
-                f"d_item + d_user = {config.d_model} must be divisible by num_heads={config.num_heads}"
-            )
+            raise ValueError(f"d_item + d_user = {config.d_model} must be divisible by num_heads={config.num_heads}")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
