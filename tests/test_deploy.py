@@ -236,9 +236,10 @@ def test_gpu_override_has_a_torchrun_service_on_every_gpu():
     assert train.command == "train"
     assert volume_of(service, train.data) == "data" and volume_of(service, train.run_dir) == "runs"
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
-    assert service["environment"]["MLFLOW_TRACKING_URI"] == merged["services"]["train"]["environment"][
-        "MLFLOW_TRACKING_URI"
-    ]
+    assert (
+        service["environment"]["MLFLOW_TRACKING_URI"]
+        == merged["services"]["train"]["environment"]["MLFLOW_TRACKING_URI"]
+    )
 
 
 # --------------------------------------------------------------------------- Dockerfile

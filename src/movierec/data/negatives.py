@@ -30,9 +30,7 @@ def _is_sorted_within_users(part: np.ndarray, segment_starts: np.ndarray) -> boo
 class SeenItems:
     """Per-user sorted item sets (CSR over user ids) plus optional held-out columns, for vectorised look-ups."""
 
-    def __init__(
-        self, offsets: np.ndarray, sorted_items: ConcatenatedColumn, num_items: int, held_out: tuple = ()
-    ):
+    def __init__(self, offsets: np.ndarray, sorted_items: ConcatenatedColumn, num_items: int, held_out: tuple = ()):
         self.offsets, self.items, self.num_items, self.held_out = offsets, sorted_items, num_items, held_out
 
     @classmethod
