@@ -25,7 +25,8 @@ LN_EPS = 1e-8
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, as F.dropout, with a cheaper mask: CPU random numbers come from one Mersenne
     Twister stream, and drawing them is most of dropout's cost, so each 64-bit draw is split into four
-    15-bit uniforms (p is rounded to a multiple of 2^-15). About 2x faster than F.dropout's Bernoulli on CPU."""
+    15-bit uniforms (p is rounded to a multiple of 2^-15). Measured effect on whole training steps: see the
+    throughput section of docs/results.md."""
     if not training or p == 0:
         return x
     count = x.numel()
@@ -120,7 +121,8 @@ class SSEPT(SequentialModel):
             return None
         vectors = self.user_emb(users) * math.sqrt(self.config.d_user)
         traced = torch.jit.is_tracing() or torch.compiler.is_compiling()  # no data-dependent branch in an export
-        if traced or bool((users == 0).any()):
+        # training never has user 0 (and a check per step would make a GPU wait for it)
+        if traced or (not self.training and bool((users == 0).any())):
             vectors = torch.where((users == 0).unsqueeze(-1), self.new_user_vector(), vectors)
         return vectors
 
