@@ -104,6 +104,37 @@ def test_training_batches_pair_each_item_with_the_next_one(tiny):
     assert batch.num_tokens == 4
 
 
+def test_sse_pt_plus_plus_windows_are_contiguous_uniform_and_only_for_long_histories(tiny):
+    """train.window_prob: a history longer than max_len + 1 sometimes trains on an older contiguous window,
+    drawn uniformly among the older ones; shorter histories always train on their latest items."""
+    always = TrainBatches(tiny, batch_size=2, max_len=3, window_prob=1.0)
+    batch = always.make_batch(np.array([1, 3]), np.random.default_rng(0))
+    # user 3's training items are 1..5: four transitions, one window older than the latest three
+    np.testing.assert_array_equal(batch.inputs, [[0, 0, 1], [1, 2, 3]])
+    np.testing.assert_array_equal(batch.targets, [[0, 0, 2], [2, 3, 4]])
+    never = TrainBatches(tiny, batch_size=2, max_len=3, window_prob=0.0)
+    np.testing.assert_array_equal(never.make_batch(np.array([3]), np.random.default_rng(0)).inputs, [[2, 3, 4]])
+
+    history = np.arange(1, 31)  # 28 training items after the validation and test items leave
+    users, items = np.ones(len(history), dtype=np.int64), history
+    interactions = Interactions(users=users, items=items, timestamps=np.arange(len(users)))
+    path = write_dataset(interactions, tiny.path.parent / "long", "long", source={"kind": "test"},
+                         min_user_interactions=0, min_item_interactions=0)  # fmt: skip
+    long = load_sequences(path)
+    half = TrainBatches(long, batch_size=1, max_len=5, window_prob=0.5)
+    rng = np.random.default_rng(1)
+    first_targets = []
+    for _ in range(4000):
+        batch = half.make_batch(np.array([1]), rng)
+        assert np.all(np.diff(batch.inputs[0]) == 1) and np.all(batch.targets == batch.inputs + 1)
+        first_targets.append(int(batch.targets[0, 0]))
+    counts = np.bincount(first_targets)
+    latest = counts[-1]  # the latest window: targets 24..28 of the 28 training items (ids = positions)
+    assert latest == pytest.approx(2000, abs=150)  # 1 - window_prob of the draws
+    older = counts[2:-1]  # 22 older windows, each ~2000 / 22 times
+    assert len(older) == 22 and older.min() > 50 and older.max() < 140
+
+
 def test_token_weights_give_every_target_position_the_same_weight(tiny):
     """train.token_weighting scales each batch's mean loss by num_tokens / mean_tokens: the scale averages
     1 over an epoch (the learning rate keeps its meaning) and every position gets weight 1 / mean_tokens."""

@@ -14,6 +14,7 @@ from movierec.models.sse_pt import SSEPT, apply_sse
 def make_model(kind: str = "sse-pt", **overrides) -> SSEPT:
     torch.manual_seed(0)
     options = {"num_users": 7, "num_items": 30, "kind": kind, "max_len": 8, "d_item": 12, "d_user": 4, "dropout": 0.0}
+    options["zero_user_term"] = False  # the user term is then non-zero from the start, which these tests need
     options.update(overrides)
     return SSEPT(ModelConfig(**options)).eval()
 
@@ -104,6 +105,20 @@ def test_scores_are_tied_to_the_input_tables():
     torch.testing.assert_close(every.gather(1, items), scores)
     torch.testing.assert_close(model.score_shared(queries, slice(3, 10)), every[:, 3:10])
     torch.testing.assert_close(model.score_shared(queries, torch.tensor([9, 3])), every[:, [9, 3]])
+
+
+def test_the_user_term_starts_at_zero_unless_the_paper_init_is_asked_for():
+    """model.zero_user_term: the user half of the output (a bias shared by every item at a position) starts
+    at 0, so the first BCE loss is 2 log 2 like SASRec's; with the official init it starts positive."""
+    seqs, users = torch.randint(1, 31, (16, 8)), torch.randint(1, 8, (16,))
+    for zero, expected in ((True, lambda t: torch.all(t == 0)), (False, lambda t: t.mean() > 0.1)):
+        model = make_model(d_user=12, zero_user_term=zero)
+        user_term = model.queries(seqs, users)[..., model.config.d_item :]
+        assert expected(user_term), (zero, user_term.mean())
+    model = make_model(d_user=12, zero_user_term=True).train()
+    with torch.no_grad():
+        model.final_norm.weight.add_(0.5)  # training moves it: the user term is learnt like any weight
+    assert model.queries(seqs, users)[..., model.config.d_item :].abs().sum() > 0
 
 
 def test_a_person_without_an_embedding_gets_the_mean_user_vector():

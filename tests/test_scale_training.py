@@ -39,7 +39,7 @@ def test_two_steps_on_an_ml_20mx16x32_shaped_file_with_a_large_catalog(tmp_path,
     assert state["model"]["item_emb.weight"].shape[0] == sequences.num_items + 1
     run = MlflowClient(uri).get_run(state["mlflow_run_id"])
     assert run.data.params["train.optimizer_resolved"] == "sparse-adam"
-    assert run.data.params["eval.validation_users"] == "25"
+    assert run.data.params["eval.validated_users"] == "25"
     assert 0 <= run.data.metrics["test_full/ndcg_at_10"] <= 1
     # evaluate and recommend work on the large catalog (chunked scoring) from the same run
     metrics = tmp_path / "metrics.json"

@@ -382,3 +382,17 @@ def test_only_runs_of_dead_processes_of_this_host_are_ended(tmp_path):
     assert statuses == {
         "alive": "RUNNING", "dead": "KILLED", "pid reused": "KILLED", "other host": "RUNNING", "untagged": "RUNNING",
     }  # fmt: skip
+
+
+def test_trainings_started_together_on_a_new_sqlite_store_all_open_it(tmp_path):
+    """MLflow creates and migrates a SQLite schema without a lock; three processes opening a new store at
+    once used to fail with "index ... already exists" (seen with two `movierec train` started together)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from movierec.training.tracking import ensure_experiment as e; print(e('e', sys.argv[1]))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-500:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1  # one experiment, the same id for all

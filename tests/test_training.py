@@ -197,6 +197,16 @@ def test_early_stopping_counts_optimizer_steps(workspace):
     assert all(b - a >= 7 for a, b in pairwise(validated[:-1])) and validated[-1] == sparse.history[-1]["step"]
 
 
+def test_validation_runs_on_its_own_user_sample_and_the_test_on_every_user(workspace):
+    from movierec.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(workspace, "validation-sample", "eval.validation_users=40"))
+    assert trainer.validator.num_users == 40
+    assert trainer._evaluator("evaluation", ("full",)).num_users == 200
+    capped = Trainer(tiny_config(workspace, "both-capped", "eval.max_users=50"))
+    assert capped.validator.num_users == 50 and capped._evaluator("evaluation", ("full",)).num_users == 50
+
+
 def test_a_time_budget_stops_after_the_epoch_that_spends_it(workspace):
     result = train(tiny_config(workspace, "budget", "eval.every_steps=1000", "train.max_minutes=0.0001", epochs=50))
     assert result.epochs_run == 1 and "val_loss" in result.history[0]  # the last epoch is validated

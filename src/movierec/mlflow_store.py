@@ -3,8 +3,10 @@ serving and export (which read `runs:/` and `models:/` references), so that none
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
@@ -40,3 +42,28 @@ def tracking_uri(configured: str | None) -> str:
         path, sep, query = uri.removeprefix("sqlite:///").partition("?")
         uri = f"sqlite:///{Path(path).resolve()}{sep}{query}"
     return uri
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on a SQLite store's file while MLflow opens it.
+
+    Opening a new or older SQLite store creates or migrates its schema, and MLflow does that without a lock:
+    two trainings started together on one store both run the migration, and the loser fails with "index ...
+    already exists" (or leaves the schema half-migrated). `flock` is independent of SQLite's own `fcntl`
+    locks, so holding it on the database file itself serialises the openings and nothing else. Other URIs
+    pass through.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:  # an empty file is what SQLite makes of a new database anyway
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

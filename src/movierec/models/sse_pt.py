@@ -113,6 +113,11 @@ class SSEPT(SequentialModel):
                 nn.init.zeros_(param)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+            if self.user_emb is not None and self.config.zero_user_term:
+                # the user half of the output h_u scores h_u . u, the same bias for every item at a position;
+                # through the residual path h_u starts correlated with u, so that bias starts positive (about
+                # +1.5 on ML-1M, a BCE loss of 6.6 instead of 1.4) and the first epochs are spent undoing it
+                self.final_norm.weight[self.config.d_item :].zero_()
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
         """The scaled user embedding used on both the input and the output side (None for SASRec); user 0,

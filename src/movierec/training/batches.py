@@ -3,6 +3,10 @@
 An epoch is one pass over the users with at least two training items (as SASRec's sampler). Users are
 shuffled, then grouped "sortish": within windows of `bucket_batches` batches users are sorted by length,
 so a batch is only as wide as its longest sequence (dynamic padding) and little compute goes to padding.
+
+A user's training sequence is the latest `max_len` items; with `window_prob` (SSE-PT++, Wu et al., RecSys
+2020) a user with a longer history instead gets, with that probability, a contiguous window of `max_len`
+items ending at a uniformly drawn earlier position, so that the older part of long histories is trained on too.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ class Batch:
 class TrainBatches:
     """Yields shuffled, length-bucketed batches of (users, inputs, targets) for one epoch at a time."""
 
-    def __init__(self, data: SequenceData, batch_size: int, max_len: int, bucket_batches: int = 32):
+    def __init__(
+        self, data: SequenceData, batch_size: int, max_len: int, bucket_batches: int = 32, window_prob: float = 0.0
+    ):
         self.data, self.batch_size, self.max_len, self.bucket_batches = data, batch_size, max_len, bucket_batches
+        self.window_prob = window_prob
         lengths = data.train_lengths
         self.users = np.flatnonzero(lengths >= 2)
         self.lengths = np.minimum(lengths[self.users] - 1, max_len)  # target positions per user
@@ -53,12 +60,23 @@ class TrainBatches:
 
     def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
         for users in self.plan(rng):
-            yield self.make_batch(users)
+            yield self.make_batch(users, rng)
 
-    def make_batch(self, users: np.ndarray) -> Batch:
+    def make_batch(self, users: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
+        """The batch of `users`; `rng` draws the SSE-PT++ windows (none drawn without it or at window_prob 0)."""
         data = self.data
         starts, ends = data.train_offsets[users], data.train_offsets[users + 1]
+        if self.window_prob > 0 and rng is not None:
+            ends = self.window_ends(rng, starts, ends)
         width = int(min(self.max_len, (ends - starts).max() - 1))
         targets, _ = left_padded(data.train_items, ends, starts + 1, width)
         inputs, _ = left_padded(data.train_items, ends - 1, starts, width)
         return Batch(users=users, inputs=inputs, targets=targets)
+
+    def window_ends(self, rng: np.random.Generator, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """`ends`, moved back for the users drawn for an earlier window: a user with n training items has
+        n - 1 - max_len windows older than the latest, and the drawn one is uniform among them."""
+        older_windows = np.maximum(ends - starts - 1 - self.max_len, 0)
+        drawn = (rng.random(len(ends)) < self.window_prob) & (older_windows > 0)
+        shift = np.floor(rng.random(len(ends)) * older_windows).astype(np.int64) + 1  # 1 .. older_windows
+        return np.where(drawn, ends - shift, ends)

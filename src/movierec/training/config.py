@@ -40,6 +40,9 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
     bucket_batches: int = 32  # sort users by length within windows of this many batches (0: off)
+    # SSE-PT++: the probability that a user with more than max_len + 1 training items trains on a uniformly
+    # drawn older window of max_len items instead of the latest (0: always the latest, as SSE-PT and SASRec)
+    window_prob: float = 0.0
     # weight each batch's mean loss by its share of target positions, so every position weighs the same
     # across length-bucketed batches, as with the official sampler's random batches (false: every batch
     # weighs the same, which over-weights short sequences and cost ~0.01 test NDCG@10 on ML-1M)
@@ -85,6 +88,9 @@ class EvalSection:
     seed: int = 0
     batch_size: int = 256
     max_users: int | None = None  # validate and test on a seeded, fixed sample of this many users (None: all)
+    # validate (early stopping, best.ckpt) on a seeded, fixed sample of this many users, and test on max_users:
+    # validation runs many times a run, the test once, so a small sample saves time where it is spent
+    validation_users: int | None = None
     item_chunk: int = 32768  # full ranking scores the catalog this many items at a time (bounded memory)
 
 
@@ -255,6 +261,7 @@ def validate(config: RunConfig) -> None:
         (t.epochs >= 1, f"train.epochs (--epochs) must be >= 1, got {t.epochs}: a run trains at least one epoch"),
         (t.batch_size > 0 and t.lr > 0, "train.batch_size and train.lr must be > 0"),
         (t.grad_accumulation >= 1, "train.grad_accumulation must be >= 1"),
+        (0 <= t.window_prob <= 1, f"train.window_prob is a probability (SSE-PT++), got {t.window_prob}"),
         (t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0 (or null for no limit)"),
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0 (or null for no limit)"),
         (t.optimizer in ("auto", "adam", "sparse-adam"),
@@ -263,6 +270,7 @@ def validate(config: RunConfig) -> None:
          "train.optimizer=sparse-adam cannot train loss ce (its softmax touches every item row); use adam or auto"),
         (not (t.optimizer == "sparse-adam" and t.weight_decay), "train.optimizer=sparse-adam has no weight decay"),
         (e.max_users is None or e.max_users > 0, "eval.max_users must be > 0 (or null for every user)"),
+        (e.validation_users is None or e.validation_users > 0, "eval.validation_users must be > 0 (or null)"),
         (e.item_chunk > 0, "eval.item_chunk must be > 0"),
         (
             m.max_len > 0 and m.d_item > 0 and m.num_blocks > 0,

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from movierec.errors import TrackingError
+from movierec.mlflow_store import sqlite_store_lock
 from movierec.training.config import RunConfig
 
 PROBE_TIMEOUT_S = 5.0  # per try of `check_server`
@@ -33,8 +34,9 @@ def ensure_experiment(name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(name)
+    with sqlite_store_lock(uri):  # the first call opens the store, creating or migrating its schema
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None

@@ -158,7 +158,9 @@ class Trainer:
             note(f"{sum(p.numel() for p in self.model.parameters()):,} parameters, optimizer {self.optimizer_kind}")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         with self._stage("batches and negative index") as note:
-            self.batches = TrainBatches(self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches)
+            self.batches = TrainBatches(
+                self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches, c.train.window_prob
+            )
             if len(self.batches) == 0:
                 raise ConfigError(f"{c.data.path}: no user has two or more training items in the selected shards")
             if len(self.batches) < self.batches_per_step:
@@ -219,9 +221,10 @@ class Trainer:
 
     def _evaluator(self, split: str, protocols: tuple[str, ...]) -> Evaluator:
         e = self.config.eval
+        max_users = (e.validation_users or e.max_users) if split == "validation" else e.max_users
         return Evaluator(
             self.data, split, protocols, tuple(e.ks), e.seed, e.batch_size,
-            max_users=e.max_users, item_chunk=e.item_chunk, seen=self.seen,
+            max_users=max_users, item_chunk=e.item_chunk, seen=self.seen,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ state
@@ -304,7 +307,7 @@ class Trainer:
         seeds = np.random.SeedSequence([c.seed, self.epoch, index])
         torch.manual_seed(int(seeds.generate_state(1, np.uint64)[0] >> np.uint64(1)))
         rng = np.random.default_rng(seeds)
-        batch = self.batches.make_batch(users)
+        batch = self.batches.make_batch(users, rng)
         negatives = torch.from_numpy(self.objective.negatives(rng, batch.users, batch.targets)).to(dev)
         users_t, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
         users_t, inputs, targets = self.model.training_batch(users_t, inputs, targets)
@@ -478,7 +481,7 @@ class Trainer:
                                 "train.optimizer_resolved": self.optimizer_kind,
                                 "train.world_size": self.dist.world_size,
                                 "train.global_batch_size": c.train.batch_size * self.batches_per_step,
-                                "eval.validation_users": self.validator.num_users,
+                                "eval.validated_users": self.validator.num_users,
                                 "device": str(self.device),
                                 "git_commit": git_commit(),
                                 "torch_version": torch.__version__,
