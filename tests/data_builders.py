@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# a model and run small enough to train in seconds: the base overrides of the training tests, each adding its own
+TINY_RUN = [
+    "model.max_len=20", "model.d_item=16", "model.d_user=8", "eval.patience_steps=100000",
+    "tracking.log_model=false", "tracking.system_metrics=false",
+]  # fmt: skip
 
 
 def ratings(num_users: int = 12, per_user: int = 8, num_items: int = 10, seed: int = 0) -> np.ndarray:

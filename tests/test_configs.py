@@ -21,7 +21,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_configs_are_shipped():
     names = {p.name for p in CONFIGS}
-    assert {"synthetic.yaml", "ml-1m-sse-pt.yaml", "ml-1m-sasrec.yaml", "ml-20m-sse-pt.yaml"} <= names
+    assert {"synthetic.yaml", "ml-1m-sse-pt.yaml", "ml-1m-sse-pt-paper.yaml", "ml-1m-sasrec.yaml"} <= names
+    assert "ml-20m-sse-pt.yaml" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -30,12 +31,17 @@ def test_shipped_config_loads(path):
     assert config.model.kind in MODELS
 
 
-def test_paper_recipe():
-    config = load_config(Path(CONFIGS[0]).parent / "ml-1m-sse-pt.yaml")
-    m, t = config.model, config.train
+def test_paper_recipe_stays_as_published_and_the_fast_recipe_changes_only_the_training():
+    paper = load_config(Path(CONFIGS[0]).parent / "ml-1m-sse-pt-paper.yaml")
+    m, t = paper.model, paper.train
     assert (m.d_item, m.d_user, m.max_len, m.num_blocks, m.num_heads, m.dropout) == (100, 50, 200, 2, 1, 0.2)
-    assert (m.keep_user, m.keep_item) == (0.08, 0.9)
+    assert (m.keep_user, m.keep_item, m.zero_user_term) == (0.08, 0.9, False)
     assert (t.batch_size, t.lr, tuple(t.betas), t.loss) == (128, 0.001, (0.9, 0.98), "bce")
+    assert (t.warmup_steps, t.lr_schedule) == (0, "constant")
+    fast = load_config(Path(CONFIGS[0]).parent / "ml-1m-sse-pt.yaml")
+    same_network = {k: v for k, v in vars(fast.model).items() if k != "zero_user_term"}
+    assert same_network == {k: v for k, v in vars(m).items() if k != "zero_user_term"}
+    assert fast.model.zero_user_term and fast.train.loss == "bce" and fast.eval.validation_users == 2000
 
 
 def test_flags_override_overrides_override_the_file(tmp_path):

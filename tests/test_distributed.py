@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from data_builders import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from movierec.data.prepare import write_dataset
@@ -22,9 +23,8 @@ from movierec.models.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TINY = [
-    "model.max_len=20", "model.d_item=16", "model.d_user=8", "train.batch_size=32", "eval.patience_steps=100000",
-    "eval.every_steps=100000", "eval.ks=[10]", "eval.protocols=[full]", "eval.protocol=full",
-    "tracking.log_model=false", "tracking.system_metrics=false", "train.optimizer=sparse-adam",
+    *TINY_RUN, "train.batch_size=32", "eval.every_steps=100000", "eval.ks=[10]", "eval.protocols=[full]",
+    "eval.protocol=full", "train.optimizer=sparse-adam",
 ]  # fmt: skip
 
 

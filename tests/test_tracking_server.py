@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from data_builders import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from movierec.cli import main
@@ -32,18 +33,7 @@ from movierec.training.tracking import HOST_TAG, PID_TAG
 from movierec.training.trainer import Trainer, train
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
-TINY = [
-    "model.max_len=20",
-    "model.d_item=16",
-    "model.d_user=8",
-    "train.batch_size=64",
-    "eval.patience_steps=100000",
-    "eval.every_steps=1",
-    "eval.ks=[10]",
-    "eval.protocols=[full]",
-    "tracking.log_model=false",
-    "tracking.system_metrics=false",
-]
+TINY = [*TINY_RUN, "train.batch_size=64", "eval.every_steps=1", "eval.ks=[10]", "eval.protocols=[full]"]
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from data_builders import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from movierec.cli import main
@@ -27,17 +28,7 @@ from movierec.models.checkpoint import load_checkpoint
 from movierec.training.config import load_config
 from movierec.training.trainer import train
 
-TINY = [
-    "model.max_len=20",
-    "model.d_item=16",
-    "model.d_user=8",
-    "train.batch_size=64",
-    "eval.patience_steps=100000",
-    "eval.every_steps=1",
-    "eval.ks=[5,10]",
-    "tracking.log_model=false",
-    "tracking.system_metrics=false",
-]
+TINY = [*TINY_RUN, "train.batch_size=64", "eval.every_steps=1", "eval.ks=[5,10]"]
 
 
 def make_dataset(

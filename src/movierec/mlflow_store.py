@@ -54,12 +54,13 @@ def sqlite_store_lock(uri: str) -> Iterator[None]:
     locks, so holding it on the database file itself serialises the openings and nothing else. Other URIs
     pass through.
     """
-    if not uri.startswith("sqlite:///"):
+    name = uri.removeprefix("sqlite:///").partition("?")[0] if uri.startswith("sqlite:///") else ""
+    if name in ("", ":memory:"):
         yield
         return
     import fcntl
 
-    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    path = Path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:  # an empty file is what SQLite makes of a new database anyway
         fcntl.flock(handle, fcntl.LOCK_EX)
