@@ -72,6 +72,13 @@ def setup(device_name: str) -> tuple[Distributed, str]:
     return Distributed(rank, world_size, local_rank, backend), device_name
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool = True) -> None:
+    """Leave the process group. After a finished run the ranks first wait for each other: rank 0 still
+    logs to MLflow after the last collective, and a rank that destroyed its gloo group and exited while
+    its peer was busy was seen to abort (SIGABRT) once under load. After a failure nobody waits: torchrun
+    stops the other ranks."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

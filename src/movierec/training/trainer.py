@@ -703,7 +703,10 @@ def train(config: RunConfig, resume: str | Path | None = None, console: Console 
     # the run folder is rank 0's: a second run on it is refused at once, before any setup or MLflow call
     is_main = int(os.environ.get("RANK", "0")) == 0
     with FolderLock(config.run_dir, "train") if is_main else nullcontext():
+        finished = False
         try:
-            return Trainer(config, resume=resume, console=console).fit()
+            result = Trainer(config, resume=resume, console=console).fit()
+            finished = True
+            return result
         finally:
-            distributed.teardown()
+            distributed.teardown(finished)
