@@ -116,6 +116,48 @@ def test_each_objective_draws_its_negatives_and_takes_the_models_queries(setup, 
         assert objective.beta == pytest.approx(alpha * (0.5 * (1 - 1 / alpha) + 1 / alpha))
 
 
+def test_start_loss_trains_the_first_steps_then_switches(setup, tmp_path):
+    from data_builders import ratings
+
+    from movierec.data.layout import load_sequences
+    from movierec.data.negatives import SeenItems
+    from movierec.data.prepare import Interactions, write_dataset
+
+    model, queries, inputs, targets, users = setup
+    rows = ratings(num_users=4, per_user=8, num_items=12)
+    path = write_dataset(Interactions(users=rows[:, 0], items=rows[:, 1], timestamps=rows[:, 3]), tmp_path, "t",
+                         source={}, min_user_interactions=0, min_item_interactions=0)  # fmt: skip
+    data = load_sequences(path)
+    overrides = ["train.start_loss=bce", "train.start_loss_steps=3", "train.loss=gbce", "train.num_negatives=3"]
+    objective = build_objective(model, load_config(None, overrides).train, data, SeenItems.from_data(data))
+    rng = np.random.default_rng(0)
+    for step, shape, loss in [(0, targets.shape, "bce"), (2, targets.shape, "bce"), (3, (2, 3), "gbce")]:
+        objective.step = step
+        negatives = torch.from_numpy(objective.negatives(rng, users.numpy(), targets.numpy()))
+        assert negatives.shape == tuple(shape)
+        expected = (
+            bce_loss(model, queries, targets, negatives)
+            if loss == "bce"
+            else gbce_loss(model, queries, targets, negatives, objective.then.beta)
+        )
+        torch.testing.assert_close(objective(users, inputs, targets, negatives), expected)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.start_loss=hinge", "train.start_loss_steps=3"], "train.start_loss must be one of"),
+        (["train.start_loss=bce"], "train.start_loss_steps > 0"),
+        (["train.start_loss=ce", "train.start_loss_steps=3", "train.optimizer=sparse-adam"], "sparse-adam"),
+    ],
+)
+def test_a_bad_start_loss_is_a_config_error(overrides, message):
+    from movierec.training.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, overrides))
+
+
 def test_popularity_log_q_is_a_distribution_with_padding_never_drawn():
     log_q = popularity_log_q(np.array([5, 0, 3, 9]))
     assert log_q[0] == -np.inf

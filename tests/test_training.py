@@ -120,7 +120,10 @@ def test_same_seed_gives_the_same_metrics(workspace):
 
 def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
     epochs = 4
-    schedule = ("train.warmup_steps=4", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1")  # resumed exactly too
+    schedule = (  # resumed exactly too: the warm-up, the cosine, and a switch of loss in epoch 3
+        "train.warmup_steps=4", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1",
+        "train.start_loss=bce", "train.start_loss_steps=8", "train.loss=gbce", "train.num_negatives=16",
+    )  # fmt: skip
     reference = train(tiny_config(workspace, "uninterrupted", *schedule, epochs=epochs))
     run_dir = workspace["root"] / "runs" / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

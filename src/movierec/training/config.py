@@ -32,7 +32,11 @@ class TrainSection:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
-    loss: str = "bce"  # bce | sampled-softmax | ce
+    loss: str = "bce"  # bce | gbce | sampled-softmax | ce
+    # train the first `start_loss_steps` optimizer steps with `start_loss` instead of `loss`, then switch:
+    # BCE leaves the popularity plateau that gbce and the softmax losses sit on for their first epochs
+    start_loss: str | None = None
+    start_loss_steps: int = 0
     num_negatives: int = 256  # sampled-softmax: per batch; gbce: per sequence
     gbce_t: float = 0.75  # gbce calibration: 0 is plain BCE over the negatives, 1 fully calibrated (gSASRec's 0.75)
     negative_sampling: str = "uniform"  # sampled-softmax: uniform | popularity (with log-Q correction)
@@ -252,6 +256,11 @@ def validate(config: RunConfig) -> None:
     checks = [
         (m.kind in MODELS, f"model.kind must be one of {', '.join(sorted(MODELS))}, got {m.kind!r}"),
         (t.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}, got {t.loss!r}"),
+        (
+            t.start_loss is None or (t.start_loss in LOSSES and t.start_loss_steps > 0),
+            f"train.start_loss must be one of {', '.join(LOSSES)} with train.start_loss_steps > 0, "
+            f"got {t.start_loss!r} for {t.start_loss_steps} steps",
+        ),
         (0 <= t.gbce_t <= 1 and t.num_negatives > 0, "train.gbce_t must be in [0, 1] and train.num_negatives > 0"),
         (
             t.precision in ("fp32", "fp16", "bf16", "auto"),
@@ -266,7 +275,7 @@ def validate(config: RunConfig) -> None:
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0 (or null for no limit)"),
         (t.optimizer in ("auto", "adam", "sparse-adam"),
          f"train.optimizer must be auto|adam|sparse-adam, got {t.optimizer!r}"),
-        (not (t.optimizer == "sparse-adam" and t.loss == "ce"),
+        (not (t.optimizer == "sparse-adam" and "ce" in (t.loss, t.start_loss)),
          "train.optimizer=sparse-adam cannot train loss ce (its softmax touches every item row); use adam or auto"),
         (not (t.optimizer == "sparse-adam" and t.weight_decay), "train.optimizer=sparse-adam has no weight decay"),
         (e.max_users is None or e.max_users > 0, "eval.max_users must be > 0 (or null for every user)"),

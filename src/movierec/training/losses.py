@@ -9,6 +9,8 @@ queries, and which validation loss the evaluator reports for it.
 - `sampled-softmax`: the next item against N negatives shared by the batch, softmax cross-entropy; with
   popularity sampling the logits are corrected by log Q (Yi et al., RecSys 2019) so the estimate is unbiased.
 - `ce`: softmax over all items ("SASRec+", Klenitskiy & Vasilev, RecSys 2023).
+
+`train.start_loss` trains the first `train.start_loss_steps` optimizer steps with another of these (`StagedObjective`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Objective(nn.Module):
     seeded negative per user) or "ce" (softmax over every item)."""
 
     validation_loss = "bce"
+    step = 0  # the optimizer step being trained, set by the trainer (read by StagedObjective)
 
     def __init__(self, model: SequentialModel, train, data: SequenceData, seen: SeenItems):
         super().__init__()
@@ -100,6 +103,27 @@ class FullSoftmax(Objective):
         return full_softmax_loss(self.model, queries, targets)
 
 
+class StagedObjective(Objective):
+    """`first` for optimizer steps 0 .. `switch_step` - 1, then `then`: one module over one model, so
+    DistributedDataParallel wraps it once. The trainer sets `step` before each batch; since the choice is a
+    function of the step, a resumed run switches at the same step."""
+
+    def __init__(self, first: Objective, then: Objective, switch_step: int):
+        super().__init__(then.model, then.train_config, then.data, then.seen)
+        self.first, self.then, self.switch_step = first, then, switch_step
+        self.validation_loss = then.validation_loss
+
+    @property
+    def current(self) -> Objective:
+        return self.first if self.step < self.switch_step else self.then
+
+    def negatives(self, rng, users, targets):
+        return self.current.negatives(rng, users, targets)
+
+    def forward(self, users, inputs, targets, negatives):
+        return self.current(users, inputs, targets, negatives)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "bce": BCE,
     "gbce": GBCE,
@@ -110,8 +134,12 @@ LOSSES = tuple(OBJECTIVES)
 
 
 def build_objective(model: SequentialModel, train, data: SequenceData, seen: SeenItems) -> Objective:
-    """The objective `train.loss` names, for `model` on `data` (`train`: the config's train section)."""
-    return OBJECTIVES[train.loss](model, train, data, seen)
+    """The objective `train.loss` names, for `model` on `data` (`train`: the config's train section), after
+    `train.start_loss` for the first `train.start_loss_steps` steps when that is set."""
+    objective = OBJECTIVES[train.loss](model, train, data, seen)
+    if train.start_loss is None:
+        return objective
+    return StagedObjective(OBJECTIVES[train.start_loss](model, train, data, seen), objective, train.start_loss_steps)
 
 
 def bce_loss(

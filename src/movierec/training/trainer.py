@@ -308,6 +308,7 @@ class Trainer:
         torch.manual_seed(int(seeds.generate_state(1, np.uint64)[0] >> np.uint64(1)))
         rng = np.random.default_rng(seeds)
         batch = self.batches.make_batch(users, rng)
+        self.objective.step = self.step
         negatives = torch.from_numpy(self.objective.negatives(rng, batch.users, batch.targets)).to(dev)
         users_t, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
         users_t, inputs, targets = self.model.training_batch(users_t, inputs, targets)
