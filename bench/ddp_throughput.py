@@ -39,8 +39,8 @@ if importlib.util.find_spec("movierec") is None and (ROOT / "src" / "movierec").
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
 CONFIG = ROOT / "configs" / "ml-1m-sse-pt.yaml"
 RECIPES = {  # the ML-1M recipes of bench/train_throughput.py, by short name
-    "sasrec": ["model.kind=sasrec", "model.d_item=50", "model.d_user=0"],
-    "sse-pt": ["model.kind=sse-pt", "model.d_item=100", "model.d_user=50"],
+    "sasrec": ["model.kind=sasrec", "model.d_item=50", "model.d_user=0", "train.loss=bce", "train.start_loss=null"],
+    "sse-pt": ["model.kind=sse-pt", "model.d_item=100", "model.d_user=50", "train.loss=bce", "train.start_loss=null"],
 }
 QUIET = [  # keep what follows the last step short; none of it is timed
     "eval.max_users=500",

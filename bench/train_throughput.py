@@ -17,9 +17,10 @@ import resource
 import subprocess
 import sys
 
+PAPER_LOSS = ["train.loss=bce", "train.start_loss=null"]  # one sampled negative per position, as the peer trains
 RECIPES = {
-    "sasrec (d 50)": ["model.kind=sasrec", "model.d_item=50", "model.d_user=0"],
-    "sse-pt (100+50)": ["model.kind=sse-pt", "model.d_item=100", "model.d_user=50"],
+    "sasrec (d 50)": ["model.kind=sasrec", "model.d_item=50", "model.d_user=0", *PAPER_LOSS],
+    "sse-pt (100+50)": ["model.kind=sse-pt", "model.d_item=100", "model.d_user=50", *PAPER_LOSS],
 }
 
 
