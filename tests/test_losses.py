@@ -163,3 +163,12 @@ def test_popularity_log_q_is_a_distribution_with_padding_never_drawn():
     assert log_q[0] == -np.inf
     np.testing.assert_allclose(np.exp(log_q[1:]).sum(), 1.0)
     np.testing.assert_allclose(np.exp(log_q[1:]), np.array([1, 4, 10]) / 15)  # +1 smoothing: item 1 drawable
+
+
+def test_auto_optimizer_is_dense_when_either_stage_trains_the_full_softmax():
+    from movierec.training.optim import resolve_optimizer
+
+    big_catalog = {"num_items": 10**7, "batch_size": 2, "max_len": 2}
+    assert resolve_optimizer("auto", (None, "bce"), **big_catalog) == "sparse-adam"
+    assert resolve_optimizer("auto", ("ce", "bce"), **big_catalog) == "adam"
+    assert resolve_optimizer("auto", ("bce", "ce"), **big_catalog) == "adam"

@@ -20,20 +20,21 @@ SPARSE_ROWS_PER_TOKEN = 2
 
 def resolve_optimizer(
     name: str,
-    loss: str,
+    losses: tuple[str, ...],
     num_items: int,
     batch_size: int,
     max_len: int,
     backend: str | None = None,
     weight_decay: float = 0.0,
 ) -> str:
-    """`auto` -> adam or sparse-adam for this run; NCCL cannot all-reduce sparse gradients, so multi-GPU
-    runs use dense Adam (on a GPU its step over the whole table is cheap)."""
+    """`auto` -> adam or sparse-adam for a run training `losses` (train.start_loss, then train.loss); NCCL cannot
+    all-reduce sparse gradients, so multi-GPU runs use dense Adam (on a GPU its step over the whole table is
+    cheap)."""
     if name == "sparse-adam" and backend == "nccl":
         raise ConfigError("train.optimizer=sparse-adam cannot run on NCCL (no sparse all-reduce); use auto or adam")
     if name != "auto":
         return name
-    if loss == "ce" or backend == "nccl":  # the full softmax gives every item row a gradient at every step
+    if "ce" in losses or backend == "nccl":  # the full softmax gives every item row a gradient at every step
         return "adam"
     if weight_decay:  # SparseAdam has none
         return "adam"

@@ -149,8 +149,8 @@ class Trainer:
             )
             self.model = build_model(self.model_config).to(self.device)
             self.optimizer_kind = resolve_optimizer(
-                c.train.optimizer, c.train.loss, self.data.num_items, c.train.batch_size, c.model.max_len,
-                self.dist.backend, c.train.weight_decay,
+                c.train.optimizer, (c.train.start_loss, c.train.loss), self.data.num_items, c.train.batch_size,
+                c.model.max_len, self.dist.backend, c.train.weight_decay,
             )  # fmt: skip
             self.optimizers = build_optimizers(
                 self.model, self.optimizer_kind, c.train.lr, tuple(c.train.betas), c.train.weight_decay
