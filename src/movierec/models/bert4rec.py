@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from movierec.models.base import Architecture, ModelConfig, SequentialModel, register
+from movierec.models.layers import attention, attention_bias, fast_dropout
 
 
 class BidirectionalBlock(nn.Module):
@@ -24,15 +25,14 @@ class BidirectionalBlock(nn.Module):
         self.ffn_in, self.ffn_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.attn_norm, self.ffn_norm = nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         batch, length, d = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+        attended = attention(q, k, v, attn_bias, self.dropout, self.training)
         attended = attended.transpose(1, 2).reshape(batch, length, d)
-        x = self.attn_norm(x + F.dropout(self.out(attended), p, self.training))
-        hidden = self.ffn_out(F.dropout(F.gelu(self.ffn_in(x)), p, self.training))
-        return self.ffn_norm(x + F.dropout(hidden, p, self.training))
+        x = self.attn_norm(x + fast_dropout(self.out(attended), self.dropout, self.training))
+        hidden = self.ffn_out(fast_dropout(F.gelu(self.ffn_in(x)), self.dropout, self.training))
+        return self.ffn_norm(x + fast_dropout(hidden, self.dropout, self.training))
 
 
 @register("bert4rec")
@@ -69,10 +69,10 @@ class BERT4Rec(SequentialModel):
         length = sequences.shape[1]
         positions = torch.arange(self.config.max_len - length, self.config.max_len, device=sequences.device)
         x = self.item_emb(sequences) + self.pos_emb(positions)
-        x = F.dropout(self.input_norm(x), self.config.dropout, self.training)
-        key_mask = (sequences != 0)[:, None, None, :]  # padding is never attended to
+        x = fast_dropout(self.input_norm(x), self.config.dropout, self.training)
+        attn_bias = attention_bias((sequences != 0)[:, None, None, :])  # padding is never attended to
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, attn_bias)
         return self.head_norm(F.gelu(self.head(x)))
 
     def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -18,24 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from movierec.models.base import Architecture, ModelConfig, SequentialModel, register
+from movierec.models.layers import attention, attention_bias, fast_dropout
 
 LN_EPS = 1e-8
-
-
-def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout, as F.dropout, with a cheaper mask: CPU random numbers come from one Mersenne
-    Twister stream, and drawing them is most of dropout's cost, so each 64-bit draw is split into four
-    15-bit uniforms (p is rounded to a multiple of 2^-15). Measured effect on whole training steps: see the
-    throughput section of docs/results.md."""
-    if not training or p == 0:
-        return x
-    count = x.numel()
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_()
-    uniform15 = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF  # the sign bit of each quarter dropped
-    # one float mask holding 0 or 1/(1-p): the product is then a single multiply forward and backward
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
-    mask = torch.where(uniform15 >= round(p * 32768), scale, torch.zeros((), dtype=x.dtype, device=x.device))
-    return x * mask
 
 
 class Block(nn.Module):
@@ -50,26 +35,19 @@ class Block(nn.Module):
         self.ffn_in, self.ffn_out = nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor, keep: torch.Tensor, last_only: bool = False
+        self, x: torch.Tensor, attn_bias: torch.Tensor, keep: torch.Tensor, last_only: bool = False
     ) -> torch.Tensor:
         """(B, L, d) -> (B, L, d); with `last_only`, only the last position's output (B, 1, d)."""
         batch, _, d = x.shape
         if last_only:  # inference: the other queries are never read, so they are never computed
-            attn_mask, keep = attn_mask[..., -1:, :], keep[:, -1:]
+            attn_bias, keep = attn_bias[..., -1:, :], keep[:, -1:]
         normed = self.attn_norm(x[:, -1:] if last_only else x)
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, t.shape[1], self.heads, d // self.heads).transpose(1, 2)
 
         query, key, value = split(self.query(normed)), split(self.key(x)), split(self.value(x))
-        if self.training and self.dropout > 0:
-            # what sdpa computes with dropout_p, with a cheaper dropout mask (sdpa's CPU path for
-            # dropout is this same unfused math, with a slower Bernoulli sampler)
-            scores = (query @ key.transpose(-2, -1)) * (query.shape[-1] ** -0.5)
-            weights = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
-            attended = fast_dropout(weights, self.dropout, True) @ value
-        else:
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        attended = attention(query, key, value, attn_bias, self.dropout, self.training)
         x = attended.transpose(1, 2).reshape(batch, normed.shape[1], d) + normed
         normed = self.ffn_norm(x)
         hidden = fast_dropout(F.relu(self.ffn_in(normed)), self.dropout, self.training)
@@ -171,10 +149,9 @@ class SSEPT(SequentialModel):
         # (zeroed afterwards) never form an all-masked row
         causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).tril()
         diagonal = torch.eye(length, dtype=torch.bool, device=seqs.device)
-        attn_mask = (causal & (seqs != 0).unsqueeze(1)) | diagonal
-        attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L), broadcast over heads
+        attn_bias = attention_bias(((causal & (seqs != 0).unsqueeze(1)) | diagonal).unsqueeze(1))  # (B, 1, L, L)
         for index, block in enumerate(self.blocks):
-            x = block(x, attn_mask, keep, last_only and index == len(self.blocks) - 1)
+            x = block(x, attn_bias, keep, last_only and index == len(self.blocks) - 1)
         return self.final_norm(x)
 
     # ------------------------------------------------------------------ the SequentialModel contract

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -100,6 +101,26 @@ def dataset_identity(data: SequenceData) -> dict:
     }
 
 
+def keep_freed_memory_on_cpu() -> None:
+    """Let glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+
+    A training step allocates and frees the same large tensors (attention weights, dropout masks, logits)
+    every step. glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmaps and unmaps
+    them on free, so every step pays page faults and kernel zeroing for them again: 3.6 M minor faults in 48
+    BERT4Rec steps. Serving everything from the heap and never trimming it makes those steps up to 1.4x
+    faster (docs/results.md, "Training throughput"). A no-op off glibc, or when the user set MALLOC_MMAP_MAX_.
+    """
+    if os.environ.get("MALLOC_MMAP_MAX_") is not None:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from glibc's malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 class Trainer:
     def __init__(self, config: RunConfig, resume: str | Path | None = None, console: Console | None = None):
         self.console = console or Console()
@@ -133,6 +154,8 @@ class Trainer:
     def _set_up(self, c: RunConfig, device_name: str) -> None:
         """Device, data, model, optimizers, batches, evaluator, and the state to resume or start from."""
         self.device = resolve_device(device_name)
+        if self.device.type == "cpu":
+            keep_freed_memory_on_cpu()
         self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
         torch.manual_seed(c.train.seed)
 
