@@ -65,7 +65,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_training_allocator_setting_reuses_freed_memory():
     """Ten 64 MiB tensors allocated and freed in turn: by default each is a fresh mmap (16,384 page faults
-    each); with the training setting they reuse the first one's memory."""
+    each); with the training setting they reuse memory the heap already holds (a fresh clone's CI once saw one
+    more heap growth of one tensor, 16,385 faults, so the bound allows two)."""
 
     def faults(mode: str) -> int:
         run = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], capture_output=True, text=True, check=True)
@@ -73,4 +74,4 @@ def test_training_allocator_setting_reuses_freed_memory():
 
     default, kept = faults("default"), faults("keep")
     assert default > 10 * 16_384 * 0.9
-    assert kept < default / 10
+    assert kept < default / 4
