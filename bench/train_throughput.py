@@ -5,7 +5,8 @@
 Each (recipe, precision) runs in its own process, so its peak RSS is its own. Prints sequences/s,
 non-padding tokens/s, the implied time of one pass over the 6,040 users (an "epoch", as SASRec.pytorch
 counts it), the achieved GFLOP/s (non-padding tokens x `ModelConfig.train_flops_per_token`) beside this
-machine's measured fp32 matmul peak, and peak RSS. Compare with SASRec.pytorch only in the same sitting:
+machine's measured fp32 matmul peak, the share of that peak a step made only of its matrix products reaches
+at the recipe's shapes (the ceiling for the GFLOP/s column), and peak RSS. Compare with SASRec.pytorch only in the same sitting:
 `../shared/peers/time-sasrec-pytorch .venv/bin/python` right before or after.
 """
 
@@ -50,7 +51,48 @@ def worker(data: str, precision: str, overrides: list[str], steps: int, threads:
         "device": str(trainer.device),
         "threads": torch.get_num_threads(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "products_gflops": products_only_gflops(
+            trainer.model_config.d_model,
+            trainer.model_config.max_len,
+            trainer.model_config.num_blocks,
+            config.train.batch_size,
+        ),
     }
+
+
+def products_only_gflops(d: int, length: int, blocks: int, batch_size: int, repeats: int = 5) -> float:
+    """The rate of a step made of nothing but its counted matrix products, at the recipe's shapes (a full
+    batch of `length` positions of width d): per block, the five d x d projections and the two attention products,
+    forward and both backward products of each. It is the ceiling for the GFLOP/s column: the step's
+    element-wise work (LayerNorm, softmax, dropout, masking, residuals) can only add time to it."""
+    import time
+
+    import torch
+
+    tokens = batch_size * length
+    x, weight, bias = torch.randn(tokens, d), torch.randn(d, d), torch.randn(d)
+    q, k = torch.randn(batch_size, length, d), torch.randn(batch_size, length, d)
+    scores = torch.randn(batch_size, length, length)
+
+    def one_block() -> None:
+        for _ in range(5):  # projections: forward, grad of the input, grad of the weight
+            torch.addmm(bias, x, weight.t())
+            x @ weight
+            x.t() @ x
+        for _ in range(2):  # q k^T and weights @ v: forward and the two gradients of each
+            q @ k.transpose(1, 2)
+            scores @ k
+            scores.transpose(1, 2) @ q
+
+    one_block()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(blocks):
+            one_block()
+        best = min(best, time.perf_counter() - started)
+    flops = 3 * blocks * (10 * d * d + 4 * d * length) * tokens
+    return flops / best / 1e9
 
 
 def matmul_peak_gflops(threads: int | None, size: int = 2048, repeats: int = 40) -> float:
@@ -112,7 +154,7 @@ def main() -> None:
             rows.append((name, precision, run_worker(spec)))
     header = (
         f"{'recipe':<18}{'precision':<10}{'device':<8}{'threads':>8}{'seq/s':>9}{'tokens/s':>11}"
-        f"{'s/epoch':>9}{'GFLOP/s':>9}{'% of peak':>10}{'peak RSS MiB':>14}"
+        f"{'s/epoch':>9}{'GFLOP/s':>9}{'% of peak':>10}{'products only':>15}{'peak RSS MiB':>14}"
     )
     print(f"fp32 matmul peak of this machine (2048^2 products, same threads): {peak:.0f} GFLOP/s")
     print(header)
@@ -121,7 +163,7 @@ def main() -> None:
         print(
             f"{name:<18}{precision:<10}{r['device']:<8}{r['threads']:>8}{r['sequences_per_s']:>9.0f}"
             f"{r['tokens_per_s']:>11.0f}{r['epoch_s']:>9.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / peak:>9.0f}%"
-            f"{r['peak_rss_mib']:>14.0f}"
+            f"{100 * r['products_gflops'] / peak:>14.0f}%{r['peak_rss_mib']:>14.0f}"
         )
 
 

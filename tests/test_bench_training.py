@@ -1,6 +1,6 @@
 """The training benches run end to end on tiny data and print their tables (no speed or quality asserted):
 bench/time_to_quality.py (two shipped ML-1M configs, shrunk by overrides, on synthetic data) and
-bench/train_throughput.py (GFLOP/s beside the measured matmul peak)."""
+bench/train_throughput.py (GFLOP/s beside the measured matmul peak and the products-only ceiling)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ def test_time_to_quality_trains_both_configs_and_draws_the_curve(trained_run, tm
     assert "sse-pt: 3 epochs in " in again and (tmp_path / "re" / "time_to_quality.png").is_file()
 
 
-def test_train_throughput_prints_gflops_and_the_matmul_peak(trained_run):
+def test_train_throughput_prints_gflops_the_matmul_peak_and_the_products_ceiling(trained_run):
     out = bench("train_throughput.py", "--data", str(trained_run.data_dir), "--steps", "2", "--precisions", "fp32",
                 "--recipes", "sasrec (d 50)", "--set", "model.max_len=20")  # fmt: skip
     assert "fp32 matmul peak of this machine" in out
     row = next(line for line in out.splitlines() if line.startswith("sasrec (d 50)"))
-    gflops, share = row.split()[-3], row.split()[-2]
-    assert float(gflops) > 0 and share.endswith("%")
+    gflops, share, products_share = row.split()[-4:-1]
+    assert float(gflops) > 0 and share.endswith("%") and products_share.endswith("%")
+    assert float(products_share.rstrip("%")) > 0
