@@ -6,8 +6,8 @@ Each (recipe, precision) runs in its own process, so its peak RSS is its own. Pr
 non-padding tokens/s, the implied time of one pass over the 6,040 users (an "epoch", as SASRec.pytorch
 counts it), the achieved GFLOP/s (non-padding tokens x `ModelConfig.train_flops_per_token`) beside this
 machine's measured fp32 matmul peak, the share of that peak a step made only of its matrix products reaches
-at the recipe's shapes (the ceiling for the GFLOP/s column), and peak RSS. Compare with SASRec.pytorch only in the same sitting:
-`../shared/peers/time-sasrec-pytorch .venv/bin/python` right before or after.
+at the recipe's shapes (the ceiling for the GFLOP/s column), and peak RSS. Compare with SASRec.pytorch only
+in the same sitting: `../shared/peers/time-sasrec-pytorch .venv/bin/python` right before or after.
 """
 
 from __future__ import annotations
