@@ -214,7 +214,7 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides, flags, base=base)
 
 
-@command("train", "train SSE-PT or SASRec with MLflow tracking, checkpoints, resume and fine-tuning", add_train)
+@command("train", "train SSE-PT, SASRec or BERT4Rec with MLflow, checkpoints, resume and fine-tuning", add_train)
 def cmd_train(args: argparse.Namespace) -> int:
     from movierec.evaluation.metrics import print_metrics
     from movierec.training.trainer import train

@@ -1,4 +1,4 @@
-"""Top-k recommendations with titles from a trained SSE-PT or SASRec model.
+"""Top-k recommendations with titles from any trained model kind (SSE-PT, SASRec, BERT4Rec, ...).
 
 A :class:`Recommender` holds the model in eval mode, the original MovieLens ids of our items and users,
 the titles, and every known user's whole history (training + validation + evaluation items, in time
