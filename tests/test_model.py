@@ -191,6 +191,17 @@ def test_bert4rec_attends_both_ways_and_ignores_padding():
     torch.testing.assert_close(unpadded[0, -1], base[0, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_bert4rec_without_head_transform_scores_states_against_the_item_table():
+    with_transform, plain = make_bert4rec(), make_bert4rec(head_transform=False)
+    assert {"head.weight", "head_norm.weight", "item_bias"} <= set(with_transform.state_dict())
+    assert not any(name.startswith(("head", "item_bias")) for name in plain.state_dict())
+    seqs, users = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13]]), torch.tensor([1])
+    states = plain.queries(seqs, users, last_only=True)
+    torch.testing.assert_close(plain.score_shared(states, slice(1, 31)), states @ plain.item_emb.weight[1:31].t())
+    items = torch.tensor([[2, 4, 6]])
+    torch.testing.assert_close(plain.score(states, items), (states.unsqueeze(1) * plain.item_emb(items)).sum(-1))
+
+
 def test_bert4rec_cloze_batch_and_the_appended_mask():
     model = make_bert4rec(mask_prob=0.3, max_len=50)
     torch.manual_seed(1)

@@ -47,7 +47,12 @@ class BagOfItems(SequentialModel):
 
 @pytest.mark.parametrize(
     ("kind", "extra"),
-    [("toy-bag", []), ("bert4rec", ["train.loss=ce", "model.num_heads=2"]), ("bert4rec", ["train.loss=bce"])],
+    [
+        ("toy-bag", []),
+        ("bert4rec", ["train.loss=ce", "model.num_heads=2"]),
+        ("bert4rec", ["train.loss=bce"]),
+        ("bert4rec", ["train.loss=ce", "model.head_transform=false"]),
+    ],
 )
 def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, capsys, kind, extra):
     overrides = [f"model.kind={kind}", "model.max_len=20", "model.d_item=16", "train.epochs=2", "eval.ks=[10]",

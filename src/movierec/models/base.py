@@ -35,6 +35,10 @@ class Architecture:
     keep_user: float = 0.08  # SSE keep probabilities (the official flags --threshold_user/--threshold_item)
     keep_item: float = 0.9
     mask_prob: float = 0.2  # BERT4Rec: share of a sequence's items hidden for the cloze objective
+    # BERT4Rec: the paper's output transform (dense + GELU + LayerNorm, then a per-item bias) before the tied
+    # item table; false scores the encoder's states against the table alone, as Klenitskiy & Vasilev's
+    # BERT4Rec does, which overfits less on ML-1M (docs/results.md)
+    head_transform: bool = True
     # SSE-PT: start the user term of the logits at 0 (the user half of the final LayerNorm's gain starts at 0)
     # instead of the official code's init, where it starts as a positive bias of every logit (docs/results.md)
     zero_user_term: bool = True

@@ -4,7 +4,8 @@ Training hides `mask_prob` of a sequence's items behind a [mask] token (id num_i
 from both sides; at inference a [mask] is appended after the history and its prediction is the next item.
 Blocks follow the paper's BERT layout: multi-head self-attention without a causal mask, a GELU
 feed-forward of width 4d, each sub-layer followed by dropout, a residual and LayerNorm (post-norm); the
-output head is a dense layer + GELU + LayerNorm, scored against the (tied) item table plus a per-item bias.
+output head is a dense layer + GELU + LayerNorm, scored against the (tied) item table plus a per-item bias
+(`model.head_transform`; without it the encoder's states are scored against the item table alone).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class BERT4Rec(SequentialModel):
         self.blocks = nn.ModuleList(
             BidirectionalBlock(d, config.num_heads, config.dropout) for _ in range(config.num_blocks)
         )
-        self.head, self.head_norm = nn.Linear(d, d), nn.LayerNorm(d)
-        self.item_bias = nn.Parameter(torch.zeros(config.num_items + 2))
+        self.head = self.head_norm = self.item_bias = None  # model.head_transform false: the item table alone
+        if config.head_transform:
+            self.head, self.head_norm = nn.Linear(d, d), nn.LayerNorm(d)
+            self.item_bias = nn.Parameter(torch.zeros(config.num_items + 2))
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
@@ -73,7 +76,7 @@ class BERT4Rec(SequentialModel):
         attn_bias = attention_bias((sequences != 0)[:, None, None, :])  # padding is never attended to
         for block in self.blocks:
             x = block(x, attn_bias)
-        return self.head_norm(F.gelu(self.head(x)))
+        return x if self.head is None else self.head_norm(F.gelu(self.head(x)))
 
     def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         if not last_only:  # training: the cloze positions of `training_batch`'s inputs
@@ -84,12 +87,14 @@ class BERT4Rec(SequentialModel):
         return self._encode(torch.cat([sequences, mask], dim=1))[:, -1]
 
     def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return (queries.unsqueeze(-2) * self.item_emb(items)).sum(-1) + self.item_bias[items]
+        return self._with_bias((queries.unsqueeze(-2) * self.item_emb(items)).sum(-1), items)
 
     def score_shared(self, queries: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
-        if isinstance(items, slice):
-            return queries @ self.item_emb.weight[items].t() + self.item_bias[items]
-        return queries @ self.item_emb(items).t() + self.item_bias[items]
+        table = self.item_emb.weight[items] if isinstance(items, slice) else self.item_emb(items)
+        return self._with_bias(queries @ table.t(), items)
+
+    def _with_bias(self, scores: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
+        return scores if self.item_bias is None else scores + self.item_bias[items]
 
     def training_batch(
         self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
