@@ -220,3 +220,14 @@ def test_bert4rec_cloze_batch_and_the_appended_mask():
     torch.testing.assert_close(model.queries(full, torch.tensor([1, 2]), last_only=True), expected)
     scores = model.next_item_scores(full, torch.tensor([0, 0]))
     assert scores.shape == (2, 31) and torch.all(scores[:, 0] == float("-inf"))  # the [mask] is never scored
+
+
+def test_bert4rec_without_mask_last_masks_the_last_item_like_the_others():
+    model = make_bert4rec(mask_prob=0.3, max_len=50, mask_last=False)
+    torch.manual_seed(1)
+    inputs = torch.randint(1, 31, (2000, 50))
+    targets = torch.cat([inputs[:, 1:], torch.randint(1, 31, (2000, 1))], dim=1)
+    _, cloze, _ = model.training_batch(torch.ones(2000, dtype=torch.long), inputs, targets)
+    masked = cloze == model.mask_id
+    assert abs(masked[:, -1].float().mean().item() - 0.3) < 0.04
+    assert abs(masked.float().mean().item() - 0.3) < 0.01

@@ -51,7 +51,7 @@ class BagOfItems(SequentialModel):
         ("toy-bag", []),
         ("bert4rec", ["train.loss=ce", "model.num_heads=2"]),
         ("bert4rec", ["train.loss=bce"]),
-        ("bert4rec", ["train.loss=ce", "model.head_transform=false"]),
+        ("bert4rec", ["train.loss=ce", "model.head_transform=false", "model.mask_last=false"]),
     ],
 )
 def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, capsys, kind, extra):

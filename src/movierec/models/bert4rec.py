@@ -100,10 +100,11 @@ class BERT4Rec(SequentialModel):
         self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-item pairs -> cloze: the window ending at the last target (as wide as the inputs, so the
-        batch keeps its shape) with `mask_prob` of its items masked, and always the last one (the position
-        inference asks about); the targets are the hidden items, 0 elsewhere."""
+        batch keeps its shape) with `mask_prob` of its items masked, and the last one always when
+        `mask_last` (the position inference asks about); the targets are the hidden items, 0 elsewhere."""
         window = torch.cat([inputs[:, 1:], targets[:, -1:]], dim=1)
         real = window != 0
         masked = (torch.rand(window.shape, device=window.device) < self.config.mask_prob) & real
-        masked[:, -1] |= real[:, -1]
+        if self.config.mask_last:
+            masked[:, -1] |= real[:, -1]
         return users, torch.where(masked, self.mask_id, window), torch.where(masked, window, 0)
