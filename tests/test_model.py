@@ -231,3 +231,14 @@ def test_bert4rec_without_mask_last_masks_the_last_item_like_the_others():
     masked = cloze == model.mask_id
     assert abs(masked[:, -1].float().mean().item() - 0.3) < 0.04
     assert abs(masked.float().mean().item() - 0.3) < 0.01
+
+
+def test_bert4rec_batch_that_draws_no_mask_still_has_a_target():
+    """With mask_last off a short batch can draw no item at all; its loss would be the mean of nothing (NaN)."""
+    model = make_bert4rec(mask_prob=1e-9, max_len=8, mask_last=False)
+    inputs = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 0, 0, 5, 6]])
+    targets = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 7], [0, 0, 0, 0, 0, 5, 6, 8]])
+    _, cloze, cloze_targets = model.training_batch(torch.tensor([1, 2]), inputs, targets)
+    assert cloze[:, -1].tolist() == [model.mask_id, model.mask_id]
+    assert cloze_targets[:, -1].tolist() == [7, 8]
+    assert (cloze_targets[:, :-1] == 0).all()

@@ -40,7 +40,8 @@ class Architecture:
     # BERT4Rec does, which overfits less on ML-1M (docs/results.md)
     head_transform: bool = True
     # BERT4Rec: always mask a training window's last item (the position inference asks about); false masks it
-    # at mask_prob like every other position, as Klenitskiy & Vasilev's BERT4Rec does (docs/results.md)
+    # at mask_prob like every other position, as Klenitskiy & Vasilev's BERT4Rec does (docs/results.md); a batch
+    # that draws no item at all then has its last items masked, so its loss has a target
     mask_last: bool = True
     # SSE-PT: start the user term of the logits at 0 (the user half of the final LayerNorm's gain starts at 0)
     # instead of the official code's init, where it starts as a positive bias of every logit (docs/results.md)

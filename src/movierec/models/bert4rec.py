@@ -101,10 +101,14 @@ class BERT4Rec(SequentialModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-item pairs -> cloze: the window ending at the last target (as wide as the inputs, so the
         batch keeps its shape) with `mask_prob` of its items masked, and the last one always when
-        `mask_last` (the position inference asks about); the targets are the hidden items, 0 elsewhere."""
+        `mask_last` (the position inference asks about); the targets are the hidden items, 0 elsewhere.
+        A batch that drew no item at all (short rows, small batches) gets its last items masked, so the
+        loss always has a target; the check is a tensor op, so it costs no device sync."""
         window = torch.cat([inputs[:, 1:], targets[:, -1:]], dim=1)
         real = window != 0
         masked = (torch.rand(window.shape, device=window.device) < self.config.mask_prob) & real
         if self.config.mask_last:
             masked[:, -1] |= real[:, -1]
+        else:
+            masked[:, -1] |= real[:, -1] & ~masked.any()
         return users, torch.where(masked, self.mask_id, window), torch.where(masked, window, 0)
