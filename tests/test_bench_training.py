@@ -1,6 +1,7 @@
 """The training benches run end to end on tiny data and print their tables (no speed or quality asserted):
 bench/time_to_quality.py (two shipped ML-1M configs, shrunk by overrides, on synthetic data) and
-bench/train_throughput.py (GFLOP/s beside the measured matmul peak and the products-only ceiling)."""
+bench/train_throughput.py (GFLOP/s beside the measured matmul peak and the products-only ceiling) and
+bench/by_history_length.py (its buckets add up to `movierec evaluate`'s figures)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,21 @@ def test_train_throughput_prints_gflops_the_matmul_peak_and_the_products_ceiling
     gflops, share, products_share = row.split()[-4:-1]
     assert float(gflops) > 0 and share.endswith("%") and products_share.endswith("%")
     assert float(products_share.rstrip("%")) > 0
+
+
+def test_by_history_length_buckets_add_up_to_the_evaluate_figures(trained_run):
+    from movierec.evaluation.evaluate import evaluate_checkpoint
+
+    run = trained_run.run_dir
+    out = bench("by_history_length.py", str(run / "best.ckpt"), str(run / "last.ckpt"), "--edges", "10,30")
+    rows = {cells[0]: cells[1:] for line in out.splitlines() if line.startswith("│")
+            for cells in [[c.strip() for c in line.strip("│").split("│")]]}  # fmt: skip
+    assert list(rows) == ["0–9", "10–29", "≥ 30", "all"]
+    users = [int(rows[label][0].replace(",", "")) for label in rows]
+    assert sum(users[:-1]) == users[-1] == 300
+    expected = evaluate_checkpoint(run / "best.ckpt", protocols=("sampled-uniform-100", "full"), ks=(10,))
+    sampled, full, *_, sampled_delta, full_delta = rows["all"][1:]
+    assert sampled.split()[0] == f"{expected['sampled-uniform-100/ndcg@10']:.4f}"
+    assert sampled.split()[-1] == f"{expected['sampled-uniform-100/hr@10']:.4f}"
+    assert full.split()[0] == f"{expected['full/ndcg@10']:.4f}"
+    assert sampled_delta.split()[1] == "±" and full_delta.split()[1] == "±"
