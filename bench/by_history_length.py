@@ -18,31 +18,21 @@ import argparse
 import itertools
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from movierec.data.layout import load_sequences
 from movierec.evaluation.evaluate import Evaluator
-from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
+from movierec.evaluation.metrics import metrics_from_ranks, ndcg_per_user
 from movierec.models.checkpoint import BEST, load_checkpoint, model_from_checkpoint, verify_dataset
 
 
-def per_user_ranks(evaluator: Evaluator, model, protocol: str) -> np.ndarray:
-    """0-based rank of each evaluated user's target under `protocol` (full: history excluded)."""
-    ranks = np.zeros(evaluator.num_users, dtype=np.int64)
-    with torch.inference_mode():
-        for rows, seqs in evaluator.batches(model.config.max_len):
-            users = torch.from_numpy(evaluator.users[rows])
-            targets = torch.from_numpy(evaluator.targets[rows])
-            queries = model.queries(torch.from_numpy(seqs), users, last_only=True).float()
-            target_scores = model.score(queries, targets[:, None])[:, 0]
-            if protocol == "full":
-                ranks[rows] = evaluator._full_pass(model, queries, rows, targets, target_scores)[0]
-            else:
-                negs = torch.from_numpy(evaluator.negatives(protocol, rows))
-                scores = model.score(queries, torch.cat([targets[:, None], negs], -1)).numpy()
-                ranks[rows] = rank_of_target(scores[:, 0], scores[:, 1:])
+def per_user_ranks(evaluator: Evaluator, model) -> dict[str, np.ndarray]:
+    """0-based rank of each evaluated user's target under each of the evaluator's protocols."""
+    ranks = {protocol: np.zeros(evaluator.num_users, dtype=np.int64) for protocol in evaluator.protocols}
+    for rows, sequences in evaluator.batches(model.config.max_len):
+        for protocol, batch in evaluator.batch_ranks(model, rows, sequences)[0].items():
+            ranks[protocol][rows] = batch
     return ranks
 
 
@@ -70,8 +60,8 @@ def main() -> None:
     columns: dict[str, np.ndarray] = {}  # (checkpoint, protocol) -> per-user ranks
     for number, state in enumerate(states, start=1):
         model = model_from_checkpoint(state, "cpu").eval()
-        for protocol in protocols:
-            columns[f"#{number} {protocol}"] = per_user_ranks(evaluator, model, protocol)
+        for protocol, ranks in per_user_ranks(evaluator, model).items():
+            columns[f"#{number} {protocol}"] = ranks
 
     names = list(columns)
     paired = [(names.index(f"#1 {p}"), names.index(n)) for n in names for p in protocols
@@ -83,7 +73,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     for _, other in paired:
         table.add_column(f"{names[other]} − #1: Δ NDCG@{args.k} ± paired s.e.", justify="right")
-    ndcg = {n: np.where(r < args.k, 1.0 / np.log2(r + 2.0), 0.0) for n, r in columns.items()}  # per user
+    ndcg = {name: ndcg_per_user(ranks, args.k) for name, ranks in columns.items()}
     for lo, hi in [*itertools.pairwise(edges), (0, edges[-1])]:
         keep = (lengths >= lo) & (lengths < hi)
         label = "all" if (lo, hi) == (0, edges[-1]) else f"≥ {lo}" if hi == edges[-1] else f"{lo}–{hi - 1}"

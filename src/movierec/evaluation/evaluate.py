@@ -129,34 +129,12 @@ class Evaluator:
         sums = np.zeros(2 + len(self.protocols) * (2 * len(self.ks) + 1), dtype=np.float64)  # loss, count, metrics
         try:
             for rows, seqs in self.batches(model.config.max_len, np.arange(rank, self.num_users, world)):
-                users = torch.from_numpy(self.users[rows]).to(device)
-                targets = torch.from_numpy(self.targets[rows]).to(device)
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    queries = model.queries(torch.from_numpy(seqs).to(device), users, last_only=True)
-                queries = queries.float()
-                target_scores = model.score(queries, targets[:, None])[:, 0]
-                full_ranks, log_partition = None, None
-                if "full" in self.protocols or loss != "bce":
-                    full_ranks, log_partition = self._full_pass(model, queries, rows, targets, target_scores)
-                if loss == "bce":
-                    negs = torch.from_numpy(self.negatives_for_loss(rows)).to(device)
-                    negative_scores = model.score(queries, negs[:, None])[:, 0]
-                    batch_loss = bce_from_logits(target_scores, negative_scores)  # the training objective
-                else:
-                    batch_loss = (log_partition - target_scores).mean()  # cross-entropy over all items
-                sums[0] += float(batch_loss) * len(rows)
+                ranks, batch_loss = self.batch_ranks(model, rows, seqs, device, autocast_dtype, loss)
+                sums[0] += batch_loss * len(rows)
                 sums[1] += len(rows)
                 offset = 2
                 for protocol in self.protocols:
-                    if protocol == "full":
-                        ranks = full_ranks
-                    else:
-                        negs = torch.from_numpy(self.negatives(protocol, rows)).to(device)
-                        scores = model.score(queries, torch.cat([targets[:, None], negs], -1)).cpu().numpy()
-                        ranks = rank_of_target(scores[:, 0], scores[:, 1:])
-                    values = metrics_from_ranks(ranks, self.ks)
+                    values = metrics_from_ranks(ranks[protocol], self.ks)
                     sums[offset : offset + len(values)] += np.array(list(values.values())) * len(rows)
                     offset += len(values)
         finally:
@@ -172,6 +150,44 @@ class Evaluator:
                 out[f"{protocol}/{name}"] = float(total) / count if count else float("nan")
             offset += len(names)
         return out
+
+    @torch.inference_mode()
+    def batch_ranks(
+        self,
+        model: SequentialModel,
+        rows: np.ndarray,
+        sequences: np.ndarray,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        loss: str = "bce",
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """One batch of `batches()`: the 0-based rank of each user's target under every protocol, and the
+        batch's mean validation loss (BCE vs one negative, or full CE)."""
+        device = torch.device(device)
+        users = torch.from_numpy(self.users[rows]).to(device)
+        targets = torch.from_numpy(self.targets[rows]).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            queries = model.queries(torch.from_numpy(sequences).to(device), users, last_only=True)
+        queries = queries.float()
+        target_scores = model.score(queries, targets[:, None])[:, 0]
+        full_ranks, log_partition = None, None
+        if "full" in self.protocols or loss != "bce":
+            full_ranks, log_partition = self._full_pass(model, queries, rows, targets, target_scores)
+        if loss == "bce":
+            negs = torch.from_numpy(self.negatives_for_loss(rows)).to(device)
+            negative_scores = model.score(queries, negs[:, None])[:, 0]
+            batch_loss = bce_from_logits(target_scores, negative_scores)  # the training objective
+        else:
+            batch_loss = (log_partition - target_scores).mean()  # cross-entropy over all items
+        ranks = {}
+        for protocol in self.protocols:
+            if protocol == "full":
+                ranks[protocol] = full_ranks
+            else:
+                negs = torch.from_numpy(self.negatives(protocol, rows)).to(device)
+                scores = model.score(queries, torch.cat([targets[:, None], negs], -1)).cpu().numpy()
+                ranks[protocol] = rank_of_target(scores[:, 0], scores[:, 1:])
+        return ranks, float(batch_loss)
 
     def negatives_for_loss(self, rows: np.ndarray) -> np.ndarray:
         return seeded_candidates(self.seen, self.users[rows], 1, self.seed, LOSS_STREAM)[:, 0]

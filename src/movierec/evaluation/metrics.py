@@ -14,17 +14,21 @@ def rank_of_target(target_scores: np.ndarray, candidate_scores: np.ndarray) -> n
     return (candidate_scores >= target_scores[:, None]).sum(axis=1)
 
 
+def ndcg_per_user(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k (one held-out item: 1 / log2(rank + 2) inside the top k, else 0); its mean is NDCG@k."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10, 20)) -> dict[str, float]:
     """HR@k, NDCG@k for each k and MRR, averaged over users. Empty input gives NaN."""
     ranks = np.asarray(ranks, dtype=np.float64)
     out: dict[str, float] = {}
     if len(ranks) == 0:
         return {**{f"{m}@{k}": float("nan") for k in ks for m in ("hr", "ndcg")}, "mrr": float("nan")}
-    gains = 1.0 / np.log2(ranks + 2.0)
     for k in ks:
-        hit = ranks < k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, gains, 0.0).mean())
+        out[f"hr@{k}"] = float((ranks < k).mean())
+        out[f"ndcg@{k}"] = float(ndcg_per_user(ranks, k).mean())
     out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
     return out
 
