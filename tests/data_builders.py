@@ -101,3 +101,22 @@ def make_zip(members: dict[str, bytes], folders: bool = True) -> bytes:
 
 def md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+# per file: {mlperf user: (training items in id order, test item)}; item 0 is a real item
+MLPERF_FILES = [
+    {0: ([0, 3, 5], 7), 1: ([1, 2], 0), 2: ([4], 6), 3: ([0, 1, 2, 3, 4], 9)},
+    {4: ([2, 8], 1), 5: ([0, 5, 6, 7], 3)},
+    {6: ([1, 9, 11], 2), 7: ([3], 4), 8: ([0, 2], 5)},
+]
+
+
+def write_mlperf_files(folder, files=MLPERF_FILES):
+    """Tiny files in exactly MLPerf's format (savez_compressed arr_0, int64), one per block of MLPERF_FILES."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, users in enumerate(files):
+        train = [[u, i] for u, (items, _) in users.items() for i in items]
+        test = [[u, t] for u, (_, t) in users.items()]
+        np.savez_compressed(folder / f"trainx16x32_{k}.npz", np.asarray(train, dtype=np.int64))
+        np.savez_compressed(folder / f"testx16x32_{k}.npz", np.asarray(test, dtype=np.int64))
+    return folder

@@ -8,29 +8,14 @@ import tarfile
 
 import numpy as np
 import pytest
+from data_builders import MLPERF_FILES as FILES
+from data_builders import write_mlperf_files as write_files
 
 from movierec.cli import main
 from movierec.data.api import prepare
 from movierec.data.layout import load_sequences, read_items, read_meta, read_users
 from movierec.data.mlperf import prepare_mlperf
 from movierec.errors import ConfigError, DataError
-
-# per file: {mlperf user: (training items in id order, test item)}; item 0 is a real item
-FILES = [
-    {0: ([0, 3, 5], 7), 1: ([1, 2], 0), 2: ([4], 6), 3: ([0, 1, 2, 3, 4], 9)},
-    {4: ([2, 8], 1), 5: ([0, 5, 6, 7], 3)},
-    {6: ([1, 9, 11], 2), 7: ([3], 4), 8: ([0, 2], 5)},
-]
-
-
-def write_files(folder, files=FILES):
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, users in enumerate(files):
-        train = [[u, i] for u, (items, _) in users.items() for i in items]
-        test = [[u, t] for u, (_, t) in users.items()]
-        np.savez_compressed(folder / f"trainx16x32_{k}.npz", np.asarray(train, dtype=np.int64))
-        np.savez_compressed(folder / f"testx16x32_{k}.npz", np.asarray(test, dtype=np.int64))
-    return folder
 
 
 def test_conversion(tmp_path):

@@ -44,7 +44,8 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         "--input",
         type=Path,
         help="a local source: ml-1m-sasrec: the ml-1m.txt file; a release: its extracted folder; "
-        "ml-20mx16x32: the folder with trainx16x32_K.npz/testx16x32_K.npz",
+        "ml-20mx16x32: the folder with trainx16x32_K.npz/testx16x32_K.npz, or an organised folder "
+        "(training/, validation/, evaluation/)",
     )
     p.add_argument(
         "--titles",
@@ -54,6 +55,13 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     _add_source_options(p)
     p.add_argument("--fraction", type=float, default=None, help="ml-20mx16x32: convert the first F of its shards")
     p.add_argument("--shards", default=None, help="ml-20mx16x32: convert these shards, e.g. 0-3,7")
+    p.add_argument(
+        "--holdout",
+        choices=["leave-one-out", "by-file"],
+        default=None,
+        help="ml-20mx16x32: leave-one-out (default: each user's last training pair validates, its test pair "
+        "evaluates) or by-file (an organised folder's validation/ and evaluation/ test files; docs/data.md)",
+    )
     p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     p.add_argument("--min-rating", type=float, default=None, help="drop ratings below this (default: keep all)")
     p.add_argument("--min-user-interactions", type=int, default=None, help="k-core minimum per user (default 5)")
@@ -98,6 +106,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         fraction=args.fraction,
         shards=args.shards,
+        holdout=args.holdout,
         progress=sys.stderr.isatty(),
     )
     print_summary(path)

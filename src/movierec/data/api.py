@@ -130,13 +130,15 @@ def prepare(
     shard_pairs: int = DEFAULT_SHARD_PAIRS,
     fraction: float | None = None,
     shards: str | None = None,
+    holdout: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Prepare `dataset` into `out/<dataset>` and return that folder.
 
-    `fraction` / `shards` choose input shards and apply to ml-20mx16x32 only; `num_shards` / `shard_pairs`
-    set the number of output shards (default: about `shard_pairs` interactions per shard).
+    `fraction` / `shards` choose input shards and `holdout` how validation and evaluation are held out
+    (leave-one-out or by-file); they apply to ml-20mx16x32 only. `num_shards` / `shard_pairs` set the number
+    of output shards (default: about `shard_pairs` interactions per shard).
     """
     if shard_pairs < 1:
         raise ConfigError(f"--shard-pairs must be positive, got {shard_pairs}")
@@ -148,6 +150,8 @@ def prepare(
             "--fraction/--shards in `prepare` choose input shards of ml-20mx16x32 only; for other datasets pass "
             "them where the prepared data is read (training, evaluation)"
         )
+    if holdout is not None and not is_mlperf:
+        raise ConfigError("--holdout applies to ml-20mx16x32; other datasets hold out each user's last items")
     if name is not None and dataset != "sasrec-text":
         raise ConfigError(f"--name names a `sasrec-text` dataset; {dataset!r} has its own name")
     if (archive is not None or data_home is not None or base_url is not None) and dataset not in RELEASES:
@@ -179,6 +183,7 @@ def prepare(
             return _prepare_mlperf(
                 dataset, out, input_path=input_path, archive=archive, data_home=data_home, base_url=base_url,
                 verify=verify, fraction=fraction, shards=shards, shard_pairs=shard_pairs, overwrite=overwrite,
+                holdout=holdout or "leave-one-out",
                 progress=progress, num_shards=num_shards,
                 ignored={"--min-rating": min_rating, "--min-user-interactions": min_user_interactions,
                          "--min-item-interactions": min_item_interactions},

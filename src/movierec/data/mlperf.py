@@ -2,9 +2,11 @@
 
 Input: a folder with `trainx16x32_{k}.npz` and `testx16x32_{k}.npz` (k = 0..15), each holding one array
 `arr_0` of shape (N, 2), `[user, item]`, int64, as written by MLPerf's generator: file k holds a block of
-users, each user's pairs together with its items in increasing id order. There are no timestamps and so
-**no time order**: "sequences" are in item-id order, meta.json says `time_ordered: false`, and sequential
-models trained on it learn no real temporal signal.
+users, each user's pairs together with its items in increasing id order. The seed pipeline's "organised"
+folder holds the same files as `training/trainx16x32_{k}.npz` and `validation/test_{k}.npz` (k = 0-7) /
+`evaluation/test_{k}.npz` (k = 8-15), often with only some of the training files; it is read as it lies.
+There are no timestamps and so **no time order**: "sequences" are in item-id order, meta.json says
+`time_ordered: false`, and sequential models trained on it learn no real temporal signal.
 
 Conversion, one input file pair at a time (memory is bounded by one input shard, not by the 1.2 B pairs):
 
@@ -19,16 +21,22 @@ Conversion, one input file pair at a time (memory is bounded by one input shard,
   users with at least two training pairs; a user with a single training pair keeps it for training.
 - training: the remaining pairs, in file order.
 
+`--holdout by-file` (organised folders only) keeps every training pair for training instead, and makes the
+test pairs of the files in validation/ the validation pairs and those in evaluation/ the evaluation pairs.
+
 `--fraction F` / `--shards 0-3` choose which input files are converted (the first ceil(F * 16) files for a
-fraction). Each input file becomes one or more output shards of about `shard_pairs` pairs.
+fraction, 16 being the whole set's count whichever files are present); without them every training file
+present is converted. Each input file becomes one or more output shards of about `shard_pairs` pairs.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,26 +45,96 @@ import pyarrow.compute as pc
 
 from movierec.data.layout import SPLITS, ShardWriter, select_shards, sha256_file
 from movierec.data.prepare import DEFAULT_SHARD_PAIRS, shard_boundaries
-from movierec.errors import DataError
+from movierec.errors import ConfigError, DataError
 
 TRAIN_FILE = "trainx16x32_{k}.npz"
 TEST_FILE = "testx16x32_{k}.npz"
 _TRAIN_RE = re.compile(r"^trainx16x32_(\d+)\.npz$")
+# the seed pipeline's organised folder renames MLPerf's testx16x32_K.npz to test_K.npz
+_TEST_RE = re.compile(r"^test(?:x16x32)?_(\d+)\.npz$")
+ORGANISED_HOLDOUT = ("validation", "evaluation")  # organised/<split>/test_K.npz
+HOLDOUTS = ("leave-one-out", "by-file")
 VALIDATION_RULE = (
     "last training pair of each user in file order (its largest item id), for users with >= 2 training pairs"
 )
+BY_FILE_RULE = (
+    "by file: the test pair of each user of a file in validation/ is its validation pair, of a file in "
+    "evaluation/ its evaluation pair; every training pair trains"
+)
 
 
-def find_shards(folder: str | Path) -> tuple[Path, list[int]]:
-    """The folder holding the .npz files (DIR or DIR/ml-20mx16x32) and the sorted shard numbers in it."""
+@dataclass
+class InputFiles:
+    """The MLPerf files of an input folder: as MLPerf ships them (`trainx16x32_K.npz` beside
+    `testx16x32_K.npz`) or as the seed pipeline organises them (`training/trainx16x32_K.npz`,
+    `validation/test_K.npz` for K = 0-7, `evaluation/test_K.npz` for K = 8-15)."""
+
+    folder: Path
+    layout: str  # "mlperf" | "organised"
+    train: dict[int, Path]
+    test: dict[int, Path]
+    test_split: dict[int, str] = field(default_factory=dict)  # organised: the folder test_K.npz lies in
+
+    @property
+    def num_files(self) -> int:
+        """How many files the whole set has: `--fraction` is a fraction of this, whichever files are present."""
+        return max([*self.train, *self.test]) + 1
+
+
+def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
+    return {int(m.group(1)): p for p in folder.glob("*.npz") if (m := pattern.match(p.name))}
+
+
+def _organised_files(folder: Path) -> InputFiles:
+    train = _numbered(folder / "training", _TRAIN_RE)
+    test: dict[int, Path] = {}
+    test_split: dict[int, str] = {}
+    for split in ORGANISED_HOLDOUT:
+        for k, path in _numbered(folder / split, _TEST_RE).items() if (folder / split).is_dir() else ():
+            if k in test:
+                raise DataError(f"{test[k]} and {path} are both test file {k}: keep it in validation/ or evaluation/")
+            test[k], test_split[k] = path, split
+    if not train:
+        held = f" ({len(test)} test files alone cannot train a model)" if test else ""
+        raise DataError(f"{folder / 'training'} holds no trainx16x32_K.npz files{held}; pass the organised folder "
+                        "whose training/ holds them")  # fmt: skip
+    return InputFiles(folder, "organised", train, test, test_split)
+
+
+def find_files(folder: str | Path) -> InputFiles:
+    """The input files of DIR: MLPerf's own layout (DIR or DIR/ml-20mx16x32), or the organised one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--input {folder} is not a folder; pass the folder with trainx16x32_*.npz files")
+    if (folder / "training").is_dir():
+        return _organised_files(folder)
     for candidate in (folder, folder / "ml-20mx16x32"):
-        numbers = sorted(int(m.group(1)) for p in candidate.glob("trainx16x32_*.npz") if (m := _TRAIN_RE.match(p.name)))
-        if numbers:
-            return candidate, numbers
-    raise DataError(f"{folder} holds no trainx16x32_K.npz files: pass the extracted ml-20mx16x32 folder with --input")
+        train = _numbered(candidate, _TRAIN_RE) if candidate.is_dir() else {}
+        if train:
+            test = {k: p for k, p in _numbered(candidate, re.compile(r"^testx16x32_(\d+)\.npz$")).items()}
+            return InputFiles(candidate, "mlperf", train, test)
+    held = " (it holds test files only: the training files are needed too)" if list(folder.glob("test*.npz")) else ""
+    raise DataError(
+        f"{folder} holds no trainx16x32_K.npz files{held}: pass the extracted ml-20mx16x32 folder, or an organised "
+        "folder with training/, validation/ and evaluation/, with --input"
+    )
+
+
+def choose_files(files: InputFiles, fraction=None, shards=None) -> list[int]:
+    """File numbers K chosen by --fraction (of the whole set's files) or --shards, else every training file
+    present; each chosen K must have its training file and its test file."""
+    if fraction is None and shards is None:
+        chosen = sorted(files.train)
+    else:
+        chosen = select_shards(files.num_files, fraction, shards)
+    for k in chosen:
+        if k not in files.train:
+            beside = f"; {files.test[k]} is there without it" if k in files.test else ""
+            raise DataError(f"{files.folder} lacks {TRAIN_FILE.format(k=k)} (chosen files: {chosen}){beside}")
+        if k not in files.test:
+            name = TEST_FILE.format(k=k) if files.layout == "mlperf" else f"test_{k}.npz"
+            raise DataError(f"{name} is missing in {files.folder}; every trainx16x32_K.npz needs its test file")
+    return chosen
 
 
 def _open_tar(archive: Path) -> tarfile.TarFile:
@@ -134,8 +212,12 @@ def _last_of_each_user(users: np.ndarray) -> np.ndarray:
     return last
 
 
-def convert_file_pair(train: np.ndarray, test: np.ndarray, name: str) -> dict:
-    """Split one input shard: returns MLPerf user ids and per-split [mlperf_user, item + 1] arrays."""
+def convert_file_pair(train: np.ndarray, test: np.ndarray, name: str, held_out_as: str | None = None) -> dict:
+    """Split one input shard: returns MLPerf user ids and per-split [mlperf_user, item + 1] arrays.
+
+    `held_out_as` None: leave-one-out (validation = each user's last training pair, evaluation = its test
+    pair); "validation" / "evaluation": the test pairs are that split's pairs and every training pair trains.
+    """
     train, test = _group_by_user(train), _group_by_user(test)
     extra = 0
     if len(test):
@@ -145,6 +227,10 @@ def convert_file_pair(train: np.ndarray, test: np.ndarray, name: str) -> dict:
             train = _group_by_user(np.concatenate([train, test[~last_test]]))
             test = test[last_test]
     users = np.union1d(train[:, 0], test[:, 0])
+    empty = np.empty((0, 2), dtype=train.dtype)
+    if held_out_as is not None:
+        other = "evaluation" if held_out_as == "validation" else "validation"
+        return {"users": users, "training": train, held_out_as: test, other: empty, "extra_test": extra, "name": name}
     counts = np.bincount(np.searchsorted(users, train[:, 0]), minlength=len(users))
     valid_rows = _last_of_each_user(train[:, 0]) & (counts[np.searchsorted(users, train[:, 0])] >= 2)
     return {
@@ -157,6 +243,27 @@ def convert_file_pair(train: np.ndarray, test: np.ndarray, name: str) -> dict:
     }
 
 
+def _holdout_splits(files: InputFiles, chosen: list[int], holdout: str) -> dict[int, str | None]:
+    """Per chosen file, the split its test pairs become under `holdout` (None: leave-one-out)."""
+    if holdout not in HOLDOUTS:
+        raise ConfigError(f"--holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")
+    if holdout == "leave-one-out":
+        return dict.fromkeys(chosen)
+    if files.layout != "organised":
+        raise ConfigError(
+            f"--holdout by-file takes the split from the folder a test file lies in: {files.folder} is not an "
+            "organised folder (training/, validation/, evaluation/); use --holdout leave-one-out"
+        )
+    splits = {k: files.test_split[k] for k in chosen}
+    for split in ORGANISED_HOLDOUT:
+        if split not in splits.values():
+            raise DataError(
+                f"--holdout by-file: the chosen files {chosen} give no {split} users (none of their test files is in "
+                f"{split}/); choose files from both folders with --shards, or use --holdout leave-one-out"
+            )
+    return splits
+
+
 def prepare_mlperf(
     input_dir: str | Path,
     out: str | Path,
@@ -167,10 +274,23 @@ def prepare_mlperf(
     shard_pairs: int = DEFAULT_SHARD_PAIRS,
     overwrite: bool = False,
     source: dict | None = None,
+    holdout: str = "leave-one-out",
 ) -> Path:
-    """Convert the chosen input shards into `out/name`, one input shard in memory at a time."""
-    folder, numbers = find_shards(input_dir)
-    chosen = choose(numbers, fraction, shards, folder)
+    """Convert the chosen input shards into `out/name`, one input shard in memory at a time.
+
+    `holdout`: "leave-one-out" (each user's last training pair validates, its test pair evaluates) or
+    "by-file" (organised folders only: the folder a test file lies in says which split its pairs are).
+    """
+    files = find_files(input_dir)
+    folder = files.folder
+    chosen = choose_files(files, fraction, shards)
+    held_out_as = _holdout_splits(files, chosen, holdout)
+    unused = sorted(set(files.test) - set(chosen))
+    print(
+        f"{name}: {files.folder} ({files.layout} layout): converting files {chosen} of {files.num_files}, "
+        f"holdout {holdout}" + (f"; {len(unused)} test files of unchosen files are not used" if unused else ""),
+        file=sys.stderr,
+    )
     writer = ShardWriter(Path(out), name, overwrite=overwrite)
     try:
         next_user = 1
@@ -180,8 +300,8 @@ def prepare_mlperf(
         extra_total = 0
         last_user = -1
         for k in chosen:
-            train_path, test_path = folder / TRAIN_FILE.format(k=k), folder / TEST_FILE.format(k=k)
-            part = convert_file_pair(_load_pairs(train_path), _load_pairs(test_path), train_path.name)
+            train_path, test_path = files.train[k], files.test[k]
+            part = convert_file_pair(_load_pairs(train_path), _load_pairs(test_path), train_path.name, held_out_as[k])
             users = part["users"]
             if len(users) and users[0] <= last_user:
                 raise DataError(
@@ -229,8 +349,11 @@ def prepare_mlperf(
                 "input_shards": chosen,
                 "item_ids": "MLPerf item id + 1 (MLPerf's item 0 is a real item; 0 is our padding id)",
                 "user_ids": "contiguous from 1 in file order, then MLPerf user id order (users.parquet maps back)",
-                "validation": VALIDATION_RULE,
-                "evaluation": "MLPerf's test pair of each user",
+                "layout": files.layout,
+                "holdout": holdout,
+                "validation": VALIDATION_RULE if holdout == "leave-one-out" else BY_FILE_RULE,
+                "evaluation": "MLPerf's test pair of each user" + ("" if holdout == "leave-one-out" else
+                                                                   " of a file in evaluation/"),
                 "extra_test_pairs_to_training": extra_total,
                 "tie_break": "none: MLPerf lists each user's items in item-id order, there are no timestamps",
             },

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -297,3 +298,22 @@ def generate_mlperf_files(
             _write_sidecar(folder, record)
         written += [train_path, test_path]
     return written
+
+
+def organise(source: str | Path, dest: str | Path, train_files: Sequence[int], files: int = 16) -> Path:
+    """Lay MLPerf files out as the seed pipeline's "organised" folder, hard-linked (copied across devices):
+    `training/trainx16x32_K.npz` for K in `train_files` only, and every `testx16x32_K.npz` renamed
+    `test_K.npz` under `validation/` (the first half of the files) or `evaluation/` (the second half)."""
+    source, dest = Path(source), Path(dest)
+    links = [(source / TRAIN_FILE.format(k=k), dest / "training" / TRAIN_FILE.format(k=k)) for k in train_files]
+    for k in range(files):
+        split = "validation" if k < files // 2 else "evaluation"
+        links.append((source / TEST_FILE.format(k=k), dest / split / f"test_{k}.npz"))
+    for src, dst in links:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    return dest
