@@ -102,7 +102,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("random-ckpt-train-resume", ["train", "--resume", "{root}/random.ckpt"], "not a movierec checkpoint"),
     ("random-ckpt-init-from", [*TRAIN, "--data", "{data}", "--run-dir", "{tmp}/r", "--init-from",
                                "{root}/random.ckpt", "--tracking-uri", "sqlite:///{tmp}/m.db"],
-     "not a movierec checkpoint"),
+     "is not a readable movierec checkpoint or PyTorch state dict"),
     ("wrong-rows-recommend", ["recommend", "{root}/wrong-size.ckpt", "--user", "1007"],
      "its weights do not fit its model config (size mismatch for item_emb.weight"),
     ("wrong-rows-evaluate", ["evaluate", "{root}/wrong-size.ckpt"], "size mismatch for item_emb.weight"),

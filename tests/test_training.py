@@ -236,7 +236,7 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
     from movierec.training.trainer import Trainer
 
     trainer = Trainer(config)
-    report = {name: (action, detail) for name, action, detail in trainer.init_report}
+    report = {row.target: (row.action, row.detail) for row in trainer.init_report}
     assert report["user_emb.weight"][0] == "mapped"  # userIds 1..150 are in both
     assert report["item_emb.weight"][0] == "mapped"
     assert report["item_emb.weight"][1].startswith("70 of 140 rows by movieId")
@@ -253,7 +253,7 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
 def test_init_from_maps_by_id_even_when_shapes_match():
     from movierec.models.base import ModelConfig
     from movierec.models.sse_pt import SSEPT
-    from movierec.training.checkpoint import init_from_pretrained
+    from movierec.training.init_from import init_from_checkpoint
 
     torch.manual_seed(0)
     config = ModelConfig(num_users=2, num_items=3, max_len=4, d_item=4, d_user=2)
@@ -263,12 +263,12 @@ def test_init_from_maps_by_id_even_when_shapes_match():
         "model_config": config.to_dict(),
         "dataset": {"item_movie_ids": torch.tensor([10, 20, 30]), "user_ids": torch.tensor([7, 8])},
     }
-    report = init_from_pretrained(new, state, np.array([30, 10, 20]), np.array([8, 7]))
-    assert {name: action for name, action, _ in report}["item_emb.weight"] == "mapped"
+    report = init_from_checkpoint(new, state, np.array([30, 10, 20]), np.array([8, 7]))
+    assert {row.target: row.action for row in report}["item_emb.weight"] == "mapped"
     torch.testing.assert_close(new.item_emb.weight[1:], old.item_emb.weight[[3, 1, 2]])
     torch.testing.assert_close(new.user_emb.weight[1:], old.user_emb.weight[[2, 1]])
     positional = SSEPT(config)
-    init_from_pretrained(positional, state, np.array([30, 10, 20]), np.array([8, 7]), map_by_id=False)
+    init_from_checkpoint(positional, state, np.array([30, 10, 20]), np.array([8, 7]), map_by_id=False)
     torch.testing.assert_close(positional.item_emb.weight, old.item_emb.weight)
 
 

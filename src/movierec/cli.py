@@ -184,7 +184,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", help="MLflow experiment name")
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument("--resume", help="continue a run exactly from its run folder or checkpoint")
-    p.add_argument("--init-from", help="start from the weights of a checkpoint (matching tensors are loaded)")
+    p.add_argument(
+        "--init-from",
+        help="start from the weights of a movierec checkpoint or run folder, or of a plain PyTorch state dict "
+        "(.pth/.pt): tensors that match by name and shape are loaded, the rest skipped (a table says which)",
+    )
+    p.add_argument("--init-map", help="YAML rules renaming a state dict's tensors to ours (configs/init-maps/)")
     p.add_argument("--fraction", type=float, help="train on the first ceil(F * shards) shards")
     p.add_argument("--shards", help="train on these shards, e.g. 0-3,7")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"], help="train.precision")
@@ -209,6 +214,7 @@ def config_from_args(args: argparse.Namespace):
         "tracking.experiment": args.experiment,
         "tracking.run_name": args.run_name,
         "init.from_checkpoint": args.init_from,
+        "init.map": args.init_map,
         "data.fraction": args.fraction,
         "data.shards": args.shards,
         "train.precision": args.precision,

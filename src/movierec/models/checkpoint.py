@@ -12,6 +12,7 @@ Training, evaluation, serving and export all read checkpoints through :func:`loa
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -55,20 +56,40 @@ def resolve_checkpoint(path: str | Path, prefer: str = LAST) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, prefer: str = LAST, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict of a file or run folder; anything that is not one is a one-line CheckpointError."""
-    file = resolve_checkpoint(path, prefer)
-    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; an empty or random file is not one
-        raise CheckpointError(f"{file} is not a movierec checkpoint (not a torch.save archive; empty or damaged?)")
+class ForeignFile(CheckpointError):
+    """A readable file that is not a movierec checkpoint (no format marker, or not a torch zip archive):
+    `--init-from` reads it as a plain state dict instead."""
+
+
+def torch_load_safely(file: Path, what: str = "movierec checkpoint") -> Any:
+    """`torch.load` with weights_only (no code runs on load) and mmap for zip archives; every failure is one
+    CheckpointError line, and a pickle that asks for anything but tensors is named as refused."""
     try:
         # mmap: tensors are read from the file as they are used, so loading the weights of a large model
         # does not also bring its optimizer moments into memory
-        state = torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as exc:  # torch raises many types for damaged archives (RuntimeError, IndexError, ...)
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file} is not a readable movierec checkpoint ({message})") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if isinstance(exc, pickle.UnpicklingError) and any("GLOBAL" in line for line in lines):
+            raise CheckpointError(
+                f"{file} was refused: it holds Python objects other than tensors, and loading them would run "
+                "code from the file (only tensors and plain containers are read)"
+            ) from exc
+        # the weights-only unpickler's first line is generic advice; the line naming the problem is the useful one
+        specific = [line for line in lines if line.startswith("Unsupported")]
+        message = (specific or lines or [type(exc).__name__])[0]
+        raise CheckpointError(f"{file} is not a readable {what} ({message})") from exc
+
+
+def load_checkpoint(path: str | Path, prefer: str = LAST) -> dict:
+    """The checkpoint dict of a file or run folder; anything that is not one is a one-line CheckpointError
+    (ForeignFile when it is a readable file of another kind)."""
+    file = resolve_checkpoint(path, prefer)
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; an empty or random file is not one
+        raise ForeignFile(f"{file} is not a movierec checkpoint (not a torch.save archive; empty or damaged?)")
+    state = torch_load_safely(file)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not a movierec checkpoint (no '{FORMAT}' marker)")
+        raise ForeignFile(f"{file} is not a movierec checkpoint (no '{FORMAT}' marker)")
     missing = [key for key in REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"{file} is an incomplete movierec checkpoint (no {', '.join(missing)})")

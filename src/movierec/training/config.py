@@ -110,8 +110,9 @@ class TrackingSection:
 
 @dataclass
 class InitSection:
-    from_checkpoint: str | None = None
+    from_checkpoint: str | None = None  # a movierec checkpoint or run folder, or a plain PyTorch state dict
     map_by_id: bool = True  # copy item/user vectors by MovieLens movieId/userId across datasets
+    map: str | None = None  # a state dict's tensor names -> ours: YAML rename rules (configs/init-maps/)
 
 
 @dataclass

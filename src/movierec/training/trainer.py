@@ -26,8 +26,8 @@ from movierec.models.base import ModelConfig, build_model
 from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from movierec.training import distributed, losses
 from movierec.training.batches import TrainBatches
-from movierec.training.checkpoint import init_from_pretrained, print_init_report
 from movierec.training.config import RunConfig, dump_config
+from movierec.training.init_from import InitRow, init_model, read_init_map, read_pretrained, report_table
 from movierec.training.optim import build_optimizers, clip_grad_norm, embedding_tables, resolve_optimizer
 from movierec.training.tracking import (
     ExperimentInBackground,
@@ -134,7 +134,8 @@ class Trainer:
         c = config
         # read the checkpoint to start from before anything is set up, so that a bad one fails in a second
         pretrained = c.init.from_checkpoint if self.resume_state is None else None
-        self.pretrained = load_checkpoint(pretrained, prefer=BEST) if pretrained else None
+        self.pretrained = read_pretrained(pretrained) if pretrained else None
+        self.init_rules = read_init_map(c.init.map) if pretrained and c.init.map else []
         if c.train.num_threads:
             torch.set_num_threads(c.train.num_threads)
         self.dist, device_name = distributed.setup(c.train.device)
@@ -211,13 +212,14 @@ class Trainer:
         self.elapsed = 0.0  # seconds of training and validation so far, over every resumed segment
         self.history: list[dict] = []
         self.run_id: str | None = None
-        self.init_report: list[tuple[str, str, str]] | None = None
+        self.init_report: list[InitRow] | None = None
         if self.resume_state is not None:
             self._restore(self.resume_state)
         elif self.pretrained is not None:
-            self.init_report = init_from_pretrained(
+            self.init_report = init_model(
                 self.model,
                 self.pretrained,
+                self.init_rules,
                 self.identity["item_movie_ids"].numpy(),
                 self.identity["user_ids"].numpy(),
                 c.init.map_by_id,
@@ -514,7 +516,7 @@ class Trainer:
                         )
                     )
                     if self.init_report is not None:
-                        mlflow.log_text(print_init_report(self.init_report, self.console), "init_from.tsv")
+                        mlflow.log_text(report_table(self.init_report, self.console), "init_from.tsv")
                 yield run
             except Exception as exc:
                 self._end_run("FAILED")
