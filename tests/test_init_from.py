@@ -166,7 +166,7 @@ def test_bad_maps_and_files_that_load_nothing_are_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="is not a readable movierec checkpoint or PyTorch state dict"):
         read_pretrained(tmp_path / "junk.pth")
     (tmp_path / "pickle4.pth").write_bytes(pickle.dumps({"a": 1}, protocol=4))
-    with pytest.raises(CheckpointError, match=r"is not a readable movierec checkpoint or PyTorch state dict \(Unsupported operand"):
+    with pytest.raises(CheckpointError, match=r"or PyTorch state dict \(Unsupported operand"):
         read_pretrained(tmp_path / "pickle4.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds no named tensors"):
