@@ -10,6 +10,9 @@ Rows (column `check`):
   (3 warm-up steps, then one pass of 48 steps timed);
 - `mlperf-throughput`: SSE-PT (configs/ml-20mx16x32-sse-pt.yaml) on an ml-20mx16x32-shaped file generated
   here: file 0 of `scaled_shape(--mlperf-fraction)`, the full 855,776-item catalog, at the same precisions;
+- `batch-size-auto`: `movierec train --batch-size auto --max-steps 1` of configs/ml-20mx16x32-sse-pt.yaml on
+  that file: the size it chooses, halving from train.max_batch_size (2048) on CUDA out-of-memory, and every
+  size it tried;
 - `torchrun-scaling`: `movierec train --max-steps S` of the SSE-PT recipe as one process and under
   `torchrun --nproc_per_node gpu` (every visible GPU, nccl), tokens/s of each from history.json and the
   ratio (bench/ddp_throughput.py does the runs; the per-rank batch stays 128, so the global batch grows);
@@ -58,7 +61,7 @@ MLPERF_CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
 SYNTHETIC_CONFIG = ROOT / "configs" / "synthetic.yaml"
 SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m-sasrec" / "ml-1m.txt"
 RECIPES = {"sasrec (d 50)": ddp.RECIPES["sasrec"], "sse-pt (100+50)": ddp.RECIPES["sse-pt"]}
-CHECKS = ("train-throughput", "mlperf-throughput", "torchrun-scaling", "time-to-quality")
+CHECKS = ("train-throughput", "mlperf-throughput", "batch-size-auto", "torchrun-scaling", "time-to-quality")
 TARGET = 0.62
 TARGET_METRIC = "sampled-uniform-100/ndcg@10"
 QUIET = ["tracking.log_model=false", "tracking.system_metrics=false"]
@@ -439,9 +442,8 @@ def train_throughput_jobs(check: Check, data: Path | None, label: str, why: str)
     return jobs
 
 
-def mlperf_jobs(check: Check) -> list[Job | Row]:
+def mlperf_jobs(check: Check, data: Path | None, why: str, seconds: float) -> list[Job | Row]:
     mode = check.mode
-    data, why, seconds = mlperf_data(check)
     label = f"ml-20mx16x32 file 0 x {mode.mlperf_fraction:g}, {mode.mlperf_items:,} items"
     case = "sse-pt (100+50)"
     if data is None:
@@ -452,6 +454,28 @@ def mlperf_jobs(check: Check) -> list[Job | Row]:
     log(f"ml-20mx16x32-shaped data generated and prepared in {seconds:.1f} s: {data}")
     return [Job("mlperf-throughput", data, label, case, MLPERF_CONFIG, mode.mlperf_overrides, precision,
                 mode.mlperf_steps, mode.mlperf_fraction) for precision in mode.precisions]  # fmt: skip
+
+
+def batch_size_row(check: Check, data: Path | None, why: str) -> None:
+    """`--batch-size auto` on the ml-20mx16x32-shaped file: the size the search chooses, from its setup line."""
+    label, case = "ml-20mx16x32 file 0", "train.batch_size auto"
+    if data is None:
+        check.add(Row("batch-size-auto", label, case, status="FAILED", detail=why))
+        return
+    overrides = [o for o in check.mode.mlperf_overrides if not o.startswith("train.batch_size")]
+    command = cli(
+        "train", "--config", str(MLPERF_CONFIG), "--data", str(data), "--batch-size", "auto", "--max-steps", "1",
+        "--device", check.mode.device, "--run-dir", str(check.out / "runs" / "batch-size-auto"), "--tracking-uri",
+        check.tracking_uri, "eval.max_users=100", "tracking.log_model=false", *overrides,
+    )  # fmt: skip
+    status, output, seconds = run(command, timeout=check.timeout(240, keep=check.mode.quality_reserve_s))
+    found = re.search(r"setup batch size: auto: (\d+) \(tried (.*?)\); train\.lr", output.replace("\n", " "))
+    if status != 0 or not found:
+        check.keep_log("batch-size-auto", output)
+        check.add(Row("batch-size-auto", label, case, status="FAILED", detail=f"exit {status}: {ddp.reason(output)}"))
+        return
+    detail = f"chose {found.group(1)} in {seconds:.0f} s; tried {found.group(2)}"
+    check.add(Row("batch-size-auto", label, case, detail=detail, values={"batch_size": int(found.group(1))}))
 
 
 # --------------------------------------------------------------------------- torchrun scaling
@@ -682,9 +706,13 @@ def main() -> None:
         data, why = ml1m_data(check)
         label = "ML-1M"
     jobs = train_throughput_jobs(check, data, label, why) if "train-throughput" in only else []
+    if {"mlperf-throughput", "batch-size-auto"} & set(only):
+        mlperf, mlperf_why, seconds = mlperf_data(check)
     if "mlperf-throughput" in only:
-        jobs += mlperf_jobs(check)
+        jobs += mlperf_jobs(check, mlperf, mlperf_why, seconds)
     run_jobs(check, jobs)
+    if "batch-size-auto" in only:
+        batch_size_row(check, mlperf, mlperf_why)
     if "torchrun-scaling" in only:
         torchrun_rows(check, data, label, why)
     if "time-to-quality" in only:

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKS = {  # check -> rows it prints in CPU mode
     "train-throughput": 4,  # 2 recipes x fp32, bf16
     "mlperf-throughput": 2,  # fp32, bf16
+    "batch-size-auto": 1,
     "torchrun-scaling": 2,  # 1 process, torchrun with 2
     "time-to-quality": 1,
 }
@@ -38,8 +39,10 @@ def test_cpu_mode_prints_every_row_and_exits_0(tmp_path):
     assert {kind: kinds.count(kind) for kind in CHECKS} == CHECKS
     assert all(row[7] == "ok" for row in table), table
     for row in table:
-        if row[0] != "time-to-quality":
+        if row[0] not in ("time-to-quality", "batch-size-auto"):
             assert float(row[4].replace(",", "")) > 0, row  # tokens/s
+    auto = next(row for row in table if row[0] == "batch-size-auto")
+    assert auto[8].startswith("chose ") and "fits (peak" in auto[8], auto
     quality = next(row for row in table if row[0] == "time-to-quality")
     assert "test NDCG@10" in quality[8] and "2 epochs" in quality[8], quality
     scaling = [row for row in table if row[0] == "torchrun-scaling"]

@@ -178,6 +178,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.d_item=100")
     p.add_argument("--data", help="a prepared dataset folder (data.path)")
     p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument(
+        "--batch-size", help="train.batch_size: a number, or auto (the largest that fits, from train.max_batch_size)"
+    )
     p.add_argument("--run-dir", help="folder for checkpoints and local outputs (run_dir)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -208,6 +211,7 @@ def config_from_args(args: argparse.Namespace):
     flags = {
         "data.path": args.data,
         "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
         "run_dir": args.run_dir,
         "train.seed": args.seed,
         "tracking.uri": args.tracking_uri,

@@ -7,6 +7,9 @@ flags (`--epochs`, `--data`, ...). Unknown keys are errors, so a typo never sile
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,12 @@ class DataConfig:
 @dataclass
 class TrainSection:
     epochs: int = 200
-    batch_size: int = 128
+    # sequences per batch, or auto: the largest that fits, halving from max_batch_size on out-of-memory (CUDA;
+    # on CPU the memory_limit_gb budget against a trial step's peak); the chosen size is written back here
+    batch_size: int | str = 128
+    max_batch_size: int = 2048
+    memory_limit_gb: float | None = None  # auto on CPU: the process's budget (None: resident + 90 % available)
+    lr_scaling: str = "none"  # auto: how lr (meant for max_batch_size) follows the chosen size: none|linear|sqrt
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
@@ -158,28 +166,60 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"config section {where}{key} must be a mapping, got {value!r}")
             _merge(current, value, f"{where}{key}.")
         else:
-            setattr(target, key, _coerce(value, current, f"{where}{key}"))
+            setattr(target, key, _coerce(value, typing.get_type_hints(type(target))[key], f"{where}{key}"))
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    if value is None or current is None:
-        return value
-    if isinstance(current, bool):
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    """`value` as the field's declared type `kind` (int, float, bool, str, X | None, int | str for `auto`,
+    tuple[float, float], list[int], list[str]), or a one-line ConfigError. An integer field never takes a
+    fraction, and a number written as text (YAML reads 1e-3 as a string) is parsed."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} needs a value, got null")
+    concrete = [option for option in options if option is not type(None)]
+    if concrete == [int, str]:  # a size that may be `auto`
+        if value == "auto":
+            return value
+        if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"{name} must be a whole number or auto, got {value!r}")
+    kind = concrete[0]
+    origin = typing.get_origin(kind)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        items = typing.get_args(kind)
+        if origin is tuple and len(value) != len(items):
+            raise ConfigError(f"{name} must be a list of {len(items)} values, got {list(value)!r}")
+        item_kinds = items if origin is tuple else [items[0]] * len(value)
+        return origin(_coerce(v, k, f"{name}[{i}]") for i, (v, k) in enumerate(zip(value, item_kinds, strict=True)))
+    if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
-    if isinstance(current, int | float) and not isinstance(value, bool):
-        try:
-            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float)) else value
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from exc
-    if isinstance(current, tuple | list):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return type(current)(value)
-    if isinstance(current, str) and not isinstance(value, str):
-        return str(value)
-    return value
+    if kind in (int, float):
+        return _number(value, kind, name)
+    if isinstance(value, dict | list | tuple):
+        raise ConfigError(f"{name} must be a single value, got {value!r}")
+    return str(value)
+
+
+def _number(value: Any, kind: type, name: str) -> int | float:
+    if isinstance(value, bool | dict | list | tuple):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if kind is float:
+            return float(number)
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            number = int(number)
+        return int(number)
+    except (TypeError, ValueError, OverflowError) as exc:
+        article = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {article}, got {value!r}") from exc
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -249,10 +289,94 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return config
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The valid range of a numeric option: [low, high], or open at an end; `null` says what None means."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    null: str = ""
+
+    def describe(self) -> str:
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}" + (f" (or null: {self.null})" if self.null else "")
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+
+LR_SCALINGS = ("none", "linear", "sqrt")  # how lr follows train.batch_size auto (training/batch_size.py)
+SEEDS = Limit(0, 2**63 - 1)
+STEPS = Limit(1, 10**12)
+MAX_TABLE_WIDTH = 65_536
+# Every number a run config holds, with its range: a value outside it is a one-line ConfigError naming the
+# option, however it arrived (YAML, KEY=VALUE, flag, a resumed run's config). NaN and inf are never valid.
+# docs/architecture.md ("What is checked where") lists them; tests/test_configs.py tries every edge.
+LIMITS: dict[str, Limit] = {
+    "data.fraction": Limit(0, 1, low_open=True, null="every shard"),
+    "model.max_len": Limit(1, 65_536),
+    "model.d_item": Limit(1, MAX_TABLE_WIDTH),
+    "model.d_user": Limit(0, MAX_TABLE_WIDTH),
+    "model.num_blocks": Limit(1, 256),
+    "model.num_heads": Limit(1, 1024),
+    "model.dropout": Limit(0, 1, high_open=True),
+    "model.keep_user": Limit(0, 1, low_open=True),
+    "model.keep_item": Limit(0, 1, low_open=True),
+    "model.mask_prob": Limit(0, 1, low_open=True, high_open=True),
+    "train.epochs": Limit(1, 10**6),
+    "train.batch_size": Limit(1, 2**20),
+    "train.max_batch_size": Limit(1, 2**20),
+    "train.memory_limit_gb": Limit(0, 2**20, low_open=True, null="resident + 90 % of the available memory"),
+    "train.lr": Limit(0, 10, low_open=True),
+    "train.betas": Limit(0, 1, high_open=True),
+    "train.weight_decay": Limit(0, 10),
+    "train.start_loss_steps": Limit(0, 10**12),
+    "train.num_negatives": Limit(1, 65_536),
+    "train.gbce_t": Limit(0, 1),
+    "train.seed": SEEDS,
+    "train.bucket_batches": Limit(0, 10**6),
+    "train.window_prob": Limit(0, 1),
+    "train.num_threads": Limit(1, 4096, null="torch's choice"),
+    "train.grad_clip": Limit(0, 10**6, null="no clipping; 0 also means no clipping"),
+    "train.grad_accumulation": Limit(1, 10**4),
+    "train.max_steps": Limit(1, 10**12, null="no limit"),
+    "train.max_minutes": Limit(0, 10**7, low_open=True, null="no limit"),
+    "train.warmup_steps": Limit(0, 10**12),
+    "train.min_lr_ratio": Limit(0, 1),
+    "eval.every_steps": STEPS,
+    "eval.patience_steps": STEPS,
+    "eval.min_delta": Limit(0, 1),
+    "eval.min_steps": Limit(0, 10**12),
+    "eval.ks": Limit(1, 10_000),
+    "eval.seed": SEEDS,
+    "eval.batch_size": Limit(1, 2**20),
+    "eval.max_users": Limit(1, 10**10, null="every user"),
+    "eval.validation_users": Limit(1, 10**10, null="eval.max_users"),
+    "eval.item_chunk": Limit(1, 2**24),
+    "tracking.system_metrics_interval": Limit(0, 86_400, low_open=True),
+}
+
+
+def check_limits(config: RunConfig) -> None:
+    """Every numeric option within LIMITS (list elements each); `auto` where a size may be auto."""
+    for key, value in config.flat().items():
+        limit = LIMITS.get(key)
+        if limit is None or value is None or value == "auto":
+            continue
+        for element in value if isinstance(value, list | tuple) else [value]:
+            if not limit.holds(element):
+                raise ConfigError(f"{key} must be {limit.describe()}, got {element!r}")
+
+
 def validate(config: RunConfig) -> None:
     from movierec.evaluation.evaluate import PROTOCOLS
     from movierec.training.losses import LOSSES
 
+    check_limits(config)
     t, m, e = config.train, config.model, config.eval
     checks = [
         (m.kind in MODELS, f"model.kind must be one of {', '.join(sorted(MODELS))}, got {m.kind!r}"),
@@ -262,41 +386,21 @@ def validate(config: RunConfig) -> None:
             f"train.start_loss must be one of {', '.join(LOSSES)} with train.start_loss_steps > 0, "
             f"got {t.start_loss!r} for {t.start_loss_steps} steps",
         ),
-        (0 <= t.gbce_t <= 1 and t.num_negatives > 0, "train.gbce_t must be in [0, 1] and train.num_negatives > 0"),
         (
             t.precision in ("fp32", "fp16", "bf16", "auto"),
             f"train.precision must be fp32|fp16|bf16|auto, got {t.precision!r}",
         ),
         (t.negative_sampling in ("uniform", "popularity"), "train.negative_sampling must be uniform or popularity"),
-        (t.epochs >= 1, f"train.epochs (--epochs) must be >= 1, got {t.epochs}: a run trains at least one epoch"),
-        (t.batch_size > 0 and t.lr > 0, "train.batch_size and train.lr must be > 0"),
-        (t.grad_accumulation >= 1, "train.grad_accumulation must be >= 1"),
-        (0 <= t.window_prob <= 1, f"train.window_prob is a probability (SSE-PT++), got {t.window_prob}"),
-        (t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0 (or null for no limit)"),
-        (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0 (or null for no limit)"),
+        (t.lr_scaling in LR_SCALINGS, f"train.lr_scaling must be one of {LR_SCALINGS}, got {t.lr_scaling!r}"),
+        (t.batch_size == "auto" or isinstance(t.batch_size, int), "train.batch_size must be a whole number or auto"),
         (t.optimizer in ("auto", "adam", "sparse-adam"),
          f"train.optimizer must be auto|adam|sparse-adam, got {t.optimizer!r}"),
         (not (t.optimizer == "sparse-adam" and "ce" in (t.loss, t.start_loss)),
          "train.optimizer=sparse-adam cannot train loss ce (its softmax touches every item row); use adam or auto"),
         (not (t.optimizer == "sparse-adam" and t.weight_decay), "train.optimizer=sparse-adam has no weight decay"),
-        (e.max_users is None or e.max_users > 0, "eval.max_users must be > 0 (or null for every user)"),
-        (e.validation_users is None or e.validation_users > 0, "eval.validation_users must be > 0 (or null)"),
-        (e.item_chunk > 0, "eval.item_chunk must be > 0"),
-        (
-            m.max_len > 0 and m.d_item > 0 and m.num_blocks > 0,
-            "model.max_len, model.d_item, model.num_blocks must be > 0",
-        ),
-        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
-        (0 <= m.keep_user <= 1 and 0 <= m.keep_item <= 1, "model.keep_user and model.keep_item are probabilities"),
         (e.protocol in PROTOCOLS, f"eval.protocol must be one of {', '.join(PROTOCOLS)}"),
         (all(p in PROTOCOLS for p in e.protocols), f"eval.protocols must be among {', '.join(PROTOCOLS)}"),
-        (e.every_steps > 0 and e.patience_steps > 0, "eval.every_steps and eval.patience_steps must be > 0"),
-        (e.min_delta >= 0 and e.min_steps >= 0, "eval.min_delta and eval.min_steps must be >= 0"),
-        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant|cosine, got {t.lr_schedule!r}"),
-        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
-        (m.num_heads > 0, "model.num_heads must be > 0"),
-        (all(int(k) > 0 for k in e.ks), "eval.ks must be positive"),
         (e.metric == "mrr" or (e.metric.split("@")[0] in ("ndcg", "hr") and e.metric.split("@")[-1].isdigit()
                                and int(e.metric.split("@")[-1]) in e.ks),
          f"eval.metric must be mrr, or ndcg@K / hr@K with K in eval.ks {e.ks}, got {e.metric!r}"),

@@ -43,6 +43,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.cpu().numpy()
 
+    def all_reduce_min(self, value: int) -> int:
+        """The smallest `value` over all ranks (`value` itself when alone)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if self.backend == "nccl" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
 
 def setup(device_name: str) -> tuple[Distributed, str]:
     """Join the torchrun process group when launched by torchrun; returns it and the device for this rank."""

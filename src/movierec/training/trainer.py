@@ -24,7 +24,8 @@ from movierec.files import FolderLock, atomic_path
 from movierec.mlflow_store import tracking_uri
 from movierec.models.base import ModelConfig, build_model
 from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from movierec.training import distributed, losses
+from movierec.training import batch_size, distributed, losses
+from movierec.training.batch_size import BatchSizeChoice, choose_batch_size, memory_budget_bytes
 from movierec.training.batches import TrainBatches
 from movierec.training.config import RunConfig, dump_config
 from movierec.training.init_from import InitRow, init_model, read_init_map, read_pretrained, report_table
@@ -159,7 +160,6 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory_on_cpu()
         self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
-        torch.manual_seed(c.train.seed)
 
         with self._stage("data") as note:
             self.data = load_sequences(c.data.path, c.data.fraction, c.data.shards, verify=c.data.verify_checksums)
@@ -168,10 +168,23 @@ class Trainer:
                 f"{self.data.meta['name']}: {len(self.data.shard_indices)} shards mapped, "
                 f"{len(self.data.train_items):,} training pairs, {self.data.num_items:,} items"
             )
+        self.model_config = ModelConfig(num_users=self.data.num_users, num_items=self.data.num_items, **vars(c.model))
+        with self._stage("negative index") as note:
+            self.seen = SeenItems.from_data(self.data)
+            copied = sum(not isinstance(p, np.memmap) for p in self.seen.items.parts)
+            note(f"{copied} shards sorted" if copied else "the mapped shards (already sorted)")
+        with self._stage("validation") as note:
+            protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
+            self.validator = self._evaluator("validation", protocols)
+            note(f"{self.validator.num_users:,} users, protocols {', '.join(protocols)}")
+        self.batch_size_choice: BatchSizeChoice | None = None
+        if c.train.batch_size == "auto":
+            with self._stage("batch size") as note:
+                self._choose_batch_size(c)
+                choice = self.batch_size_choice
+                note(f"auto: {choice.size} (tried {choice.summary()}); train.lr {choice.lr:g}")
+        torch.manual_seed(c.train.seed)
         with self._stage("model") as note:
-            self.model_config = ModelConfig(
-                num_users=self.data.num_users, num_items=self.data.num_items, **vars(c.model)
-            )
             self.model = build_model(self.model_config).to(self.device)
             self.optimizer_kind = resolve_optimizer(
                 c.train.optimizer, (c.train.start_loss, c.train.loss), self.data.num_items, c.train.batch_size,
@@ -182,7 +195,7 @@ class Trainer:
             )
             note(f"{sum(p.numel() for p in self.model.parameters()):,} parameters, optimizer {self.optimizer_kind}")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        with self._stage("batches and negative index") as note:
+        with self._stage("batches") as note:
             self.batches = TrainBatches(
                 self.data, c.train.batch_size, c.model.max_len, c.train.bucket_batches, c.train.window_prob
             )
@@ -193,14 +206,7 @@ class Trainer:
                     f"an epoch has {len(self.batches)} batches, fewer than one optimizer step takes "
                     f"({self.batches_per_step} = world size x train.grad_accumulation); lower train.batch_size"
                 )
-            self.seen = SeenItems.from_data(self.data)
-            copied = sum(not isinstance(p, np.memmap) for p in self.seen.items.parts)
-            index = f"{copied} shards sorted" if copied else "the mapped shards (already sorted)"
-            note(f"{len(self.batches):,} batches per epoch; seen-item index: {index}")
-        with self._stage("validation") as note:
-            protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
-            self.validator = self._evaluator("validation", protocols)
-            note(f"{self.validator.num_users:,} users, protocols {', '.join(protocols)}")
+            note(f"{len(self.batches):,} batches per epoch of {c.train.batch_size}")
         self.metric_name = f"{c.eval.protocol}/{c.eval.metric}"
         self.test_curve = self._evaluator("evaluation", (c.eval.protocol,)) if c.eval.test_curve else None
         self.time_to_first_step: float | None = None
@@ -231,6 +237,36 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.objective, device_ids=ids)
+
+    def _choose_batch_size(self, c: RunConfig) -> None:
+        """Resolve train.batch_size auto: the checkpoint's size and lr on resume, else the search (see
+        training/batch_size.py). The config then holds the numbers, so config.yaml, MLflow and a resume see them."""
+        if self.resume_state is not None:
+            saved = self.resume_state["config"]["train"]
+            c.train.batch_size, c.train.lr = int(saved["batch_size"]), float(saved["lr"])
+            self.batch_size_choice = BatchSizeChoice(c.train.batch_size, c.train.lr, [(c.train.batch_size, "resumed")])
+            return
+        budget = memory_budget_bytes(c.train.memory_limit_gb)
+
+        def trial(size: int) -> str:
+            return batch_size.trial_step(
+                size, self.model_config, c.train, self.data, self.seen, self.validator, self.device,
+                self.autocast_dtype, budget,
+            )  # fmt: skip
+
+        choice = choose_batch_size(
+            trial, c.train.max_batch_size, c.train.lr, c.train.lr_scaling, self.dist.all_reduce_min
+        )
+        c.train.batch_size, c.train.lr = choice.size, choice.lr
+        c.eval.batch_size = self.validator.batch_size = min(c.eval.batch_size, choice.size)  # as tried
+        self.batch_size_choice = choice
+
+    def _batch_size_params(self) -> dict:
+        """MLflow params of train.batch_size auto: what was asked for and every size tried."""
+        choice = self.batch_size_choice
+        if choice is None:
+            return {}
+        return {"train.batch_size_requested": "auto", "train.batch_size_tried": choice.summary()}
 
     @property
     def batches_per_step(self) -> int:
@@ -509,6 +545,7 @@ class Trainer:
                                 "train.world_size": self.dist.world_size,
                                 "train.global_batch_size": c.train.batch_size * self.batches_per_step,
                                 "eval.validated_users": self.validator.num_users,
+                                **self._batch_size_params(),
                                 "device": str(self.device),
                                 "git_commit": git_commit(),
                                 "torch_version": torch.__version__,
