@@ -85,7 +85,8 @@ def test_openapi_declares_one_error_schema_for_every_error_status(client):
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             statuses = set(operation["responses"])
-            assert {"200", "400", "408", "413", "503"} <= statuses, (path, method)
+            refusals = {"400", "413"} if path == "/health" else {"400", "408", "413", "503"}
+            assert {"200", *refusals} <= statuses and ("503" in statuses) == (path != "/health"), (path, method)
             assert ("411" in statuses) == (method == "post"), (path, method)
             assert ("422" in statuses) == (path != "/health"), (path, method)
             for status, response in operation["responses"].items():
@@ -445,8 +446,8 @@ def wait_for_health(proc: subprocess.Popen, port: int, log: Path) -> httpx.Respo
 
 @pytest.fixture(scope="module")
 def limited_server(rec):
-    """A uvicorn server in this process, on 127.0.0.1, with short body timeouts and 4 request slots."""
-    app = create_app(rec, body_timeout=1.0, body_deadline=2.5, max_concurrent_requests=4)
+    """A uvicorn server in this process, on 127.0.0.1, with short body timeouts, 4 request and 4 upload slots."""
+    app = create_app(rec, body_timeout=1.0, body_deadline=2.5, max_concurrent_requests=4, max_concurrent_uploads=4)
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -536,18 +537,25 @@ def test_real_server_keeps_good_requests_and_connections_alive(limited_server):
         assert read_response(sock)[0] == 200
 
 
-def test_real_server_drops_stalled_uploads_and_frees_their_slots(limited_server):
-    """4 stalled uploads hold the 4 slots (a 5th request gets 503) until each gets 408 and is closed."""
-    openapi = httpx.get(f"http://127.0.0.1:{limited_server}/openapi.json", timeout=5).json()
+def test_real_server_drops_stalled_uploads_and_frees_their_slots(limited_server, rec):
+    """4 stalled uploads hold the 4 upload slots (a 5th upload gets 503) until each gets 408 and is closed;
+    meanwhile /health and GET recommendations, which have slots of their own, are answered."""
+    base = f"http://127.0.0.1:{limited_server}"
+    openapi = httpx.get(f"{base}/openapi.json", timeout=5).json()
+    user = int(rec.known_user_ids[0])
     started = time.monotonic()
     stalled = [connect(limited_server) for _ in range(4)]
     try:
         for sock in stalled:
             sock.sendall(head("POST", "/v1/recommendations", "Content-Length: 100") + b'{"history": [')
         time.sleep(0.3)
-        busy = httpx.get(f"http://127.0.0.1:{limited_server}/health", timeout=5)
+        busy = httpx.post(f"{base}/v1/recommendations", json={"history": [1], "k": 1}, timeout=5)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-        assert_documented(openapi, "GET", "/health", busy)
+        assert "4 uploads are being received" in busy.json()["detail"]
+        assert_documented(openapi, "POST", "/v1/recommendations", busy)
+        assert httpx.get(f"{base}/health", timeout=5).status_code == 200, "health answers under stalled uploads"
+        answered = httpx.get(f"{base}/v1/users/{user}/recommendations?k=3", timeout=5)
+        assert answered.status_code == 200 and len(answered.json()["recommendations"]) == 3
         for sock in stalled:
             status, headers, body = read_response(sock)
             assert status == 408 and headers["connection"] == "close", body

@@ -226,11 +226,20 @@ def config_from_args(args: argparse.Namespace):
         "train.max_steps": args.max_steps,
         "train.max_minutes": args.max_minutes,
     }
-    if args.resume and not args.config:
+    if not args.resume:
+        return load_config(args.config, args.overrides, flags)
+    resumed = Path(args.resume)
+    run_dir = resumed if resumed.is_dir() else resumed.parent  # where the run is now, if it moved
+    if args.run_dir is not None and Path(args.run_dir).resolve() != run_dir.resolve():
+        raise ConfigError(
+            f"--resume continues {run_dir} in that folder; --run-dir {args.run_dir} names another (omit --run-dir, "
+            "or copy the run folder there and resume that)"
+        )
+    if not args.config:
         base = config_from_dict(load_checkpoint(args.resume)["config"])
-        resumed = Path(args.resume)
-        base.run_dir = str(resumed if resumed.is_dir() else resumed.parent)  # where it is now, if it moved
-    return load_config(args.config, args.overrides, flags, base=base)
+    config = load_config(args.config, args.overrides, flags, base=base)
+    config.run_dir = str(run_dir)  # a resumed run writes to its own folder, whatever a --config file says
+    return config
 
 
 @command("train", "train SSE-PT, SASRec or BERT4Rec with MLflow, checkpoints, resume and fine-tuning", add_train)

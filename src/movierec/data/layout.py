@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from movierec.data.mapped import ConcatenatedColumn, map_npz_member
 from movierec.errors import DataError
-from movierec.files import shared_mode
+from movierec.files import FolderLock, shared_mode
 
 FORMAT_VERSION = 1
 SPLITS = ("training", "validation", "evaluation")
@@ -54,7 +54,9 @@ class ShardWriter:
     """Writes a dataset into a hidden temporary folder and moves it into place only when complete.
 
     A crash at any point leaves the temporary folder behind (ignored by readers, removed by the next
-    prepare), never a folder that looks like a finished dataset.
+    prepare), never a folder that looks like a finished dataset. The writer holds a lock on `out/.NAME.lock`
+    from start to finish, so a second prepare of the same dataset is refused at once, and the temporary
+    folders it removes as left over are never a live writer's (every live writer holds the lock).
     """
 
     out_dir: Path
@@ -68,7 +70,9 @@ class ShardWriter:
         if self.final_dir.exists() and not self.overwrite:
             raise DataError(f"{self.final_dir} already exists; pass --overwrite to replace it or choose another --out")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(f".{self.name}.tmp-*"):
+        self._lock = FolderLock(self.out_dir, "prepare", name=f".{self.name}.lock", what=str(self.final_dir))
+        self._lock.__enter__()
+        for stale in self.out_dir.glob(f".{self.name}.tmp-*"):  # under the lock: no live writer owns one
             shutil.rmtree(stale, ignore_errors=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_dir))
         os.chmod(self.tmp_dir, shared_mode(directory=True))  # the finished folder is renamed from this one
@@ -108,10 +112,12 @@ class ShardWriter:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.tmp_dir, self.final_dir)
+        self._lock.__exit__(None, None, None)
         return self.final_dir
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._lock.__exit__(None, None, None)
 
 
 def read_meta(path: str | Path) -> dict:

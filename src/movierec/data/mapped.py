@@ -64,6 +64,12 @@ class ConcatenatedColumn:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def in_memory(self) -> ConcatenatedColumn:
+        """The same column with every part copied into this process's memory. A memory map of a file that
+        another program truncates in place (what `cp` over it does) kills the reader with SIGBUS at its next
+        access; a long-lived reader (the server) reads through private copies instead."""
+        return ConcatenatedColumn([np.array(part) for part in self.parts])
+
     @property
     def shape(self) -> tuple[int]:
         return (len(self),)

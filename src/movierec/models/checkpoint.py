@@ -64,10 +64,21 @@ class ForeignFile(CheckpointError):
 def torch_load_safely(file: Path, what: str = "movierec checkpoint") -> Any:
     """`torch.load` with weights_only (no code runs on load) and mmap for zip archives; every failure is one
     CheckpointError line, and a pickle that asks for anything but tensors is named as refused."""
+    is_zip = zipfile.is_zipfile(file)
+    if is_zip:  # torch.load does not check the archive's CRCs: a flipped bit would load as a changed weight
+        try:
+            damaged = zipfile.ZipFile(file).testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"{file} is not a readable {what} ({exc})") from exc
+        if damaged is not None:
+            raise CheckpointError(
+                f"{file} is damaged: its member {damaged} fails its CRC check (a flipped bit or a partial copy); "
+                "use another copy or checkpoint"
+            )
     try:
         # mmap: tensors are read from the file as they are used, so loading the weights of a large model
         # does not also bring its optimizer moments into memory
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as exc:  # torch raises many types for damaged archives (RuntimeError, IndexError, ...)
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         if isinstance(exc, pickle.UnpicklingError) and any("GLOBAL" in line for line in lines):
@@ -79,6 +90,15 @@ def torch_load_safely(file: Path, what: str = "movierec checkpoint") -> Any:
         specific = [line for line in lines if line.startswith("Unsupported")]
         message = (specific or lines or [type(exc).__name__])[0]
         raise CheckpointError(f"{file} is not a readable {what} ({message})") from exc
+
+
+def check_finite(tensors: Any, where: str | Path) -> None:
+    """Weights with NaN or Inf score every item NaN, so rankings come out empty or arbitrary: refuse them."""
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{where}: its model weights are not a dict of tensors")
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where} holds non-finite weights (NaN or Inf in {name}); use another checkpoint")
 
 
 def load_checkpoint(path: str | Path, prefer: str = LAST) -> dict:
@@ -93,6 +113,7 @@ def load_checkpoint(path: str | Path, prefer: str = LAST) -> dict:
     missing = [key for key in REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"{file} is an incomplete movierec checkpoint (no {', '.join(missing)})")
+    check_finite(state["model"], file)
     state["path"] = str(file)
     return state
 

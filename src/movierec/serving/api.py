@@ -46,7 +46,8 @@ MAX_BODY_BYTES = 1 << 20
 MAX_ID = 2**63 - 1
 BODY_TIMEOUT = 10.0  # seconds a request body may go without a byte arriving
 BODY_DEADLINE = 60.0  # seconds a whole request body may take
-MAX_CONCURRENT_REQUESTS = 128  # requests in progress (reading their body or being served) before 503s
+MAX_CONCURRENT_REQUESTS = 128  # requests being served (body read) before 503s
+MAX_CONCURRENT_UPLOADS = 128  # request bodies being received before 503s, a budget of its own
 
 Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
 K = Annotated[StrictInt, Field(ge=1, le=MAX_K, description="number of recommendations (at most the item count)")]
@@ -146,15 +147,17 @@ def create_app(
     body_timeout: float = BODY_TIMEOUT,
     body_deadline: float = BODY_DEADLINE,
     max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+    max_concurrent_uploads: int = MAX_CONCURRENT_UPLOADS,
 ) -> FastAPI:
     """The app serving `recommender` (already loaded: the model is loaded once, at start).
 
     The limits (see :mod:`movierec.serving.limits`) apply to every request, whatever server runs the app:
     a body over `max_body_bytes` (counted as it arrives) gets 413, a body with no bytes for `body_timeout`
     seconds or not complete after `body_deadline` seconds gets 408, and a request arriving while
-    `max_concurrent_requests` are in progress gets 503.
+    `max_concurrent_requests` are being served, or with a body while `max_concurrent_uploads` bodies are being
+    received, gets 503 (`/health` is never refused).
     """
-    check_limits(max_body_bytes, body_timeout, body_deadline, max_concurrent_requests)
+    check_limits(max_body_bytes, body_timeout, body_deadline, max_concurrent_requests, max_concurrent_uploads)
     app = FastAPI(
         title="movierec",
         version=__version__,
@@ -168,6 +171,7 @@ def create_app(
         body_timeout=body_timeout,
         body_deadline=body_deadline,
         max_concurrent=max_concurrent_requests,
+        max_uploads=max_concurrent_uploads,
     )
 
     described = {
@@ -177,12 +181,14 @@ def create_app(
         411: "a request body without Content-Length",
         413: f"a request body over {max_body_bytes} bytes",
         422: "the request is invalid (a parameter, the JSON body or its encoding); `detail` says why",
-        503: f"{max_concurrent_requests} requests already in progress; retry later (see Retry-After)",
+        503: f"{max_concurrent_requests} requests already in progress, or {max_concurrent_uploads} request bodies "
+        "being received; retry later (see Retry-After)",
     }
 
-    def errors(*statuses: int) -> dict:
-        """The OpenAPI `responses` of a route: the statuses every route can answer, and `statuses`."""
-        every = {400, 408, 413, 503, *statuses}
+    def errors(*statuses: int, exempt: bool = False) -> dict:
+        """The OpenAPI `responses` of a route: the statuses every route can answer, and `statuses`; a route
+        exempt from the request budgets (`/health`) is never refused with 503, nor reads a body (408)."""
+        every = {400, 413, *statuses} | (set() if exempt else {408, 503})
         return {s: {"model": ErrorOut, "description": described[s]} for s in sorted(every)}
 
     @app.exception_handler(RequestValidationError)
@@ -208,7 +214,7 @@ def create_app(
     async def unprocessable(_: Request, exc: RecommendError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    @app.get("/health", response_model=Health, responses=errors(), tags=["service"])
+    @app.get("/health", response_model=Health, responses=errors(exempt=True), tags=["service"])
     def health() -> Health:
         return Health(status="ok", version=__version__, **recommender.describe())
 

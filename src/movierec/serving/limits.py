@@ -13,7 +13,10 @@ as the app (``{"detail": "<what is wrong>"}``):
   limit is kept;
 - **408** when no body bytes arrive for ``body_timeout`` seconds, or the whole body takes longer than
   ``body_deadline`` seconds (a stalled or trickled upload);
-- **503** when ``max_concurrent`` requests are already in progress (reading their body or being served).
+- **503** when ``max_uploads`` requests are already reading their bodies (for a request with a body), or
+  ``max_concurrent`` requests are already being served. The two budgets are separate, so clients that hold
+  uploads open (stalled or slow) cannot take the slots of GET requests, and ``/health`` (``EXEMPT``) is
+  never counted: a health check answers whatever the load.
 
 Answers that leave request bytes unread (400, 408, 411, 413, 503) carry ``Connection: close``, so the
 server closes the connection instead of reading (and discarding) the rest of the body. A request that
@@ -39,12 +42,17 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 MAX_CONTENT_LENGTH_DIGITS = 18  # any longer number is over every sensible limit (and int() of it is cheap)
 
 
-def check_limits(max_body_bytes: int, body_timeout: float, body_deadline: float, max_concurrent: int) -> None:
+EXEMPT = frozenset({"/health"})  # answered whatever the load: a probe must tell "busy" from "down"
+
+
+def check_limits(
+    max_body_bytes: int, body_timeout: float, body_deadline: float, max_concurrent: int, max_uploads: int = 1
+) -> None:
     """Raise ValueError for limits that cannot work (a negative size, a timeout that is not positive, ...)."""
-    if not (max_body_bytes >= 0 and body_timeout > 0 and body_deadline > 0 and max_concurrent >= 1):
+    if not (max_body_bytes >= 0 and body_timeout > 0 and body_deadline > 0 and min(max_concurrent, max_uploads) >= 1):
         raise ValueError(
-            "request limits need max_body_bytes >= 0, body_timeout > 0, body_deadline > 0 and max_concurrent >= 1; "
-            f"got {max_body_bytes}, {body_timeout}, {body_deadline}, {max_concurrent}"
+            "request limits need max_body_bytes >= 0, body_timeout > 0, body_deadline > 0, max_concurrent >= 1 and "
+            f"max_uploads >= 1; got {max_body_bytes}, {body_timeout}, {body_deadline}, {max_concurrent}, {max_uploads}"
         )
 
 
@@ -72,26 +80,33 @@ class RequestLimits:
         body_timeout: float,
         body_deadline: float,
         max_concurrent: int,
+        max_uploads: int | None = None,
     ) -> None:
-        check_limits(max_body_bytes, body_timeout, body_deadline, max_concurrent)
+        max_uploads = max_concurrent if max_uploads is None else max_uploads
+        check_limits(max_body_bytes, body_timeout, body_deadline, max_concurrent, max_uploads)
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.body_deadline = body_deadline
-        self.max_concurrent = max_concurrent
-        self.in_progress = 0
+        self.limits = {"uploads": max_uploads, "requests": max_concurrent}
+        self.in_progress = {"uploads": 0, "requests": 0}
         self._count_lock = threading.Lock()  # a server runs one event loop; a test client may run several
 
-    def _enter(self) -> bool:
+    def _enter(self, budget: str) -> bool:
         with self._count_lock:
-            if self.in_progress >= self.max_concurrent:
+            if self.in_progress[budget] >= self.limits[budget]:
                 return False
-            self.in_progress += 1
+            self.in_progress[budget] += 1
             return True
 
-    def _leave(self) -> None:
+    def _leave(self, budget: str) -> None:
         with self._count_lock:
-            self.in_progress -= 1
+            self.in_progress[budget] -= 1
+
+    async def _busy(self, send: Send, budget: str) -> None:
+        what = "uploads are being received" if budget == "uploads" else "requests are in progress"
+        detail = f"the server is busy ({self.limits[budget]} {what}); retry later"
+        await send_error(send, 503, detail, close=True, headers={"Retry-After": "1"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,15 +117,23 @@ class RequestLimits:
             status, detail = problem
             await send_error(send, status, detail, close=True)
             return
-        if not self._enter():
-            detail = f"the server is busy ({self.max_concurrent} requests in progress); retry later"
-            await send_error(send, 503, detail, close=True, headers={"Retry-After": "1"})
+        exempt = scope.get("path") in EXEMPT and scope.get("method") in ("GET", "HEAD")
+        framed = {name.lower() for name, _ in scope.get("headers", ())} & {b"content-length", b"transfer-encoding"}
+        upload = not exempt and (scope.get("method") in BODY_METHODS or bool(framed))
+        if upload and not self._enter("uploads"):  # receiving a body holds an upload slot, never a serving one
+            await self._busy(send, "uploads")
             return
         try:
             body = await self._read_body(receive, send)
-            if body is None:
-                return  # answered already, or the client went away
-
+        finally:
+            if upload:
+                self._leave("uploads")
+        if body is None:
+            return  # answered already, or the client went away
+        if not exempt and not self._enter("requests"):
+            await self._busy(send, "requests")
+            return
+        try:
             replayed = False
 
             async def replay() -> Message:
@@ -122,7 +145,8 @@ class RequestLimits:
 
             await self.app(scope, replay, send)
         finally:
-            self._leave()
+            if not exempt:
+                self._leave("requests")
 
     def _check_headers(self, scope: Scope) -> tuple[int, str] | None:
         lengths, encodings = [], []

@@ -147,7 +147,8 @@ class Recommender:
 
             user_ids = read_users(path).sort_by("user")["user_id"].to_numpy()
         held_out = (data_seq.valid_item, data_seq.test_item)
-        histories = UserHistories(data_seq.train_offsets, data_seq.train_items, held_out)
+        # private copies, not the mapped shards: replacing a shard while serving must not crash the server
+        histories = UserHistories(data_seq.train_offsets, data_seq.train_items.in_memory(), held_out)
 
         def column(name: str) -> list | None:
             return items_table[name].to_pylist() if name in items_table.column_names else None

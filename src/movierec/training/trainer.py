@@ -131,6 +131,13 @@ class Trainer:
             raise CheckpointError(
                 f"{self.resume_state['path']} is from a finished run; use --init-from to start a new run from it"
             )
+        if self.resume_state is not None:
+            resumed_dir = Path(self.resume_state["path"]).parent
+            if resumed_dir.resolve() != Path(config.run_dir).resolve():
+                raise ConfigError(
+                    f"resuming {resumed_dir} would write to run_dir {config.run_dir}: a resumed run writes to its "
+                    f"own folder; set run_dir to {resumed_dir}"
+                )
         self.config = config
         c = config
         # read the checkpoint to start from before anything is set up, so that a bad one fails in a second
