@@ -117,7 +117,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("other-dataset-evaluate", ["evaluate", "{run}", "--data", "{one_shard}"],
      "is not the dataset this model was trained on (its meta.json differs: 20 users x 10 items, 1 shard(s))"),
     ("epochs-0", [*TRAIN, "--data", "{data}", "--epochs", "0", "--run-dir", "{tmp}/r"],
-     "train.epochs (--epochs) must be >= 1"),
+     "train.epochs (--epochs) must be in [1, 1e+06], got 0"),
     ("bad-crc-no-verify", ["prepare", "--dataset", "ml-1m", "--archive", "{root}/bad-crc.zip", "--no-verify",
                            "--out", "{tmp}"], "ratings.dat is corrupt (Bad CRC-32"),
     ("sasrec-text-no-name", ["prepare", "--dataset", "sasrec-text", "--input", "{sasrec}/data.txt", "--out",

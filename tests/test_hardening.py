@@ -74,8 +74,8 @@ def test_every_numeric_option_refuses_what_would_silently_change_the_run(key):
         ("train.weight_decay=-1", "train.weight_decay must be in [0, 10]"),
         ("train.num_threads=-1", "train.num_threads must be in [1, 4096]"),
         ("eval.batch_size=0", "eval.batch_size must be in [1,"),
-        ("train.seed=-1", "train.seed must be in [0,"),
-        ("train.seed=100000000000000000000", "train.seed must be in [0,"),
+        ("train.seed=-1", "train.seed (--seed) must be in [0,"),
+        ("train.seed=100000000000000000000", "train.seed (--seed) must be in [0,"),
         ("model.d_item=100000000", "model.d_item must be in [1, 65536]"),
         ("train.num_negatives=100000000", "train.num_negatives must be in [1, 65536]"),
     ],
@@ -89,7 +89,7 @@ def test_cli_refuses_values_that_pass_type_checks_but_are_wrong(override, messag
 
 def test_seed_flag_is_checked_too(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "run"), "--seed", "-1"]) == 2
-    assert "train.seed must be in [0," in capsys.readouterr().err
+    assert "train.seed (--seed) must be in [0," in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- a resume writes to its own run

@@ -361,6 +361,13 @@ LIMITS: dict[str, Limit] = {
 }
 
 
+# the command-line flags of `movierec train` that set an option, named in its error message
+FLAGS = {
+    "train.epochs": "--epochs", "train.seed": "--seed", "train.batch_size": "--batch-size",
+    "train.max_steps": "--max-steps", "train.max_minutes": "--max-minutes", "data.fraction": "--fraction",
+}  # fmt: skip
+
+
 def check_limits(config: RunConfig) -> None:
     """Every numeric option within LIMITS (list elements each); `auto` where a size may be auto."""
     for key, value in config.flat().items():
@@ -369,7 +376,8 @@ def check_limits(config: RunConfig) -> None:
             continue
         for element in value if isinstance(value, list | tuple) else [value]:
             if not limit.holds(element):
-                raise ConfigError(f"{key} must be {limit.describe()}, got {element!r}")
+                name = f"{key} ({FLAGS[key]})" if key in FLAGS else key
+                raise ConfigError(f"{name} must be {limit.describe()}, got {element!r}")
 
 
 def validate(config: RunConfig) -> None:
