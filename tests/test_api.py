@@ -27,6 +27,7 @@ from movierec.serving.api import (
     MAX_BATCH,
     MAX_BODY_BYTES,
     MAX_CONCURRENT_REQUESTS,
+    MAX_CONCURRENT_UPLOADS,
     MAX_HISTORY,
     MAX_K,
     create_app,
@@ -679,5 +680,6 @@ def test_documented_limits_are_the_defaults():
     text = " ".join(DOCS.read_text().split())
     assert MAX_BODY_BYTES == 1 << 20 and "a body over 1 MiB" in text
     assert f"no byte for {BODY_TIMEOUT:g} s, or not complete after {BODY_DEADLINE:g} s" in text
-    assert f"At most {MAX_CONCURRENT_REQUESTS} requests are in progress" in text
-    assert f"| **503** | {MAX_CONCURRENT_REQUESTS} requests are already in progress" in text
+    assert MAX_CONCURRENT_REQUESTS == MAX_CONCURRENT_UPLOADS == 128
+    assert "At most 128 request bodies are received at once, and at most 128 requests are served at once" in text
+    assert "| **503** | 128 requests are already being served, or (for a request with a body) 128 bodies" in text

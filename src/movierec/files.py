@@ -130,18 +130,15 @@ class FolderLock:
 
     NAME = ".lock"
 
-    def __init__(self, folder: str | Path, purpose: str, name: str = NAME, what: str | None = None):
-        """`name`: the lock file in `folder` (several things in one folder can each have theirs); `what`: how
-        the refusal names the locked thing (default: the folder)."""
-        self.folder, self.purpose, self.name = Path(folder), purpose, name
-        self.what = what or str(self.folder)
+    def __init__(self, folder: str | Path, purpose: str):
+        self.folder, self.purpose = Path(folder), purpose
         self._handle = None
 
     def __enter__(self) -> FolderLock:
         import fcntl
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.folder / self.name, "a+")  # held open: closing it releases the lock
+        handle = open(self.folder / self.NAME, "a+")  # held open: closing it releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,7 +146,7 @@ class FolderLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise MovierecError(
-                f"{self.what} is in use by a running `movierec {self.purpose}` ({holder}); wait for it to "
+                f"{self.folder} is in use by a running `movierec {self.purpose}` ({holder}); wait for it to "
                 "finish or choose another folder"
             ) from None
         handle.seek(0)

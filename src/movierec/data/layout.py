@@ -16,11 +16,13 @@ fraction of the shards trains and evaluates exactly the same users.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,13 +34,15 @@ import pyarrow.parquet as pq
 
 from movierec.data.mapped import ConcatenatedColumn, map_npz_member
 from movierec.errors import DataError
-from movierec.files import FolderLock, shared_mode
+from movierec.files import shared_mode
 
 FORMAT_VERSION = 1
 SPLITS = ("training", "validation", "evaluation")
 META_FILE = "meta.json"
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
+LEASE = ".writer.lock"  # in a writer's temporary folder, flock'ed while the writer lives
+LEFT_OVER_AFTER_S = 60
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -54,9 +58,10 @@ class ShardWriter:
     """Writes a dataset into a hidden temporary folder and moves it into place only when complete.
 
     A crash at any point leaves the temporary folder behind (ignored by readers, removed by the next
-    prepare), never a folder that looks like a finished dataset. The writer holds a lock on `out/.NAME.lock`
-    from start to finish, so a second prepare of the same dataset is refused at once, and the temporary
-    folders it removes as left over are never a live writer's (every live writer holds the lock).
+    prepare), never a folder that looks like a finished dataset. A writer holds an flock on `LEASE` inside its
+    temporary folder until it is done, so a concurrent prepare of the same dataset removes only the folders
+    of writers that are gone (the kernel releases a killed writer's lock), never a live one's; two
+    concurrent prepares both finish, and the one that finishes last is the dataset.
     """
 
     out_dir: Path
@@ -70,11 +75,12 @@ class ShardWriter:
         if self.final_dir.exists() and not self.overwrite:
             raise DataError(f"{self.final_dir} already exists; pass --overwrite to replace it or choose another --out")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FolderLock(self.out_dir, "prepare", name=f".{self.name}.lock", what=str(self.final_dir))
-        self._lock.__enter__()
-        for stale in self.out_dir.glob(f".{self.name}.tmp-*"):  # under the lock: no live writer owns one
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.out_dir.glob(f".{self.name}.tmp-*"):
+            if _is_left_over(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_dir))
+        self._lease = open(self.tmp_dir / LEASE, "w")  # noqa: SIM115 (held until finish or abort)
+        fcntl.flock(self._lease, fcntl.LOCK_EX)
         os.chmod(self.tmp_dir, shared_mode(directory=True))  # the finished folder is renamed from this one
         for split in SPLITS:
             (self.tmp_dir / split).mkdir()
@@ -105,6 +111,7 @@ class ShardWriter:
         meta = {"format_version": FORMAT_VERSION, **meta, "shards": self.shards}
         meta["files_sha256"] = {name: sha256_file(self.tmp_dir / name) for name in (ITEMS_FILE, USERS_FILE)}
         (self.tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (self.tmp_dir / LEASE).unlink()  # the held descriptor keeps the lock until the folder is in place
         if self.final_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_dir))
             os.replace(self.final_dir, trash / self.name)
@@ -112,12 +119,30 @@ class ShardWriter:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.tmp_dir, self.final_dir)
-        self._lock.__exit__(None, None, None)
+        self._lease.close()
         return self.final_dir
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self._lock.__exit__(None, None, None)
+        self._lease.close()
+
+
+def _is_left_over(tmp: Path) -> bool:
+    """Whether a writer's temporary folder belongs to no live writer: its lease is not locked, or it has no
+    lease (an older writer's, or one finishing this instant) and has not changed for LEFT_OVER_AFTER_S."""
+    try:
+        handle = open(tmp / LEASE)  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        try:
+            return time.time() - tmp.stat().st_mtime > LEFT_OVER_AFTER_S
+        except FileNotFoundError:
+            return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
 
 def read_meta(path: str | Path) -> dict:

@@ -269,7 +269,7 @@ def report_table(report: list[InitRow], console: Console | None = None) -> str:
     """Print the report (a count per action, then every row) and return it as TSV for MLflow."""
     table = Table(title="init-from: pretrained tensors")
     for column in ("in the file", "ours", "action", "detail"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # long tensor names wrap whole, never cut to "…"
     for row in report:
         table.add_row(row.source, row.target, row.action, row.detail)
     console = console or Console()
