@@ -1,0 +1,88 @@
+"""One catalogue scorer for evaluation and serving: today's figures pinned, and the scorer against brute force."""
+
+from __future__ import annotations
+
+import pytest
+
+from movierec.evaluation.evaluate import evaluate_checkpoint
+from movierec.serving.loader import load_model
+
+# what the tiny `trained_run` model scored before evaluation and serving shared one scorer: they must not move
+PINNED_METRICS = {
+    "loss": 1.414045459429423,
+    "users": 300.0,
+    "full/hr@1": 0.01,
+    "full/ndcg@1": 0.01,
+    "full/hr@5": 0.05333333333333334,
+    "full/ndcg@5": 0.030396943237024198,
+    "full/hr@10": 0.1,
+    "full/ndcg@10": 0.04523683431800262,
+    "full/hr@20": 0.17,
+    "full/ndcg@20": 0.06237311626706731,
+    "full/mrr": 0.04859630094168837,
+    "sampled-uniform-100/hr@1": 0.023333333333333334,
+    "sampled-uniform-100/ndcg@1": 0.023333333333333334,
+    "sampled-uniform-100/hr@5": 0.06666666666666667,
+    "sampled-uniform-100/ndcg@5": 0.04396135471011289,
+    "sampled-uniform-100/hr@10": 0.12333333333333334,
+    "sampled-uniform-100/ndcg@10": 0.062143031409262736,
+    "sampled-uniform-100/hr@20": 0.23333333333333334,
+    "sampled-uniform-100/ndcg@20": 0.08930798405349567,
+    "sampled-uniform-100/mrr": 0.06653870854251233,
+    "sampled-popularity-100/hr@1": 0.023333333333333334,
+    "sampled-popularity-100/ndcg@1": 0.023333333333333334,
+    "sampled-popularity-100/hr@5": 0.06333333333333334,
+    "sampled-popularity-100/ndcg@5": 0.04238149201022239,
+    "sampled-popularity-100/hr@10": 0.10333333333333333,
+    "sampled-popularity-100/ndcg@10": 0.05532571586206378,
+    "sampled-popularity-100/hr@20": 0.22,
+    "sampled-popularity-100/ndcg@20": 0.08423431035950678,
+    "sampled-popularity-100/mrr": 0.06410293937792275,
+}
+# (movieId, score) of the top 10 of the first, eighth and last known users, seen items excluded
+PINNED_USER_TOP10 = {
+    1007: [(153, 0.926694), (63, 0.6513827), (473, 0.6342885), (1123, 0.6054357), (13, 0.5974773),
+           (1363, 0.5631383), (1433, 0.5629283), (813, 0.5487277), (923, 0.5456544), (973, 0.5424898)],
+    1056: [(1403, 1.0151663), (133, 0.7817891), (263, 0.685082), (723, 0.6781462), (1063, 0.580678),
+           (283, 0.5266749), (343, 0.5111827), (903, 0.4798747), (1223, 0.4747573), (1383, 0.4517274)],
+    3100: [(333, 0.9561877), (933, 0.9281175), (153, 0.9131101), (913, 0.877519), (1483, 0.8314112),
+           (1333, 0.7960907), (1033, 0.7951922), (113, 0.7273542), (963, 0.6873268), (1123, 0.6497156)],
+}  # fmt: skip
+PINNED_USER_1007_WITH_SEEN = [
+    (1483, 1.1820861), (203, 0.9707922), (153, 0.926694), (63, 0.6513827), (943, 0.6459365),
+    (473, 0.6342885), (1123, 0.6054357), (13, 0.5974773), (683, 0.5684015), (833, 0.5683623),
+]  # fmt: skip
+PINNED_HISTORY = [53, 13, 103, 233]  # movieIds of our items 5, 1, 10, 23
+PINNED_HISTORY_TOP10 = [
+    (393, 1.1487848), (1273, 0.8990011), (1253, 0.8521934), (493, 0.7514485), (93, 0.7473397),
+    (1343, 0.7393867), (523, 0.7343579), (1043, 0.7278078), (823, 0.689289), (883, 0.6860279),
+]  # fmt: skip
+
+
+def assert_recommendations(got, expected: list[tuple[int, float]]) -> None:
+    assert [r.movie_id for r in got] == [movie_id for movie_id, _ in expected]
+    assert [r.score for r in got] == pytest.approx([score for _, score in expected], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the pinned figures
+
+
+def test_evaluation_figures_do_not_move(trained_run):
+    protocols = ("full", "sampled-uniform-100", "sampled-popularity-100")
+    metrics = evaluate_checkpoint(trained_run.run_dir, protocols=protocols, ks=(1, 5, 10, 20))
+    assert metrics.keys() == PINNED_METRICS.keys()
+    for name, value in PINNED_METRICS.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_recommendations_do_not_move(trained_run):
+    rec = load_model(trained_run.run_dir)
+    assert rec.known_user_ids[[0, 7, -1]].tolist() == list(PINNED_USER_TOP10)
+    for user_id, expected in PINNED_USER_TOP10.items():
+        assert_recommendations(rec.recommend_user(user_id, 10), expected)
+    for user_id, got in rec.recommend_users(list(PINNED_USER_TOP10), 10).items():  # one length-sorted batch
+        assert_recommendations(got, PINNED_USER_TOP10[user_id])
+    assert_recommendations(rec.recommend_user(1007, 10, include_seen=True), PINNED_USER_1007_WITH_SEEN)
+    result = rec.recommend_history([*PINNED_HISTORY, 999], 10)
+    assert result.unknown_movie_ids == [999]
+    assert_recommendations(result.recommendations, PINNED_HISTORY_TOP10)
