@@ -285,16 +285,15 @@ def throughput_job(spec: dict) -> dict:
     import resource
 
     import torch
-    from rich.console import Console
 
     from movierec.training.config import load_config
-    from movierec.training.trainer import Trainer
+    from movierec.training.engine import Engine
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     config = load_config(spec["config"], spec["overrides"])
     config.data.path = spec["data"]
-    trainer = Trainer(config, console=Console(stderr=True))
+    trainer = Engine.from_config(config)
     if trainer.device.type != spec["device"]:
         raise RuntimeError(f"the trainer chose {trainer.device}, expected {spec['device']}")
     on_cuda = trainer.device.type == "cuda"

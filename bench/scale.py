@@ -269,16 +269,15 @@ def run_worker(kind: str, spec: dict) -> dict:
 
 def throughput_worker(spec: dict) -> dict:
     import torch
-    from rich.console import Console
 
     from movierec.training.config import load_config
-    from movierec.training.trainer import Trainer
+    from movierec.training.engine import Engine
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     config = load_config(spec["config"], spec["overrides"])
     config.data.path = spec["data"]
-    trainer = Trainer(config, console=Console(stderr=True))
+    trainer = Engine.from_config(config)
     trainer.train_epoch(max_steps=spec["warmup"])  # warm-up: allocator, kernels
     stats = trainer.train_epoch(max_steps=spec["steps"])
     return {

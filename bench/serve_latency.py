@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 def train_tiny(root: Path) -> Path:
     from movierec.data.api import prepare
     from movierec.training.config import load_config
-    from movierec.training.trainer import train
+    from movierec.training.run import train
 
     data = prepare("synthetic", out=root / "data")
     overrides = ["train.epochs=1", "tracking.log_model=false", "tracking.system_metrics=false"]

@@ -31,13 +31,13 @@ def worker(data: str, precision: str, overrides: list[str], steps: int, threads:
     import torch
 
     from movierec.training.config import load_config
-    from movierec.training.trainer import Trainer
+    from movierec.training.engine import Engine
 
     if threads:
         torch.set_num_threads(threads)
     config = load_config("configs/ml-1m-sse-pt.yaml", [*overrides, f"train.precision={precision}"])
     config.data.path = data
-    trainer = Trainer(config)
+    trainer = Engine.from_config(config)
     trainer.train_epoch(max_steps=3)  # warm-up: allocator, kernels
     started = time.perf_counter()
     stats = trainer.train_epoch(max_steps=steps)

@@ -46,7 +46,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     from movierec.data.prepare import Interactions, write_dataset
     from movierec.data.synthetic import generate_synthetic
     from movierec.training.config import load_config
-    from movierec.training.trainer import train
+    from movierec.training.run import train
 
     root = tmp_path_factory.mktemp("trained-run")
     raw, titles = generate_synthetic(seed=0, num_users=300, num_items=150, num_clusters=4)

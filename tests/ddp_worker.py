@@ -11,17 +11,17 @@ import torch
 
 from movierec.training import distributed
 from movierec.training.config import load_config
-from movierec.training.trainer import Trainer
+from movierec.training.run import Run
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     config = load_config(None, spec["overrides"])
     config.data.path, config.run_dir, config.tracking.uri = spec["data"], spec["run_dir"], spec["uri"]
-    trainer = Trainer(config, resume=spec.get("resume"))
-    trainer.fit()
+    run = Run(config, resume=spec.get("resume"))
+    run.fit()
     rank = int(os.environ.get("RANK", "0"))
-    torch.save(trainer.model.state_dict(), Path(spec["run_dir"]) / f"weights-rank{rank}.pt")
+    torch.save(run.engine.model.state_dict(), Path(spec["run_dir"]) / f"weights-rank{rank}.pt")
     distributed.teardown()
 
 

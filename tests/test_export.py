@@ -152,7 +152,7 @@ def logged_run(tmp_path_factory) -> dict:
     from movierec.data.prepare import write_dataset
     from movierec.data.synthetic import generate_synthetic
     from movierec.training.config import load_config
-    from movierec.training.trainer import train
+    from movierec.training.run import train
 
     workdir = tmp_path_factory.mktemp("export-run")
     root = workdir / "runs" / "quickstart"

@@ -125,10 +125,10 @@ def test_resume_into_another_run_dir_is_refused(unfinished_run, tmp_path, capsys
     assert not (tmp_path / "elsewhere").exists()
     config = load_config(None, ["train.epochs=5"])
     config.run_dir = str(tmp_path / "other")
-    from movierec.training.trainer import Trainer
+    from movierec.training.run import Run
 
     with pytest.raises(ConfigError, match="a resumed run writes to its own folder"):
-        Trainer(config, resume=unfinished_run)
+        Run(config, resume=unfinished_run)
 
 
 # --------------------------------------------------------------------------- damaged and non-finite checkpoints

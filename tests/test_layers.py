@@ -51,7 +51,7 @@ def test_attention_training_path_matches_sdpa_and_backpropagates():
 
 ALLOCATION_LOOP = """
 import resource, sys, torch
-from movierec.training.trainer import keep_freed_memory_on_cpu
+from movierec.training.engine import keep_freed_memory_on_cpu
 if sys.argv[1] == "keep":
     keep_freed_memory_on_cpu()
 torch.empty(16 * 2**20).fill_(1)  # 64 MiB: above glibc's largest mmap threshold

@@ -132,15 +132,14 @@ def test_start_loss_trains_the_first_steps_then_switches(setup, tmp_path):
     objective = build_objective(model, load_config(None, overrides).train, data, SeenItems.from_data(data))
     rng = np.random.default_rng(0)
     for step, shape, loss in [(0, targets.shape, "bce"), (2, targets.shape, "bce"), (3, (2, 3), "gbce")]:
-        objective.step = step
-        negatives = torch.from_numpy(objective.negatives(rng, users.numpy(), targets.numpy()))
+        negatives = torch.from_numpy(objective.negatives(rng, users.numpy(), targets.numpy(), step))
         assert negatives.shape == tuple(shape)
         expected = (
             bce_loss(model, queries, targets, negatives)
             if loss == "bce"
             else gbce_loss(model, queries, targets, negatives, objective.then.beta)
         )
-        torch.testing.assert_close(objective(users, inputs, targets, negatives), expected)
+        torch.testing.assert_close(objective(users, inputs, targets, negatives, step), expected)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from movierec.models.base import MODELS, Architecture, ModelConfig, SequentialMo
 from movierec.serving.export import export_model, load_source, verify_export
 from movierec.serving.loader import load_model
 from movierec.training.config import load_config
-from movierec.training.trainer import train
+from movierec.training.run import train
 
 
 @register("toy-bag")

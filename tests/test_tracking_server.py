@@ -29,8 +29,9 @@ from movierec.data.synthetic import generate_synthetic
 from movierec.errors import TrackingError
 from movierec.models.checkpoint import load_checkpoint
 from movierec.training.config import load_config
+from movierec.training.engine import Engine
+from movierec.training.run import Run, train
 from movierec.training.tracking import HOST_TAG, PID_TAG
-from movierec.training.trainer import Trainer, train
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 TINY = [*TINY_RUN, "train.batch_size=64", "eval.every_steps=1", "eval.ks=[10]", "eval.protocols=[full]"]
@@ -261,14 +262,14 @@ def test_a_sigkilled_run_is_marked_killed_and_resume_continues_it(server, data, 
 
     # --resume continues the same MLflow run: RUNNING again while it trains, FINISHED at the end
     seen: list[str] = []
-    original = Trainer._loop
+    original = Run._epoch
 
-    def loop(self, run_dir):
+    def epoch(self):
         seen.append(status(server, self.run_id))
-        return original(self, run_dir)
+        return original(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "_loop", loop)
+        patch.setattr(Run, "_epoch", epoch)
         assert main(["train", "--resume", str(killed_dir), "--epochs", str(killed_at + 1)]) == 0
     assert seen == ["RUNNING"]
     run = client.get_run(killed_id)
@@ -278,14 +279,14 @@ def test_a_sigkilled_run_is_marked_killed_and_resume_continues_it(server, data, 
 
 
 def test_an_error_ends_the_run_failed_and_ctrl_c_killed(server, data, tmp_path, monkeypatch):
-    original = Trainer.train_epoch
+    original = Engine.train_epoch
 
     def failing(self, *args, **kwargs):
-        if self.epoch == 1:
+        if self.state.epoch == 1:
             raise RuntimeError("boom")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_epoch", failing)
+    monkeypatch.setattr(Engine, "train_epoch", failing)
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny_config(data, tmp_path / "failed", server, "endings", epochs=3))
     assert status(server, load_checkpoint(tmp_path / "failed" / "last.ckpt")["mlflow_run_id"]) == "FAILED"
@@ -293,11 +294,11 @@ def test_an_error_ends_the_run_failed_and_ctrl_c_killed(server, data, tmp_path, 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    trainer = Trainer(tiny_config(data, tmp_path / "interrupted", server, "endings"))
+    monkeypatch.setattr(Engine, "train_epoch", interrupted)
+    run = Run(tiny_config(data, tmp_path / "interrupted", server, "endings"))
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    assert status(server, trainer.run_id) == "KILLED"
+        run.fit()
+    assert status(server, run.run_id) == "KILLED"
 
 
 def test_a_store_failing_mid_run_loses_nothing(server, data, tmp_path, monkeypatch, capsys):

@@ -26,7 +26,7 @@ from movierec.data.synthetic import generate_synthetic
 from movierec.errors import CheckpointError, ConfigError
 from movierec.models.checkpoint import load_checkpoint
 from movierec.training.config import load_config
-from movierec.training.trainer import train
+from movierec.training.run import train
 
 TINY = [*TINY_RUN, "train.batch_size=64", "eval.every_steps=1", "eval.ks=[5,10]"]
 
@@ -156,20 +156,20 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
 
 
 def test_learning_rate_warm_up_and_cosine_schedule(workspace):
-    from movierec.training.trainer import Trainer
+    from movierec.training.run import Run
 
     config = tiny_config(workspace, "schedule", "train.lr=0.01", "train.warmup_steps=4", "train.lr_schedule=cosine",
                          "train.min_lr_ratio=0.1", "train.max_steps=24")  # fmt: skip
-    trainer = Trainer(config)
-    rates = [trainer.learning_rate(step) for step in range(24)]
+    engine = Run(config).engine
+    rates = [engine.learning_rate(step) for step in range(24)]
     assert rates[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
     assert rates[4] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
     assert rates[14] == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 10 / 19)))
     assert all(a >= b for a, b in pairwise(rates[4:]))
-    trainer.train_epoch(max_steps=2)
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.005)
+    engine.train_epoch(max_steps=2)
+    assert engine.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.005)
     config.train.lr_schedule = "constant"
-    assert [trainer.learning_rate(step) for step in (0, 3, 4, 23)] == pytest.approx([0.0025, 0.01, 0.01, 0.01])
+    assert [engine.learning_rate(step) for step in (0, 3, 4, 23)] == pytest.approx([0.0025, 0.01, 0.01, 0.01])
 
 
 def test_early_stopping_counts_optimizer_steps(workspace):
@@ -192,13 +192,13 @@ def test_early_stopping_counts_optimizer_steps(workspace):
 
 
 def test_validation_runs_on_its_own_user_sample_and_the_test_on_every_user(workspace):
-    from movierec.training.trainer import Trainer
+    from movierec.training.run import Run
 
-    trainer = Trainer(tiny_config(workspace, "validation-sample", "eval.validation_users=40"))
-    assert trainer.validator.num_users == 40
-    assert trainer._evaluator("evaluation", ("full",)).num_users == 200
-    capped = Trainer(tiny_config(workspace, "both-capped", "eval.max_users=50"))
-    assert capped.validator.num_users == 50 and capped._evaluator("evaluation", ("full",)).num_users == 50
+    run = Run(tiny_config(workspace, "validation-sample", "eval.validation_users=40"))
+    assert run.validator.num_users == 40
+    assert run.evaluator("evaluation", ("full",)).num_users == 200
+    capped = Run(tiny_config(workspace, "both-capped", "eval.max_users=50"))
+    assert capped.validator.num_users == 50 and capped.evaluator("evaluation", ("full",)).num_users == 50
 
 
 def test_a_time_budget_stops_after_the_epoch_that_spends_it(workspace):
@@ -233,19 +233,19 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
     config = tiny_config(workspace, "finetuned", epochs=1)
     config.data.path = str(workspace["other"])
     config.init.from_checkpoint = str(source.run_dir)
-    from movierec.training.trainer import Trainer
+    from movierec.training.run import Run
 
-    trainer = Trainer(config)
-    report = {row.target: (row.action, row.detail) for row in trainer.init_report}
+    run = Run(config)
+    report = {row.target: (row.action, row.detail) for row in run.init_report}
     assert report["user_emb.weight"][0] == "mapped"  # userIds 1..150 are in both
     assert report["item_emb.weight"][0] == "mapped"
     assert report["item_emb.weight"][1].startswith("70 of 140 rows by movieId")
     assert report["blocks.0.query.weight"][0] == "loaded" and report["pos_emb.weight"][0] == "loaded"
-    model = trainer.model.state_dict()
+    model = run.engine.model.state_dict()
     torch.testing.assert_close(model["blocks.1.ffn_in.weight"], source_state["model"]["blocks.1.ffn_in.weight"])
     # movieIds 51..120 are items 51..120 in the source and items 1..70 here: copied by movieId, not position
     torch.testing.assert_close(model["item_emb.weight"][1:71], source_state["model"]["item_emb.weight"][51:121])
-    result = trainer.fit()
+    result = run.fit()
     artifacts = {a.path for a in MlflowClient(workspace["uri"]).list_artifacts(result.run_id)}
     assert "init_from.tsv" in artifacts
 
@@ -301,14 +301,14 @@ def test_other_losses_and_precisions_train(workspace, extra):
 def test_fraction_trains_and_evaluates_the_same_users(workspace):
     config = tiny_config(workspace, "fraction-half", epochs=1)
     config.data.fraction = 0.5
-    from movierec.training.trainer import Trainer
+    from movierec.training.run import Run
 
-    trainer = Trainer(config)
+    run = Run(config)
     shards = json.loads((workspace["data"] / "meta.json").read_text())["shards"][:2]
     lo, hi = shards[0]["users"][0], shards[1]["users"][1]
-    assert trainer.batches.users.min() >= lo and trainer.batches.users.max() < hi
-    assert set(trainer.validator.users) <= set(range(lo, hi))
-    assert trainer.validator.num_users == hi - lo
+    assert run.engine.batches.users.min() >= lo and run.engine.batches.users.max() < hi
+    assert set(run.validator.users) <= set(range(lo, hi))
+    assert run.validator.num_users == hi - lo
 
 
 def test_bad_configuration_is_a_clear_error(workspace, capsys):

@@ -245,7 +245,7 @@ def config_from_args(args: argparse.Namespace):
 @command("train", "train SSE-PT, SASRec or BERT4Rec with MLflow, checkpoints, resume and fine-tuning", add_train)
 def cmd_train(args: argparse.Namespace) -> int:
     from movierec.evaluation.metrics import print_metrics
-    from movierec.training.trainer import train
+    from movierec.training.run import train
 
     config = config_from_args(args)
     result = train(config, resume=args.resume)

@@ -29,7 +29,7 @@ def quickstart(out: str | Path, config_path: str | Path | None = None, epochs: i
     from movierec.data.api import prepare
     from movierec.data.summary import print_summary
     from movierec.evaluation.metrics import print_metrics
-    from movierec.training.trainer import train
+    from movierec.training.run import train
 
     console = Console()
     out = Path(out)

@@ -107,6 +107,11 @@ class SequentialModel(nn.Module, ABC):
         """The model's own training-time transform of a batch (regularisation, masking); none by default."""
         return users, inputs, targets
 
+    def sparse_tables(self) -> list[nn.Embedding]:
+        """The id-indexed tables (items, users) of which a batch touches a few rows: on a large catalog they
+        train with row-sparse gradients and a lazy Adam (`train.optimizer: auto`). None by default."""
+        return []
+
     def next_item_scores(self, sequences: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_items + 1) of every item after each sequence; column 0 (padding) is -inf.
         What export traces: the scoring function of the model, whole."""

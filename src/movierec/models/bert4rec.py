@@ -112,3 +112,6 @@ class BERT4Rec(SequentialModel):
         else:
             masked[:, -1] |= real[:, -1] & ~masked.any()
         return users, torch.where(masked, self.mask_id, window), torch.where(masked, window, 0)
+
+    def sparse_tables(self) -> list[nn.Embedding]:
+        return [self.item_emb]

@@ -183,6 +183,9 @@ class SSEPT(SequentialModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return apply_sse(users, inputs, targets, self.config)
 
+    def sparse_tables(self) -> list[nn.Embedding]:
+        return [t for t in (self.item_emb, self.user_emb) if t is not None]
+
 
 def bce_from_logits(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """Mean of -log σ(s_pos) - log(1 - σ(s_neg)) over positions: the paper's objective."""

@@ -12,6 +12,7 @@ The learning rate follows the chosen size by `train.lr_scaling`: none, linear or
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import weakref
@@ -29,10 +30,7 @@ from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems
 from movierec.errors import ConfigError
 from movierec.evaluation.evaluate import Evaluator
-from movierec.models.base import ModelConfig, build_model
-from movierec.training import losses
-from movierec.training.batches import TrainBatches
-from movierec.training.optim import build_optimizers, resolve_optimizer
+from movierec.training.config import RunConfig
 
 CPU_BUDGET_SHARE = 0.9  # of the memory available at start, when train.memory_limit_gb is not set
 
@@ -138,8 +136,7 @@ def memory_budget_bytes(limit_gb: float | None) -> int:
 
 def trial_step(
     size: int,
-    model_config: ModelConfig,
-    train,
+    config: RunConfig,
     data: SequenceData,
     seen: SeenItems,
     validator: Evaluator,
@@ -148,37 +145,23 @@ def trial_step(
     budget_bytes: int,
 ) -> str:
     """One training step of the `size` longest sequences and one full-ranking batch of the longest validation
-    histories on a throwaway model; returns the peak memory, or raises when it does not fit."""
-    batches = TrainBatches(data, size, model_config.max_len)
-    users = batches.users[np.argsort(batches.lengths, kind="stable")[-size:]]
-    model = build_model(model_config).to(device)
-    kind = resolve_optimizer(
-        train.optimizer, (train.start_loss, train.loss), data.num_items, size, model_config.max_len
-    )
-    optimizers = build_optimizers(model, kind, train.lr, tuple(train.betas), train.weight_decay)
-    objective = losses.build_objective(model, train, data, seen).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    histories, on a throwaway engine; returns the peak memory, or raises when it does not fit."""
+    from movierec.training.engine import Engine
+
+    trial = copy.deepcopy(config)
+    trial.train.batch_size, trial.train.grad_accumulation = size, 1
+    engine = Engine(trial, data, seen, device, autocast_dtype, use_scaler=autocast_dtype == torch.float16)
+    users = engine.batches.users[np.argsort(engine.batches.lengths, kind="stable")[-size:]]
     eval_rows = np.argsort(validator.lengths, kind="stable")[-min(validator.batch_size, size) :]
     resident = psutil.Process().memory_info().rss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tracker = PeakTensorMemory() if device.type == "cpu" else None
     with tracker or nullcontext():
-        rng = np.random.default_rng(0)
-        batch = batches.make_batch(users)
-        negatives = torch.from_numpy(objective.negatives(rng, batch.users, batch.targets)).to(device)
-        tensors = (torch.from_numpy(x).to(device) for x in (batch.users, batch.inputs, batch.targets))
-        model.train()
-        with autocast:
-            loss = objective(*model.training_batch(*tensors), negatives)
-        scaler.scale(loss).backward()
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
-        del loss, negatives, batch
-        for rows, sequences in validator.batches(model_config.max_len, eval_rows):
-            validator.batch_ranks(model.eval(), rows, sequences, device, autocast_dtype, "bce")
+        engine.model.train()
+        engine.optimizer_step([users], 0)
+        for rows, sequences in validator.batches(engine.model_config.max_len, eval_rows):
+            validator.batch_ranks(engine.model.eval(), rows, sequences, device, autocast_dtype, "bce")
     if tracker is None:
         return f"peak {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB on {device}"
     peak = resident + tracker.peak

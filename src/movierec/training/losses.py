@@ -33,27 +33,28 @@ class Objective(nn.Module):
     seeded negative per user) or "ce" (softmax over every item)."""
 
     validation_loss = "bce"
-    step = 0  # the optimizer step being trained, set by the trainer (read by StagedObjective)
 
     def __init__(self, model: SequentialModel, train, data: SequenceData, seen: SeenItems):
         super().__init__()
         self.model, self.train_config, self.data, self.seen = model, train, data, seen
 
-    def negatives(self, rng: np.random.Generator, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """The batch's negative items (drawn with `rng`, seeded per batch); none by default."""
+    def negatives(self, rng: np.random.Generator, users: np.ndarray, targets: np.ndarray, step: int = 0) -> np.ndarray:
+        """The batch's negative items at optimizer step `step` (drawn with `rng`, seeded per batch); none by
+        default."""
         return np.zeros(0, dtype=np.int64)
 
     def loss(self, queries: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
-        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, step: int = 0
     ) -> torch.Tensor:
+        """The loss of a batch at optimizer step `step` (only a staged objective's choice depends on it)."""
         return self.loss(self.model.queries(inputs, users), targets, negatives)
 
 
 class BCE(Objective):
-    def negatives(self, rng, users, targets):
+    def negatives(self, rng, users, targets, step=0):
         return sample_training_negatives(rng, self.seen, users[:, None], targets.shape, self.data.num_items)
 
     def loss(self, queries, targets, negatives):
@@ -66,7 +67,7 @@ class GBCE(Objective):
         alpha = train.num_negatives / max(data.num_items - 1, 1)
         self.beta = alpha * (train.gbce_t * (1 - 1 / alpha) + 1 / alpha)
 
-    def negatives(self, rng, users, targets):
+    def negatives(self, rng, users, targets, step=0):
         shape = (len(users), self.train_config.num_negatives)
         return sample_training_negatives(rng, self.seen, users[:, None], shape, self.data.num_items)
 
@@ -87,7 +88,7 @@ class SampledSoftmax(Objective):
             log_q = torch.from_numpy(log_q_64).float()
         self.register_buffer("log_q", log_q, persistent=False)
 
-    def negatives(self, rng, users, targets):
+    def negatives(self, rng, users, targets, step=0):
         if self.sample_cdf is not None:
             return draw_by_weight(rng, self.sample_cdf, self.train_config.num_negatives)
         return rng.integers(1, self.data.num_items + 1, size=self.train_config.num_negatives)
@@ -105,23 +106,22 @@ class FullSoftmax(Objective):
 
 class StagedObjective(Objective):
     """`first` for optimizer steps 0 .. `switch_step` - 1, then `then`: one module over one model, so
-    DistributedDataParallel wraps it once. The trainer sets `step` before each batch; since the choice is a
-    function of the step, a resumed run switches at the same step."""
+    DistributedDataParallel wraps it once. The step arrives as an argument; since the choice is a function
+    of it, a resumed run switches at the same step."""
 
     def __init__(self, first: Objective, then: Objective, switch_step: int):
         super().__init__(then.model, then.train_config, then.data, then.seen)
         self.first, self.then, self.switch_step = first, then, switch_step
         self.validation_loss = then.validation_loss
 
-    @property
-    def current(self) -> Objective:
-        return self.first if self.step < self.switch_step else self.then
+    def at(self, step: int) -> Objective:
+        return self.first if step < self.switch_step else self.then
 
-    def negatives(self, rng, users, targets):
-        return self.current.negatives(rng, users, targets)
+    def negatives(self, rng, users, targets, step=0):
+        return self.at(step).negatives(rng, users, targets, step)
 
-    def forward(self, users, inputs, targets, negatives):
-        return self.current(users, inputs, targets, negatives)
+    def forward(self, users, inputs, targets, negatives, step=0):
+        return self.at(step)(users, inputs, targets, negatives, step)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

@@ -41,28 +41,16 @@ def resolve_optimizer(
     return "sparse-adam" if num_items + 1 > SPARSE_ROWS_PER_TOKEN * batch_size * max_len else "adam"
 
 
-def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
-    """The id-indexed tables (items, users) whose rows a batch touches sparsely; not the positional one."""
-    return [m for name, m in model.named_children() if isinstance(m, nn.Embedding) and name != "pos_emb"]
-
-
 def build_optimizers(
-    model: nn.Module, kind: str, lr: float, betas: tuple[float, float], weight_decay: float
+    model: nn.Module, sparse: list[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
 ) -> list[torch.optim.Optimizer]:
-    """[Adam] for `adam`; [Adam over the dense parameters, SparseAdam over the tables] for `sparse-adam`."""
-    if kind == "adam":
+    """[Adam] over every parameter, or [Adam over the dense ones, SparseAdam over `sparse`] (the tables the
+    model declares in `sparse_tables()`, whose gradients are row-sparse under sparse-adam)."""
+    if not sparse:
         return [torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)]
-    if weight_decay:
-        raise ConfigError("train.optimizer=sparse-adam has no weight decay; set train.weight_decay=0 or use adam")
-    tables = embedding_tables(model)
-    for table in tables:
-        table.sparse = True
-    sparse_ids = {id(t.weight) for t in tables}
+    sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    return [
-        torch.optim.Adam(dense, lr=lr, betas=betas),
-        torch.optim.SparseAdam([t.weight for t in tables], lr=lr, betas=betas),
-    ]
+    return [torch.optim.Adam(dense, lr=lr, betas=betas), torch.optim.SparseAdam(sparse, lr=lr, betas=betas)]
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""MLflow tracking: a server-less SQLite store by default, run bookkeeping, and the training-curve plot."""
+"""MLflow tracking: the store check, run bookkeeping, the training-curve plot, and `MlflowRecorder`, the MLflow
+lifecycle of a training run."""
 
 from __future__ import annotations
 
@@ -15,10 +16,18 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from rich.console import Console
 
 from movierec.errors import TrackingError
 from movierec.mlflow_store import sqlite_store_lock
 from movierec.training.config import RunConfig
+from movierec.training.run import Recorder
+
+if TYPE_CHECKING:
+    from movierec.training.run import Run
 
 PROBE_TIMEOUT_S = 5.0  # per try of `check_server`
 PROBE_PAUSES_S = (1.0, 2.0)  # between its tries: 3 tries, at most about 18 s in all
@@ -271,3 +280,182 @@ def plot_curves(history: list[dict], path: Path, metric: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow metric names may not contain '@'."""
+    return name.replace("@", "_at_")
+
+
+class MlflowRecorder(Recorder):
+    """A run's MLflow lifecycle (rank 0): the run created with its params, or re-opened on resume and tagged
+    with this process; a metric record per epoch; at the end the test metrics, artifacts and the model.
+
+    It ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM (which raises SystemExit while the
+    run is open). An MLflow failure is one TrackingError line naming the store: the checkpoints keep what was
+    trained, and `--resume` continues the same MLflow run, logging the epochs it missed.
+    """
+
+    def __init__(self, config: RunConfig, console: Console):
+        from movierec.mlflow_store import tracking_uri
+
+        self.config, self.console = config, console
+        uri = tracking_uri(config.tracking.uri)
+        check_server(uri, config.tracking.experiment)  # seconds, not minutes, to learn that the server is down
+        self.experiment = ExperimentInBackground(config.tracking.experiment, uri)
+        self.final_logged = False
+        self.run: Run | None = None
+
+    def abandon(self) -> None:
+        self.experiment.wait()
+
+    @contextmanager
+    def recording(self, run: Run):
+        import mlflow
+
+        self.run = run
+        resumed = run.run_id is not None
+        try:
+            mlflow_run = self._start(resumed)
+        except Exception as exc:
+            raise self._error(exc, "opening the run" if resumed else "creating the run") from exc
+        for run_id in self.experiment.ended:
+            self.console.print(
+                f"notice: MLflow run {run_id} was RUNNING, but its process on this host is gone: marked KILLED",
+                soft_wrap=True,
+            )
+        if self.experiment.warning:
+            self.console.print(f"warning: {self.experiment.warning}", soft_wrap=True)
+        with sigterm_raises_system_exit():
+            try:
+                if resumed:
+                    self._log_missing_epochs()
+                else:
+                    run.run_id = mlflow_run.info.run_id
+                    self._log_params()
+                yield
+            except Exception as exc:
+                self._end("FAILED")
+                raise self._error(exc, f"at epoch {run.engine.state.epoch}") from exc
+            except BaseException:  # KeyboardInterrupt, SystemExit (SIGTERM)
+                self._end("KILLED")
+                self.console.print(
+                    f"stopped: MLflow run {run.run_id} ended KILLED{self._resume_hint()}", soft_wrap=True
+                )
+                raise
+        try:
+            mlflow.end_run("FINISHED")
+        except Exception as exc:
+            raise self._error(exc, "marking the finished run FINISHED (all else is logged)") from exc
+
+    def _start(self, resumed: bool):
+        import mlflow
+
+        c = self.config
+        experiment_id = self.experiment.result()
+        mlflow.set_tracking_uri(self.experiment.uri)
+        if c.tracking.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
+            mlflow.set_system_metrics_samples_before_logging(1)
+        return mlflow.start_run(
+            run_id=self.run.run_id,
+            experiment_id=None if resumed else experiment_id,
+            run_name=None if resumed else c.tracking.run_name,
+            log_system_metrics=c.tracking.system_metrics,
+            tags=process_tags(),  # on resume: the new process
+        )
+
+    def _log_params(self) -> None:
+        import mlflow
+
+        run, c = self.run, self.config
+        engine = run.engine
+        extra = {
+            "dataset.name": run.identity["name"],
+            "dataset.meta_sha256": run.identity["meta_sha256"],
+            "dataset.num_users": run.data.num_users,
+            "dataset.num_items": run.data.num_items,
+            "dataset.shards": ",".join(map(str, run.data.shard_indices)),
+            "model.num_parameters": sum(p.numel() for p in engine.model.parameters()),
+            "train.optimizer_resolved": engine.optimizer_kind,
+            "train.world_size": run.dist.world_size,
+            "train.global_batch_size": c.train.batch_size * engine.batches_per_step,
+            "eval.validated_users": run.validator.num_users,
+            "device": str(run.device),
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+        }
+        if run.batch_size_choice is not None:
+            extra.update(
+                {"train.batch_size_requested": "auto", "train.batch_size_tried": run.batch_size_choice.summary()}
+            )
+        mlflow.log_params(run_params(c, extra))
+        if run.init_report is not None:
+            from movierec.training.init_from import report_table
+
+            mlflow.log_text(report_table(run.init_report, self.console), "init_from.tsv")
+
+    def _error(self, exc: BaseException, when: str) -> BaseException:
+        """`exc` as a one-line TrackingError naming the store if it is an MLflow failure, else `exc` itself."""
+        if not is_tracking_failure(exc):
+            return exc
+        return TrackingError(
+            f"MLflow tracking at {self.experiment.uri} failed {when}: {one_line(exc)}{self._resume_hint()}"
+        )
+
+    def _resume_hint(self) -> str:
+        run_dir = Path(self.config.run_dir)
+        if self.run is None or self.run.run_id is None or not (run_dir / "last.ckpt").is_file() or self.final_logged:
+            return ""
+        return (
+            f"; the checkpoints in {run_dir} hold epoch {self.run.engine.state.epoch}: "
+            f"`movierec train --resume {run_dir}` continues MLflow run {self.run.run_id}"
+        )
+
+    def _end(self, status: str) -> None:
+        """End the active MLflow run as `status`; if the store is gone, a warning (a later run on this host
+        marks the run KILLED)."""
+        import mlflow
+
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:
+            self.console.print(f"warning: could not mark MLflow run {self.run.run_id} {status}: {one_line(exc)}")
+
+    def epoch_done(self, run: Run, record: dict, improved: bool) -> None:
+        import mlflow
+
+        metrics = {mlflow_key(k): v for k, v in record.items() if k != "epoch"}
+        mlflow.log_metrics(metrics, step=record["epoch"])
+
+    def _log_missing_epochs(self) -> None:
+        """On resume: log the epochs of the checkpoint's history that never reached MLflow (its store failed,
+        or the process was killed, after the checkpoint was written)."""
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(self.experiment.uri).get_metric_history(self.run.run_id, "train_loss")
+        logged = {metric.step for metric in history}
+        for record in self.run.engine.state.history:
+            if record["epoch"] not in logged:
+                self.epoch_done(self.run, record, False)
+
+    def run_done(self, run: Run, test_metrics: dict) -> None:
+        import mlflow
+
+        run_dir, state = Path(self.config.run_dir), run.engine.state
+        mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=state.best_epoch)
+        mlflow.log_metric("best_epoch", state.best_epoch)
+        mlflow.log_artifact(str(run_dir / "best.ckpt"), artifact_path="checkpoints")
+        mlflow.log_artifact(str(run_dir / "config.yaml"))
+        mlflow.log_artifact(str(run_dir / "history.json"))
+        if state.history:
+            mlflow.log_artifact(str(plot_curves(state.history, run_dir / "curves.png", run.metric_name)))
+        if self.config.tracking.log_model:
+            import mlflow.pytorch
+
+            from movierec.models.base import build_model
+
+            model = build_model(run.engine.model_config)  # plain tables (no sparse gradients), on the CPU
+            model.load_state_dict({k: v.cpu() for k, v in run.engine.model.state_dict().items()})
+            mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle")
+        self.final_logged = True

@@ -1,0 +1,497 @@
+"""A training run: set-up, the loop policy around the `Engine`, and the recorders that keep what it does.
+
+The policy: validation at the first epoch end `eval.every_steps` optimizer steps past the previous one (and
+after the last epoch), early stopping after `eval.patience_steps` without a gain of `eval.min_delta`, the
+`train.max_steps` and `train.max_minutes` budgets, then the test of the best weights. What the run reports
+goes to recorders, each behind the small `Recorder` interface and called in order: checkpoints first (so a
+failing tracking store never loses training), then MLflow (`training.tracking.MlflowRecorder`), then the
+console. A benchmark that only times steps builds an `Engine` and needs none of this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_items, read_users, sha256_file
+from movierec.data.negatives import SeenItems
+from movierec.errors import CheckpointError, ConfigError
+from movierec.evaluation.evaluate import Evaluator
+from movierec.files import FolderLock, atomic_path
+from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from movierec.training import batch_size, distributed
+from movierec.training.batch_size import BatchSizeChoice, choose_batch_size, memory_budget_bytes
+from movierec.training.config import RunConfig, dump_config
+from movierec.training.engine import Engine, TrainState, keep_freed_memory_on_cpu, resolve_device, resolve_precision
+from movierec.training.init_from import InitRow, init_model, read_init_map, read_pretrained
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    test_metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    is_main: bool = True  # False on the ranks other than 0 of a torchrun job
+
+
+class Recorder:
+    """What a run reports to. Every hook is a no-op here; a recorder overrides the ones it needs."""
+
+    @contextmanager
+    def recording(self, run: Run):
+        """Around the loop and the final test (an MLflow run is open while it lasts)."""
+        yield
+
+    def step_done(self, run: Run, done: int, total: int, stats: dict) -> None:
+        """After each optimizer step."""
+
+    def epoch_done(self, run: Run, record: dict, improved: bool) -> None:
+        """After each epoch, with its history record (validation metrics when it validated)."""
+
+    def run_done(self, run: Run, test_metrics: dict) -> None:
+        """After the test of the best weights."""
+
+    def abandon(self) -> None:
+        """The run failed before it started (set-up): release what the recorder started."""
+
+
+def dataset_identity(data: SequenceData) -> dict:
+    """What a checkpoint records of its dataset: to check it is the same one, and to map ids across datasets."""
+    items, users = read_items(data.path), read_users(data.path)
+    return {
+        "path": str(Path(data.path).resolve()),
+        "name": data.meta["name"],
+        "meta_sha256": sha256_file(Path(data.path) / META_FILE),
+        "num_users": data.num_users,
+        "num_items": data.num_items,
+        "item_movie_ids": torch.from_numpy(items["movie_id"].to_numpy().astype(np.int64)),
+        "user_ids": torch.from_numpy(users["user_id"].to_numpy().astype(np.int64)),
+        "shards": list(data.shard_indices),
+    }
+
+
+def seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+class CheckpointRecorder(Recorder):
+    """`best.ckpt` (when validation improved) and `last.ckpt` (the commit point of a resume) after every epoch,
+    with `history.json`; at the end both hold the best weights, marked finished, with the test metrics."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def epoch_done(self, run: Run, record: dict, improved: bool) -> None:
+        state = run.checkpoint()
+        if improved:  # best first: last.ckpt is the commit point a resume starts from
+            save_checkpoint(self.run_dir / BEST, state)
+        save_checkpoint(self.run_dir / LAST, state)
+        with atomic_path(self.run_dir / "history.json") as tmp:
+            tmp.write_text(json.dumps(run.engine.state.history, indent=1))
+
+    def save_final(self, run: Run, test_metrics: dict, finished: bool) -> None:
+        final = run.checkpoint(finished=finished)
+        final["test_metrics"] = test_metrics  # the run's result travels with its weights
+        for name in (BEST, LAST):
+            save_checkpoint(self.run_dir / name, final)
+
+
+class ConsoleRecorder(Recorder):
+    """The progress bar during an epoch, the first step's time, and one line per epoch."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.task = None
+
+    @contextmanager
+    def recording(self, run: Run):
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=True) as self.progress:
+            yield
+
+    def step_done(self, run: Run, done: int, total: int, stats: dict) -> None:
+        if run.time_to_first_step is None:
+            run.time_to_first_step = seconds_since_process_start()
+            self.console.print(f"first optimizer step after {run.time_to_first_step:.1f} s", soft_wrap=True)
+        if self.progress is None:
+            return
+        epoch = run.engine.state.epoch + 1
+        if self.task is None:
+            self.task = self.progress.add_task(f"epoch {epoch}", total=total)
+        description = f"epoch {epoch} loss {stats['loss']:.4f} {stats['sequences_per_s']:,.0f} seq/s"
+        self.progress.update(self.task, completed=done, description=description)
+        if done == total:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def epoch_done(self, run: Run, record: dict, improved: bool) -> None:
+        line = (
+            f"epoch {record['epoch']:4d}  loss {record['train_loss']:.4f}  {record['seconds']:.1f}s  "
+            f"{record['sequences_per_s']:,.0f} seq/s"
+        )
+        if "val_loss" in record:
+            metric = run.metric_name
+            line += f"  val loss {record['val_loss']:.4f}  val {metric} {record[f'val_{metric}']:.4f}"
+            line += f"  full ndcg@10 {record.get('val_full/ndcg@10', float('nan')):.4f}" + ("  *" if improved else "")
+        self.console.print(line, soft_wrap=True)
+
+
+class Run:
+    """Set up from a config (optionally resuming a checkpoint), then `fit()`: the loop policy and the test."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        resume: str | Path | None = None,
+        console: Console | None = None,
+        recorders: list[Recorder] | None = None,
+    ):
+        self.console = console or Console()
+        self.resume_state = self._resumable(config, resume)
+        self.config = c = config
+        # read the weights to start from before anything is set up, so that a bad file fails in a second
+        pretrained = c.init.from_checkpoint if self.resume_state is None else None
+        self.pretrained = read_pretrained(pretrained) if pretrained else None
+        self.init_rules = read_init_map(c.init.map) if pretrained and c.init.map else []
+        if c.train.num_threads:
+            torch.set_num_threads(c.train.num_threads)
+        self.dist, device_name = distributed.setup(c.train.device)
+        if not self.dist.is_main:  # rank 0 alone prints, tracks and writes
+            self.console = Console(quiet=True)
+        self.run_id: str | None = self.resume_state.get("mlflow_run_id") if self.resume_state else None
+        self.time_to_first_step: float | None = None
+        self.recorders = self._default_recorders() if recorders is None else recorders
+        self.checkpoints = next((r for r in self.recorders if isinstance(r, CheckpointRecorder)), None)
+        try:
+            self._set_up(device_name)
+        except BaseException:
+            for recorder in self.recorders:
+                recorder.abandon()
+            raise
+
+    @staticmethod
+    def _resumable(config: RunConfig, resume: str | Path | None) -> dict | None:
+        """The checkpoint to resume, checked to be unfinished and to belong to `config.run_dir`."""
+        if not resume:
+            return None
+        state = load_checkpoint(resume)
+        if state.get("finished"):
+            raise CheckpointError(f"{state['path']} is from a finished run; use --init-from to start a new run from it")
+        resumed_dir = Path(state["path"]).parent
+        if resumed_dir.resolve() != Path(config.run_dir).resolve():
+            raise ConfigError(
+                f"resuming {resumed_dir} would write to run_dir {config.run_dir}: a resumed run writes to its own "
+                f"folder; set run_dir to {resumed_dir}"
+            )
+        return state
+
+    def _default_recorders(self) -> list[Recorder]:
+        """Checkpoints, MLflow and the console on rank 0 (MLflow's store is checked and its experiment created
+        now, on a thread, while the data is set up); the console alone (quiet) on the other ranks."""
+        if not self.dist.is_main:
+            return [ConsoleRecorder(self.console)]
+        from movierec.training.tracking import MlflowRecorder
+
+        checkpoints = CheckpointRecorder(Path(self.config.run_dir))
+        return [checkpoints, MlflowRecorder(self.config, self.console), ConsoleRecorder(self.console)]
+
+    # ------------------------------------------------------------------ set-up
+
+    @contextmanager
+    def _stage(self, name: str):
+        """Print one line per setup stage with its duration, so minutes of setup are never silent."""
+        started, notes = time.perf_counter(), []
+        yield notes.append
+        detail = f": {notes[0]}" if notes else ""
+        self.console.print(f"[dim]setup[/] {name}{detail} ({time.perf_counter() - started:.1f} s)", soft_wrap=True)
+
+    def _set_up(self, device_name: str) -> None:
+        """Device, data, negative index, validation users, batch size, the engine, and its starting weights."""
+        c = self.config
+        self.device = resolve_device(device_name)
+        if self.device.type == "cpu":
+            keep_freed_memory_on_cpu()
+        self.autocast_dtype, use_scaler = resolve_precision(c.train.precision, self.device)
+        with self._stage("data") as note:
+            self.data = load_sequences(c.data.path, c.data.fraction, c.data.shards, verify=c.data.verify_checksums)
+            self.identity = dataset_identity(self.data)
+            note(
+                f"{self.data.meta['name']}: {len(self.data.shard_indices)} shards mapped, "
+                f"{len(self.data.train_items):,} training pairs, {self.data.num_items:,} items"
+            )
+        with self._stage("negative index") as note:
+            self.seen = SeenItems.from_data(self.data)
+            copied = sum(not isinstance(p, np.memmap) for p in self.seen.items.parts)
+            note(f"{copied} shards sorted" if copied else "the mapped shards (already sorted)")
+        with self._stage("validation") as note:
+            protocols = tuple(dict.fromkeys([c.eval.protocol, "full"]))
+            self.validator = self.evaluator("validation", protocols)
+            note(f"{self.validator.num_users:,} users, protocols {', '.join(protocols)}")
+        self.batch_size_choice: BatchSizeChoice | None = None
+        if c.train.batch_size == "auto":
+            with self._stage("batch size") as note:
+                self._choose_batch_size()
+                choice = self.batch_size_choice
+                note(f"auto: {choice.size} (tried {choice.summary()}); train.lr {choice.lr:g}")
+        torch.manual_seed(c.train.seed)
+        with self._stage("model, optimizer and batches") as note:
+            self.engine = Engine(c, self.data, self.seen, self.device, self.autocast_dtype, self.dist, use_scaler)
+            if len(self.engine.batches) == 0:
+                raise ConfigError(f"{c.data.path}: no user has two or more training items in the selected shards")
+            if len(self.engine.batches) < self.engine.batches_per_step:
+                raise ConfigError(
+                    f"an epoch has {len(self.engine.batches)} batches, fewer than one optimizer step takes "
+                    f"({self.engine.batches_per_step} = world size x train.grad_accumulation); lower train.batch_size"
+                )
+            parameters = sum(p.numel() for p in self.engine.model.parameters())
+            note(f"{parameters:,} parameters, optimizer {self.engine.optimizer_kind}, "
+                 f"{len(self.engine.batches):,} batches per epoch of {c.train.batch_size}")  # fmt: skip
+        self.metric_name = f"{c.eval.protocol}/{c.eval.metric}"
+        self.test_curve = self.evaluator("evaluation", (c.eval.protocol,)) if c.eval.test_curve else None
+        self.init_report: list[InitRow] | None = None
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        elif self.pretrained is not None:
+            ids = (self.identity["item_movie_ids"].numpy(), self.identity["user_ids"].numpy())
+            self.init_report = init_model(self.engine.model, self.pretrained, self.init_rules, *ids, c.init.map_by_id)
+        self.engine.wrap_for_data_parallel()  # after restore / init-from: DDP starts every rank from rank 0's
+
+    def _choose_batch_size(self) -> None:
+        """Resolve train.batch_size auto: the checkpoint's size and lr on resume, else the search (see
+        training/batch_size.py). The config then holds the numbers, so config.yaml, MLflow and a resume see them."""
+        c = self.config
+        if self.resume_state is not None:
+            saved = self.resume_state["config"]["train"]
+            c.train.batch_size, c.train.lr = int(saved["batch_size"]), float(saved["lr"])
+            self.batch_size_choice = BatchSizeChoice(c.train.batch_size, c.train.lr, [(c.train.batch_size, "resumed")])
+            return
+        budget = memory_budget_bytes(c.train.memory_limit_gb)
+
+        def trial(size: int) -> str:
+            return batch_size.trial_step(size, c, self.data, self.seen, self.validator, self.device,
+                                         self.autocast_dtype, budget)  # fmt: skip
+
+        t = c.train
+        choice = choose_batch_size(trial, t.max_batch_size, t.lr, t.lr_scaling, self.dist.all_reduce_min)
+        c.train.batch_size, c.train.lr = choice.size, choice.lr
+        c.eval.batch_size = self.validator.batch_size = min(c.eval.batch_size, choice.size)  # as tried
+        self.batch_size_choice = choice
+
+    def evaluator(self, split: str, protocols: tuple[str, ...]) -> Evaluator:
+        e = self.config.eval
+        max_users = (e.validation_users or e.max_users) if split == "validation" else e.max_users
+        return Evaluator(
+            self.data, split, protocols, tuple(e.ks), e.seed, e.batch_size,
+            max_users=max_users, item_chunk=e.item_chunk, seen=self.seen,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self, state: dict) -> None:
+        engine = self.engine
+        if state["model_config"] != engine.model_config.to_dict():
+            raise CheckpointError(
+                f"{state['path']} was trained with model {state['model_config']}, this run builds "
+                f"{engine.model_config.to_dict()}; resume with the checkpoint's own config (omit --config)"
+            )
+        if state["dataset"]["meta_sha256"] != self.identity["meta_sha256"]:
+            raise CheckpointError(
+                f"{state['path']} was trained on another dataset ({state['dataset']['path']}); pass --data with it"
+            )
+        if list(state["dataset"].get("shards", [])) != list(self.identity["shards"]):
+            raise CheckpointError(
+                f"{state['path']} was trained on shards {state['dataset'].get('shards')}, this run selects "
+                f"{self.identity['shards']}; resume without --fraction/--shards"
+            )
+        saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+        if len(saved) != len(engine.optimizers):
+            saved_kind = state.get("optimizer_kind", "adam")
+            raise CheckpointError(
+                f"{state['path']} was trained with optimizer {saved_kind}, this run resolves train.optimizer="
+                f"{self.config.train.optimizer} to {engine.optimizer_kind}; resume with train.optimizer={saved_kind}"
+            )
+        train_state = TrainState(
+            epoch=state["epoch"], step=state["step"], best_metric=state["best_metric"], best_epoch=state["best_epoch"],
+            last_eval_step=state.get("last_eval_step", state["step"]),
+            last_gain_step=state.get("last_gain_step", state["step"]),
+            gain_reference=state.get("gain_reference", state["best_metric"]),
+            elapsed=state.get("elapsed", 0.0), history=list(state["history"]),
+        )  # fmt: skip
+        engine.restore(state["model"], saved, state["scaler"], train_state)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            self.console.print(
+                f"notice: {state['path']} was trained by {saved_world} process(es), this run has "
+                f"{self.dist.world_size}: it continues, but not bit-identically to an uninterrupted run"
+            )
+
+    def checkpoint(self, finished: bool = False) -> dict:
+        engine, s = self.engine, self.engine.state
+        return {
+            "model": engine.model.state_dict(),
+            "model_config": engine.model_config.to_dict(),
+            "optimizer": [optimizer.state_dict() for optimizer in engine.optimizers],
+            "scaler": engine.scaler.state_dict(),
+            "epoch": s.epoch,
+            "step": s.step,
+            "best_metric": s.best_metric,
+            "best_epoch": s.best_epoch,
+            "last_eval_step": s.last_eval_step,
+            "last_gain_step": s.last_gain_step,
+            "gain_reference": s.gain_reference,
+            "elapsed": s.elapsed,
+            "history": s.history,
+            "world_size": self.dist.world_size,
+            "optimizer_kind": engine.optimizer_kind,
+            "validation_loss": engine.objective.validation_loss,
+            "config": json.loads(json.dumps(self.config.to_dict())),
+            "dataset": self.identity,
+            "mlflow_run_id": self.run_id,
+            "finished": finished,
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        c, run_dir = self.config, Path(self.config.run_dir)
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(run_dir / "config.yaml") as tmp:
+                tmp.write_text(dump_config(c))
+        with ExitStack() as stack:
+            for recorder in self.recorders:
+                stack.enter_context(recorder.recording(self))
+            world = f", {self.dist.world_size} processes ({self.dist.backend})" if self.dist.enabled else ""
+            self.console.print(
+                f"[bold]run {self.run_id}[/] on {self.device} ({c.train.precision}{world}); {self.data.meta['name']}: "
+                f"{len(self.engine.batches.users):,} training users, {self.data.num_items:,} items; "
+                f"{sum(p.numel() for p in self.engine.model.parameters()):,} parameters; run dir {run_dir}",
+                soft_wrap=True,
+            )
+            while not self.done:
+                self._epoch()
+            return self._finish()
+
+    @property
+    def done(self) -> bool:
+        """The epochs, the step budget, early stopping or the time budget ends the run."""
+        s, t, e = self.engine.state, self.config.train, self.config.eval
+        out_of_patience = s.step >= e.min_steps and s.step - s.last_gain_step >= e.patience_steps
+        out_of_time = t.max_minutes is not None and s.elapsed >= 60 * t.max_minutes
+        return s.epoch >= t.epochs or self.reached_max_steps or out_of_patience or out_of_time
+
+    @property
+    def reached_max_steps(self) -> bool:
+        return self.config.train.max_steps is not None and self.engine.state.step >= self.config.train.max_steps
+
+    def _epoch(self) -> None:
+        """One epoch, validated when it is `eval.every_steps` past the last validation or the run's last."""
+        c, s = self.config, self.engine.state
+        started = time.perf_counter()
+        remaining = None if c.train.max_steps is None else c.train.max_steps - s.step
+
+        def step_done(done: int, total: int, stats: dict) -> None:
+            for recorder in self.recorders:
+                recorder.step_done(self, done, total, stats)
+
+        record = {"epoch": s.epoch + 1, **self.engine.train_epoch(remaining, step_done)}
+        s.epoch += 1
+        record["step"] = s.step
+        if self.time_to_first_step is not None and s.epoch == 1:
+            record["time_to_first_step_s"] = self.time_to_first_step
+        budget = c.train.max_minutes
+        out_of_time = budget is not None and s.elapsed + time.perf_counter() - started >= 60 * budget
+        last = s.epoch == c.train.epochs or self.reached_max_steps or out_of_time
+        improved = False
+        if s.step - s.last_eval_step >= c.eval.every_steps or last:
+            improved, curve_seconds = self._validate(record)
+            started += curve_seconds  # the test curve is not part of the run's own time
+        s.elapsed += time.perf_counter() - started
+        record["elapsed_s"] = s.elapsed
+        s.history.append(record)
+        for recorder in self.recorders:
+            recorder.epoch_done(self, record, improved)
+
+    def _validate(self, record: dict) -> tuple[bool, float]:
+        """Validation metrics into `record` and the early-stopping state; (improved, seconds of the test curve)."""
+        c, s = self.config, self.engine.state
+        started = time.perf_counter()
+        metrics = self.evaluate(self.validator)
+        record["val_loss"] = metrics.pop("loss")
+        metrics.pop("users")
+        record.update({f"val_{k}": v for k, v in metrics.items()})
+        record["eval_seconds"] = time.perf_counter() - started
+        value = metrics[self.metric_name]
+        s.last_eval_step = s.step
+        improved = value > s.best_metric
+        if improved:
+            s.best_metric, s.best_epoch = value, s.epoch
+        if value >= s.gain_reference + c.eval.min_delta:
+            s.gain_reference, s.last_gain_step = value, s.step
+        if self.test_curve is None:
+            return improved, 0.0
+        curve_started = time.perf_counter()
+        record[f"curve_test_{self.metric_name}"] = self.evaluate(self.test_curve)[self.metric_name]
+        return improved, time.perf_counter() - curve_started
+
+    def evaluate(self, evaluator: Evaluator) -> dict:
+        """Every process scores its share of the users; the totals are summed, so all ranks agree."""
+        return evaluator.run(
+            self.engine.model, self.device, self.autocast_dtype, self.engine.objective.validation_loss,
+            part=(self.dist.rank, self.dist.world_size), all_reduce=self.dist.all_reduce_sum,
+        )  # fmt: skip
+
+    def _finish(self) -> TrainResult:
+        """Test the best weights; checkpoints then recorders keep the result (a recorder that fails leaves the
+        checkpoints unfinished, so --resume comes straight back to this step)."""
+        c, s, model = self.config, self.engine.state, self.engine.model
+        best_path = Path(c.run_dir) / BEST
+        if self.dist.is_main and best_path.is_file():
+            model.load_state_dict(load_checkpoint(best_path)["model"])
+        if self.dist.enabled:  # the best weights reach every rank without a shared file system
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        test = self.evaluate(self.evaluator("evaluation", tuple(c.eval.protocols)))
+        test_metrics = {f"test_{k}": v for k, v in test.items() if k != "users"}
+        if self.checkpoints is not None:
+            self.checkpoints.save_final(self, test_metrics, finished=True)
+            try:
+                for recorder in self.recorders:
+                    recorder.run_done(self, test_metrics)
+            except BaseException:
+                self.checkpoints.save_final(self, test_metrics, finished=False)
+                raise
+        return TrainResult(
+            run_id=self.run_id or "", run_dir=Path(c.run_dir), best_epoch=s.best_epoch, best_metric=s.best_metric,
+            epochs_run=s.epoch, test_metrics=test_metrics, history=s.history, is_main=self.dist.is_main,
+        )  # fmt: skip
+
+
+def train(config: RunConfig, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
+    """Train (or resume) a model as configured; returns the MLflow run id and test metrics of the best model."""
+    # the run folder is rank 0's: a second run on it is refused at once, before any setup or MLflow call
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock(config.run_dir, "train") if is_main else nullcontext():
+        finished = False
+        try:
+            result = Run(config, resume=resume, console=console).fit()
+            finished = True
+            return result
+        finally:
+            distributed.teardown(finished)
