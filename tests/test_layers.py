@@ -49,6 +49,21 @@ def test_attention_training_path_matches_sdpa_and_backpropagates():
     assert all(t.grad is not None and bool(t.grad.abs().sum() > 0) for t in (q, k, v))
 
 
+def test_attention_paths_agree_and_the_unfused_one_can_be_forced(monkeypatch):
+    """MOVIEREC_ATTENTION=unfused (layers.ATTENTION_PATH) forces the explicit math, which gpu_check times against
+    the fused kernel; without dropout both give the same output. CUDA training takes the fused kernel with
+    dropout_p (checked by bench/gpu_check.sh where a GPU is lent)."""
+    import movierec.models.layers as layers
+
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 1, 5, 4) for _ in range(3))
+    bias = attention_bias((torch.ones(5, 5, dtype=torch.bool).tril()).expand(2, 1, 5, 5))
+    fused = attention(q, k, v, bias, 0.0, training=True)
+    monkeypatch.setattr(layers, "ATTENTION_PATH", "unfused")
+    assert torch.allclose(attention(q, k, v, bias, 0.0, training=True), fused, atol=1e-6)
+    assert torch.allclose(attention(q, k, v, bias, 0.5, training=False), fused, atol=1e-6)
+
+
 ALLOCATION_LOOP = """
 import resource, sys, torch
 from movierec.training.engine import keep_freed_memory_on_cpu

@@ -7,6 +7,8 @@ passes few and in place where autograd allows.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -35,15 +37,26 @@ def attention_bias(allowed: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill_(~allowed, float("-inf"))
 
 
+# "auto": the fused kernel on CUDA always, on CPU without dropout; "unfused": the explicit math everywhere
+# (what bench/gpu_check.py times the fused kernel against). Set by MOVIEREC_ATTENTION, read at import.
+ATTENTION_PATH = os.environ.get("MOVIEREC_ATTENTION", "auto")
+
+
 def attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, dropout: float, training: bool
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d_head) + bias) v over (B, heads, L, d_head) tensors, with dropout on the
-    attention weights while training: what `F.scaled_dot_product_attention` computes with `dropout_p`,
-    whose CPU path for dropout is this same unfused math with a slower Bernoulli sampler. Without dropout it
-    is that fused kernel."""
-    if not training or dropout == 0:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype))
+    attention weights while training.
+
+    On CUDA this is `F.scaled_dot_product_attention` with `dropout_p`: its flash or memory-efficient kernels
+    never materialise the (L, L) weights. On CPU, training with dropout takes the unfused math below, which is
+    what SDPA's CPU path for dropout computes too, with a slower Bernoulli sampler; without dropout it is
+    the fused kernel.
+    """
+    fused = ATTENTION_PATH != "unfused" and (query.device.type == "cuda" or not training or dropout == 0)
+    if fused:
+        p = dropout if training else 0.0
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype), dropout_p=p)
     scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-2, -1)
     scores.add_(bias)  # in place: the product's backward does not need its output
     weights = torch.softmax(scores, dim=-1)
