@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from movierec.evaluation.evaluate import evaluate_checkpoint
+from movierec.models.base import ModelConfig
+from movierec.models.catalog import NOTHING_SEEN, CatalogScorer, length_sorted_batches
+from movierec.models.sse_pt import SSEPT
 from movierec.serving.loader import load_model
 
 # what the tiny `trained_run` model scored before evaluation and serving shared one scorer: they must not move
@@ -86,3 +91,85 @@ def test_recommendations_do_not_move(trained_run):
     result = rec.recommend_history([*PINNED_HISTORY, 999], 10)
     assert result.unknown_movie_ids == [999]
     assert_recommendations(result.recommendations, PINNED_HISTORY_TOP10)
+
+
+# --------------------------------------------------------------------------- the scorer against brute force
+
+NUM_ITEMS = 23
+SEQUENCES = np.array([[0, 0, 3, 5, 8], [0, 0, 0, 0, 2], [1, 4, 4, 9, 23]])  # left-padded inputs of three rows
+USERS = np.array([1, 0, 4])  # user 0: a person without a user embedding
+# (row, item): row 0 has seen 3, 5, 8; row 1 nothing; row 2 has seen 1, 4 (twice), 9, 23 and 12
+SEEN = (np.array([0, 0, 0, 2, 2, 2, 2, 2, 2]), np.array([3, 5, 8, 1, 4, 4, 9, 23, 12]))
+TARGETS = np.array([7, 2, 15])
+
+
+@pytest.fixture(scope="module")
+def model() -> SSEPT:
+    torch.manual_seed(0)
+    config = ModelConfig(num_users=4, num_items=NUM_ITEMS, max_len=5, d_item=8, d_user=4, dropout=0.0)
+    return SSEPT(config).eval()
+
+
+@pytest.fixture(scope="module")
+def full_scores(model) -> torch.Tensor:
+    """(rows, NUM_ITEMS + 1) scores of the whole catalogue in one piece; column 0 (padding) is -inf."""
+    with torch.inference_mode():
+        return model.next_item_scores(torch.from_numpy(SEQUENCES), torch.from_numpy(USERS))
+
+
+def without_seen(scores: torch.Tensor, seen=SEEN) -> torch.Tensor:
+    masked = scores.clone()
+    masked[torch.from_numpy(seen[0]), torch.from_numpy(seen[1])] = float("-inf")
+    return masked
+
+
+@pytest.mark.parametrize("item_chunk", [1, 7, 1000])
+@pytest.mark.parametrize("k", [1, 10, NUM_ITEMS])  # 10 and 23: k larger than a chunk of 1 or 7 items
+def test_top_k_is_torch_topk_of_the_whole_catalogue_without_seen_items(model, full_scores, item_chunk, k):
+    scorer = CatalogScorer(model, item_chunk)
+    with torch.inference_mode():
+        scores, items = scorer.top_k(scorer.queries(SEQUENCES, USERS), k, SEEN)
+    expected_scores, expected_items = torch.topk(without_seen(full_scores), k, dim=1)
+    finite = torch.isfinite(expected_scores)
+    assert torch.equal(torch.isfinite(scores), finite)
+    assert torch.equal(items[finite], expected_items[finite])
+    torch.testing.assert_close(scores[finite], expected_scores[finite])
+    assert finite.sum(1).tolist() == [min(k, NUM_ITEMS - 3), k, min(k, NUM_ITEMS - 5)]  # row 1 has seen nothing
+
+
+def test_top_k_without_seen_items_may_offer_every_item(model, full_scores):
+    scorer = CatalogScorer(model, 7)
+    with torch.inference_mode():
+        scores, items = scorer.top_k(scorer.queries(SEQUENCES, USERS), NUM_ITEMS, NOTHING_SEEN)
+    assert torch.isfinite(scores).all()
+    assert (items.sort(1).values == torch.arange(1, NUM_ITEMS + 1)).all()
+    torch.testing.assert_close(scores, full_scores[:, 1:].sort(1, descending=True).values)
+
+
+@pytest.mark.parametrize("item_chunk", [1, 7, 1000])
+def test_target_ranks_are_brute_force_ranks_and_the_log_partition_counts_every_item(model, full_scores, item_chunk):
+    scorer = CatalogScorer(model, item_chunk)
+    with torch.inference_mode():
+        ranks, log_partition = scorer.target_ranks(scorer.queries(SEQUENCES, USERS), TARGETS, SEEN)
+    rows = torch.arange(len(TARGETS))
+    target_scores = full_scores[rows, torch.from_numpy(TARGETS)]
+    competitors = without_seen(
+        full_scores, (np.concatenate([SEEN[0], rows.numpy()]), np.concatenate([SEEN[1], TARGETS]))
+    )
+    assert ranks.tolist() == (competitors >= target_scores[:, None]).sum(1).tolist()
+    torch.testing.assert_close(log_partition, torch.logsumexp(full_scores[:, 1:], dim=1))  # seen items included
+
+
+def test_queries_are_float32_last_positions_whatever_the_autocast(model):
+    with torch.inference_mode():
+        expected = model.queries(torch.from_numpy(SEQUENCES), torch.from_numpy(USERS), last_only=True)
+        plain = CatalogScorer(model).queries(SEQUENCES, USERS)
+        autocast = CatalogScorer(model, autocast_dtype=torch.bfloat16).queries(SEQUENCES, USERS)
+    torch.testing.assert_close(plain, expected)
+    assert plain.dtype == autocast.dtype == torch.float32 and autocast.shape == plain.shape
+
+
+def test_batches_group_rows_by_length_and_pad_to_the_longest_of_the_batch():
+    lengths = np.array([3, 0, 5, 1, 2])
+    batches = list(length_sorted_batches(np.array([0, 1, 2, 3]), lengths, 2, 4, lambda rows, width: (rows, width)))
+    assert [(rows.tolist(), inputs[1]) for rows, inputs in batches] == [([1, 3], 1), ([0, 2], 4)]  # row 4 not asked

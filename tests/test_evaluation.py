@@ -9,6 +9,7 @@ import torch
 from movierec.data.layout import load_sequences
 from movierec.data.prepare import Interactions, write_dataset
 from movierec.evaluation.evaluate import Evaluator
+from movierec.models.catalog import CatalogScorer
 from movierec.training.batches import TrainBatches
 
 
@@ -31,6 +32,9 @@ class TableModel:
         self.scores = scores
         self.config = type("Config", (), {"num_items": scores.shape[1] - 1})()
 
+    def score(self, queries, items):
+        return self.scores[queries.long().squeeze(1)].gather(1, items)
+
     def score_shared(self, queries, items):
         return self.scores[queries.long().squeeze(1)][:, items].clone()
 
@@ -49,10 +53,9 @@ def test_full_ranking_excludes_the_input_history_and_counts_ties_against_the_tar
         ],
         dtype=torch.float32,
     )
-    targets = torch.tensor(evaluator.targets)
-    target_scores = scores.gather(1, targets[:, None])[:, 0]
     queries = torch.arange(3, dtype=torch.float32)[:, None]
-    ranks, log_partition = evaluator._full_pass(TableModel(scores), queries, np.arange(3), targets, target_scores)
+    scorer = CatalogScorer(TableModel(scores), evaluator.item_chunk)
+    ranks, log_partition = scorer.target_ranks(queries, evaluator.targets, evaluator.history(np.arange(3)))
     assert ranks.tolist() == [1, 1, 0]
     torch.testing.assert_close(log_partition, torch.logsumexp(scores[:, 1:], dim=1))
 

@@ -26,6 +26,7 @@ from movierec.data.sequences import UserHistories, inputs_with_appended
 from movierec.errors import ConfigError
 from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
 from movierec.models.base import SequentialModel
+from movierec.models.catalog import CatalogScorer, SeenPairs, length_sorted_batches, row_item_pairs
 from movierec.models.sse_pt import bce_from_logits
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
@@ -94,18 +95,18 @@ class Evaluator:
     def batches(self, max_len: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows into the evaluated users, left-padded inputs), grouped by length for dynamic padding."""
         rows = np.arange(self.num_users) if rows is None else rows
-        rows = rows[np.argsort(self.lengths[rows], kind="stable")]
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            width = int(min(max_len, max(1, self.lengths[batch].max())))
+
+        def inputs(batch: np.ndarray, width: int) -> np.ndarray:
             appended = None if self.appended is None else self.appended[batch]
             data = self.data
-            yield batch, inputs_with_appended(data.train_items, data.train_offsets, self.users[batch], appended, width)
+            return inputs_with_appended(data.train_items, data.train_offsets, self.users[batch], appended, width)
 
-    def history(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return length_sorted_batches(rows, self.lengths, self.batch_size, max_len, inputs)
+
+    def history(self, rows: np.ndarray) -> SeenPairs:
         """(row in batch, item) of every item in the input histories of `rows` (training + appended)."""
         offsets, items = self.histories.gather(self.users[rows])
-        return np.repeat(np.arange(len(rows)), np.diff(offsets)), items
+        return row_item_pairs(items, offsets[:-1], np.diff(offsets))
 
     @torch.inference_mode()
     def run(
@@ -164,15 +165,13 @@ class Evaluator:
         """One batch of `batches()`: the 0-based rank of each user's target under every protocol, and the
         batch's mean validation loss (BCE vs one negative, or full CE)."""
         device = torch.device(device)
-        users = torch.from_numpy(self.users[rows]).to(device)
+        scorer = CatalogScorer(model, self.item_chunk, autocast_dtype)
+        queries = scorer.queries(sequences, self.users[rows])
         targets = torch.from_numpy(self.targets[rows]).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            queries = model.queries(torch.from_numpy(sequences).to(device), users, last_only=True)
-        queries = queries.float()
         target_scores = model.score(queries, targets[:, None])[:, 0]
         full_ranks, log_partition = None, None
         if "full" in self.protocols or loss != "bce":
-            full_ranks, log_partition = self._full_pass(model, queries, rows, targets, target_scores)
+            full_ranks, log_partition = scorer.target_ranks(queries, self.targets[rows], self.history(rows))
         if loss == "bce":
             negs = torch.from_numpy(self.negatives_for_loss(rows)).to(device)
             negative_scores = model.score(queries, negs[:, None])[:, 0]
@@ -182,7 +181,7 @@ class Evaluator:
         ranks = {}
         for protocol in self.protocols:
             if protocol == "full":
-                ranks[protocol] = full_ranks
+                ranks[protocol] = full_ranks.cpu().numpy()
             else:
                 negs = torch.from_numpy(self.negatives(protocol, rows)).to(device)
                 scores = model.score(queries, torch.cat([targets[:, None], negs], -1)).cpu().numpy()
@@ -191,37 +190,6 @@ class Evaluator:
 
     def negatives_for_loss(self, rows: np.ndarray) -> np.ndarray:
         return seeded_candidates(self.seen, self.users[rows], 1, self.seed, LOSS_STREAM)[:, 0]
-
-    def _full_pass(
-        self,
-        model: SequentialModel,
-        queries: torch.Tensor,
-        rows: np.ndarray,
-        targets: torch.Tensor,
-        target_scores: torch.Tensor,
-    ) -> tuple[np.ndarray, torch.Tensor]:
-        """Full-ranking ranks (history and target excluded, ties against the target) and the log-partition
-        over all items, computed chunk by chunk over the catalog."""
-        device = queries.device
-        hist_rows, hist_items = self.history(rows)
-        order = np.argsort(hist_items, kind="stable")
-        hist_rows, hist_items = hist_rows[order], hist_items[order]
-        ranks = torch.zeros(len(rows), dtype=torch.long, device=device)
-        log_partition = torch.full((len(rows),), float("-inf"), device=device)
-        row_index = torch.arange(len(rows), device=device)
-        num_items = model.config.num_items
-        for lo in range(1, num_items + 1, self.item_chunk):
-            hi = min(lo + self.item_chunk, num_items + 1)
-            scores = model.score_shared(queries, slice(lo, hi))
-            log_partition = torch.logaddexp(log_partition, torch.logsumexp(scores, dim=1))
-            a, b = np.searchsorted(hist_items, [lo, hi])
-            if b > a:
-                seen_rows = torch.from_numpy(hist_rows[a:b]).to(device)
-                scores[seen_rows, torch.from_numpy(hist_items[a:b] - lo).to(device)] = float("-inf")
-            inside = (targets >= lo) & (targets < hi)
-            scores[row_index[inside], targets[inside] - lo] = float("-inf")  # the target is not its own competitor
-            ranks += (scores >= target_scores[:, None]).sum(1)
-        return ranks.cpu().numpy(), log_partition
 
 
 def evaluate_checkpoint(

@@ -60,4 +60,4 @@ def attention(
     scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-2, -1)
     scores.add_(bias)  # in place: the product's backward does not need its output
     weights = torch.softmax(scores, dim=-1)
-    return fast_dropout(weights, dropout, True) @ value
+    return fast_dropout(weights, dropout, training) @ value

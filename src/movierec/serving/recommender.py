@@ -29,10 +29,11 @@ import pyarrow.parquet as pq
 import torch
 
 from movierec.data.layout import load_sequences, read_items
-from movierec.data.sequences import UserHistories, left_padded, ragged_indices
+from movierec.data.sequences import UserHistories, left_padded
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
 from movierec.models.base import SequentialModel
+from movierec.models.catalog import NOTHING_SEEN, CatalogScorer, length_sorted_batches, row_item_pairs
 from movierec.models.checkpoint import model_from_checkpoint, verify_dataset
 
 
@@ -116,7 +117,7 @@ class Recommender:
         self.genres = list(genres) if genres is not None else [None] * self.num_items
         self.histories = histories
         self.source, self.dataset_name, self.batch_size = source, dataset_name, batch_size
-        self.item_chunk = item_chunk
+        self.scorer = CatalogScorer(self.model, item_chunk)
         self._item_of = {int(m): i + 1 for i, m in enumerate(self.item_movie_ids)}
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
         self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
@@ -206,54 +207,21 @@ class Recommender:
 
         Scores of excluded items are -inf (drop them); rows are scored in length-sorted batches.
         """
-        rows_total = len(offsets) - 1
         lengths = np.diff(offsets)
-        order = np.argsort(lengths, kind="stable")
-        top_items = np.zeros((rows_total, k), dtype=np.int64)
-        top_scores = np.full((rows_total, k), -np.inf, dtype=np.float32)
-        model, max_len = self.model, self.config.max_len
-        device = next(model.parameters()).device
-        with self._lock, torch.inference_mode():
-            for start in range(0, rows_total, self.batch_size):
-                rows = order[start : start + self.batch_size]
-                starts, ends = offsets[rows], offsets[rows + 1]
-                width = int(min(max_len, max(1, (ends - starts).max())))
-                seqs, _ = left_padded(items, ends, starts, width)
-                batch_users = torch.from_numpy(users[rows]).to(device)
-                queries = model.queries(torch.from_numpy(seqs).to(device), batch_users, last_only=True)
-                seen = None
-                if exclude_seen:
-                    row_lengths = ends - starts
-                    seen = (np.repeat(np.arange(len(rows)), row_lengths), items[ragged_indices(starts, row_lengths)])
-                values, indices = self._chunked_top_k(queries, k, seen)
-                top_items[rows] = indices.cpu().numpy()
-                top_scores[rows] = values.cpu().numpy()
-        return top_items, top_scores
+        top_items = np.zeros((len(lengths), k), dtype=np.int64)
+        top_scores = np.full((len(lengths), k), -np.inf, dtype=np.float32)
 
-    def _chunked_top_k(
-        self, queries: torch.Tensor, k: int, seen: tuple[np.ndarray, np.ndarray] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, item ids) over the catalog scored `item_chunk` items at a time, a running top-k
-        keeping memory at (batch x chunk) whatever the number of items; `seen` (row, item) pairs are left out."""
-        device = queries.device
-        if seen is not None:
-            order = np.argsort(seen[1], kind="stable")
-            seen_rows, seen_items = seen[0][order], seen[1][order]
-        best_scores = torch.full((len(queries), k), -torch.inf, device=device)
-        best_items = torch.zeros((len(queries), k), dtype=torch.long, device=device)
-        for lo in range(1, self.num_items + 1, self.item_chunk):
-            hi = min(lo + self.item_chunk, self.num_items + 1)
-            scores = self.model.score_shared(queries, slice(lo, hi)).float()
-            if seen is not None:
-                a, b = np.searchsorted(seen_items, [lo, hi])
-                rows = torch.from_numpy(seen_rows[a:b]).to(device)
-                scores[rows, torch.from_numpy(seen_items[a:b] - lo).to(device)] = -torch.inf
-            values, indices = torch.topk(scores, min(k, hi - lo), dim=1)
-            merged_scores = torch.cat([best_scores, values], dim=1)
-            merged_items = torch.cat([best_items, indices + lo], dim=1)
-            best_scores, pick = torch.topk(merged_scores, k, dim=1)
-            best_items = merged_items.gather(1, pick)
-        return best_scores, best_items
+        def inputs(rows: np.ndarray, width: int) -> np.ndarray:
+            return left_padded(items, offsets[rows + 1], offsets[rows], width)[0]
+
+        batches = length_sorted_batches(np.arange(len(lengths)), lengths, self.batch_size, self.config.max_len, inputs)
+        with self._lock, torch.inference_mode():
+            for rows, sequences in batches:
+                seen = row_item_pairs(items, offsets[rows], lengths[rows]) if exclude_seen else NOTHING_SEEN
+                scores, indices = self.scorer.top_k(self.scorer.queries(sequences, users[rows]), k, seen)
+                top_items[rows] = indices.cpu().numpy()
+                top_scores[rows] = scores.cpu().numpy()
+        return top_items, top_scores
 
     def _to_recommendations(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         keep = np.isfinite(scores)
