@@ -58,3 +58,13 @@ def test_console_script_exit_code(tmp_path):
         check=False,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_prepare_help_lists_every_known_dataset(capsys):
+    from movierec.data.registry import RELEASES
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ["synthetic", "sasrec-text", "ml-1m-sasrec", *RELEASES]:
+        assert name in text, name

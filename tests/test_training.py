@@ -142,12 +142,15 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
     killed_at = load_checkpoint(run_dir)["epoch"]
     assert 2 <= killed_at < epochs, "the run should be killed mid-way"
     assert main(["train", "--resume", str(run_dir)]) == 0
-    resumed = load_checkpoint(run_dir / "best.ckpt")
+    resumed = load_checkpoint(run_dir / "last.ckpt")
     assert resumed["epoch"] == epochs and resumed["mlflow_run_id"]
-    reference_state = load_checkpoint(Path(reference.run_dir) / "best.ckpt")
+    reference_state = load_checkpoint(Path(reference.run_dir) / "last.ckpt")
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in reference_state["history"]]
-    for name, tensor in reference_state["model"].items():
-        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0)
+    for name in ("last.ckpt", "best.ckpt"):  # the last weights and the best ones, bit for bit
+        ours, theirs = load_checkpoint(run_dir / name), load_checkpoint(Path(reference.run_dir) / name)
+        assert ours["epoch"] == theirs["epoch"]
+        for key, tensor in theirs["model"].items():
+            torch.testing.assert_close(ours["model"][key], tensor, rtol=0, atol=0)
     out = capsys.readouterr().out
     assert "mlflow run id: " + resumed["mlflow_run_id"] in out
     # the resumed run continues the same MLflow run: one train_loss value per epoch
@@ -342,3 +345,66 @@ def test_evaluate_command(workspace, tmp_path, capsys):
     assert main(["evaluate", str(result.run_dir), "--data", str(workspace["other"])]) == 2
     assert "is not the dataset this model was trained on" in capsys.readouterr().err
     assert main(["evaluate", str(result.run_dir), "--protocol", "sampled-1000"]) == 2
+
+
+def test_schedules_follow_the_run_and_warn_when_a_setting_cannot_take_effect(workspace, capsys):
+    from movierec.training.config import resolve_schedule, run_length
+
+    config = load_config(None, ["train.epochs=null", "train.steps=400", "train.warmup_steps=5%",
+                                "eval.every_steps=10%", "eval.patience_steps=50%", "train.start_loss=bce",
+                                "train.start_loss_steps=25%", "train.loss=gbce"])  # fmt: skip
+    assert resolve_schedule(config, steps_per_epoch=4) == []
+    assert (config.train.warmup_steps, config.train.start_loss_steps) == (20, 100)
+    assert (config.eval.every_steps, config.eval.patience_steps) == (40, 200)
+    short = load_config(None, ["train.epochs=3", "train.warmup_steps=20", "train.start_loss=bce",
+                               "train.start_loss_steps=1200", "train.loss=gbce", "eval.every_steps=192"])  # fmt: skip
+    assert run_length(short, 16) == 48
+    warnings = resolve_schedule(short, steps_per_epoch=16)
+    assert len(warnings) == 4, warnings
+    assert "train.start_loss_steps 1200 is past the run's 48 steps, so train.loss gbce never starts" in warnings[0]
+    assert "the warm-up takes 20 of the run's 48 steps" in warnings[1]
+    assert "validates only 1 time(s) in 48 steps" in warnings[2]
+    assert "eval.patience_steps 5000 is not shorter than the run" in warnings[3]
+    for bad, message in [("train.warmup_steps=150%", "a share of the run like 6%"),
+                         ("train.warmup_steps=x%", "a share of the run like 6%"),
+                         ("train.steps=100", "one of them null")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])
+    # the run prints one warning line before training, and the length flags replace each other
+    args = [*cli_args(workspace, "warned", "train.warmup_steps=40%", epochs=1)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert [line.startswith("warning: the warm-up takes") for line in out.splitlines()].count(True) == 1
+    assert main([*cli_args(workspace, "by-steps", epochs=1), "--steps", "3"]) == 2  # --epochs and --steps
+    assert "give --epochs or --steps, not both" in capsys.readouterr().err
+
+
+def test_a_step_budget_trains_that_many_steps_whatever_the_epoch_size(workspace):
+    result = train(tiny_config(workspace, "steps", "train.epochs=null", "train.steps=10", epochs=None))
+    state = load_checkpoint(Path(result.run_dir) / "last.ckpt")
+    assert state["step"] == 10 and state["epoch"] == 3  # 4 steps per epoch: 4 + 4 + 2
+
+
+def test_last_ckpt_holds_the_last_weights_and_best_ckpt_the_best(workspace):
+    # lr 0.05 overshoots: validation peaks at epoch 3 of 4 (seeded, so every time)
+    result = train(tiny_config(workspace, "last-and-best", "eval.every_steps=4", "train.lr=0.05", epochs=4))
+    best = load_checkpoint(Path(result.run_dir) / "best.ckpt")
+    last = load_checkpoint(Path(result.run_dir) / "last.ckpt")
+    assert best["finished"] and last["finished"] and best["test_metrics"] == last["test_metrics"]
+    assert (result.best_epoch, best["epoch"], last["epoch"], last["step"]) == (3, 3, 4, 16)
+    assert all(not torch.equal(best["model"][k], last["model"][k]) for k in ("item_emb.weight", "pos_emb.weight"))
+    # the last weights are the ones the last epoch wrote: a resume of an unfinished copy would continue them
+    with pytest.raises(CheckpointError, match="from a finished run"):
+        train(tiny_config(workspace, "last-and-best", epochs=5), resume=result.run_dir)
+
+
+def test_the_gpu_metrics_notice_is_dropped_on_cpu_runs(workspace, caplog):
+    import logging
+
+    name = "mlflow.system_metrics.system_metrics_monitor"
+    with caplog.at_level(logging.INFO, logger=name):
+        train(tiny_config(workspace, "quiet", "tracking.system_metrics=true", "tracking.system_metrics_interval=0.5",
+                          epochs=1))  # fmt: skip
+    messages = [r.getMessage() for r in caplog.records if r.name == name]
+    assert "Started monitoring system metrics." in messages
+    assert not [m for m in messages if "GPU" in m], messages

@@ -35,9 +35,10 @@ def command(name: str, help_text: str, add_fn: Callable[[argparse.ArgumentParser
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dataset", required=True, help="synthetic, sasrec-text (with --name), ml-1m-sasrec, or a MovieLens release"
-    )
+    from movierec.data.registry import RELEASES
+
+    known = ["synthetic", "sasrec-text (with --name)", "ml-1m-sasrec", *RELEASES]
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(known)} (docs/data.md)")
     p.add_argument("--name", help="sasrec-text: the prepared dataset's name (its folder under --out)")
     p.add_argument("--out", default="data", type=Path, help="parent folder of the prepared dataset (default: data)")
     p.add_argument(
@@ -177,7 +178,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="a YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.d_item=100")
     p.add_argument("--data", help="a prepared dataset folder (data.path)")
-    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--epochs", type=int, help="train.epochs (the run's length in epochs; clears train.steps)")
+    p.add_argument("--steps", type=int, help="train.steps (the run's length in optimizer steps; clears train.epochs)")
     p.add_argument(
         "--batch-size", help="train.batch_size: a number, or auto (the largest that fits, from train.max_batch_size)"
     )
@@ -211,6 +213,7 @@ def config_from_args(args: argparse.Namespace):
     flags = {
         "data.path": args.data,
         "train.epochs": args.epochs,
+        "train.steps": args.steps,
         "train.batch_size": args.batch_size,
         "run_dir": args.run_dir,
         "train.seed": args.seed,
@@ -226,8 +229,13 @@ def config_from_args(args: argparse.Namespace):
         "train.max_steps": args.max_steps,
         "train.max_minutes": args.max_minutes,
     }
+    if args.epochs is not None and args.steps is not None:
+        raise ConfigError("give --epochs or --steps, not both: each sets the run's length")
+    # a length flag replaces the other kind of length, whichever the config file used
+    overrides = [*args.overrides, *(["train.steps=null"] if args.epochs is not None else []),
+                 *(["train.epochs=null"] if args.steps is not None else [])]  # fmt: skip
     if not args.resume:
-        return load_config(args.config, args.overrides, flags)
+        return load_config(args.config, overrides, flags)
     resumed = Path(args.resume)
     run_dir = resumed if resumed.is_dir() else resumed.parent  # where the run is now, if it moved
     if args.run_dir is not None and Path(args.run_dir).resolve() != run_dir.resolve():
@@ -237,7 +245,7 @@ def config_from_args(args: argparse.Namespace):
         )
     if not args.config:
         base = config_from_dict(load_checkpoint(args.resume)["config"])
-    config = load_config(args.config, args.overrides, flags, base=base)
+    config = load_config(args.config, overrides, flags, base=base)
     config.run_dir = str(run_dir)  # a resumed run writes to its own folder, whatever a --config file says
     return config
 

@@ -34,6 +34,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     previous checkpoint under `path` as it was (torch writes through a Python file, so the OS error surfaces
     as itself, see GuardedWriter)."""
     path = Path(path)
+    state = {k: v for k, v in state.items() if k not in ("format", "path")}  # a loaded checkpoint saves as it came
     try:
         with atomic_path(path) as tmp, GuardedWriter(tmp) as handle:
             torch.save({"format": FORMAT, **state}, handle)

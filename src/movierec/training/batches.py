@@ -47,6 +47,11 @@ class TrainBatches:
     def __len__(self) -> int:
         return int(np.ceil(len(self.users) / self.batch_size))
 
+    @staticmethod
+    def count(data: SequenceData, batch_size: int) -> int:
+        """Batches per epoch of `batch_size` (users with at least two training items), without building them."""
+        return int(np.ceil(np.count_nonzero(data.train_lengths >= 2) / batch_size))
+
     def plan(self, rng: np.random.Generator) -> list[np.ndarray]:
         """The users of each batch of one epoch, in training order (shuffled, length-bucketed)."""
         order = rng.permutation(len(self.users))

@@ -30,7 +30,10 @@ class DataConfig:
 
 @dataclass
 class TrainSection:
-    epochs: int = 200
+    # the run's length: epochs, or steps (optimizer steps, whatever the data's size: a recipe tuned in steps
+    # on one dataset keeps its schedule on another); set one and leave the other null
+    epochs: int | None = 200
+    steps: int | None = None
     # sequences per batch, or auto: the largest that fits, halving from max_batch_size on out-of-memory (CUDA;
     # on CPU the memory_limit_gb budget against a trial step's peak); the chosen size is written back here
     batch_size: int | str = 128
@@ -44,7 +47,7 @@ class TrainSection:
     # train the first `start_loss_steps` optimizer steps with `start_loss` instead of `loss`, then switch:
     # BCE leaves the popularity plateau that gbce and the softmax losses sit on for their first epochs
     start_loss: str | None = None
-    start_loss_steps: int = 0
+    start_loss_steps: int | str = 0  # steps, or "N%" of the run's steps (as warmup_steps, eval.*_steps)
     num_negatives: int = 256  # sampled-softmax: per batch; gbce: per sequence
     gbce_t: float = 0.75  # gbce calibration: 0 is plain BCE over the negatives, 1 fully calibrated (gSASRec's 0.75)
     negative_sampling: str = "uniform"  # sampled-softmax: uniform | popularity (with log-Q correction)
@@ -75,7 +78,7 @@ class TrainSection:
     # learning-rate schedule, a function of the optimizer step (so a resumed run continues it exactly):
     # linear warm-up from 0 over warmup_steps, then constant, or a cosine decay to lr x min_lr_ratio at the
     # last step (train.max_steps if set, else train.epochs x steps per epoch)
-    warmup_steps: int = 0
+    warmup_steps: int | str = 0
     lr_schedule: str = "constant"  # constant | cosine
     min_lr_ratio: float = 0.0
 
@@ -86,10 +89,11 @@ class EvalSection:
     # same on 600 users and on 6 million: validate at the end of the first epoch that is at least
     # every_steps steps past the previous validation; stop once patience_steps steps have passed without a
     # validation gain of at least min_delta (smaller gains still update best.ckpt), never before min_steps.
-    every_steps: int = 250
-    patience_steps: int = 5000
+    # Each of these is a number of steps or "N%" of the run's steps, resolved when the run starts.
+    every_steps: int | str = 250
+    patience_steps: int | str | None = 5000  # null: no early stopping (best.ckpt still keeps the best)
     min_delta: float = 0.001
-    min_steps: int = 0
+    min_steps: int | str = 0
     # also score the test split at each validation (eval.protocol only) for time-to-quality curves
     # (bench/time_to_quality.py); it never selects anything, and the elapsed-time clock pauses while it runs
     test_curve: bool = False
@@ -179,11 +183,11 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
             return None
         raise ConfigError(f"{name} needs a value, got null")
     concrete = [option for option in options if option is not type(None)]
-    if concrete == [int, str]:  # a size that may be `auto`
-        if value == "auto":
-            return value
+    if concrete == [int, str]:  # a size that may be `auto`, or steps that may be a share of the run
+        if isinstance(value, str) and (value == "auto" or value.strip().endswith("%")):
+            return value.strip()
         if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-            raise ConfigError(f"{name} must be a whole number or auto, got {value!r}")
+            raise ConfigError(f"{name} must be a whole number, or auto / N% where allowed, got {value!r}")
     kind = concrete[0]
     origin = typing.get_origin(kind)
     if origin in (tuple, list):
@@ -327,7 +331,8 @@ LIMITS: dict[str, Limit] = {
     "model.keep_user": Limit(0, 1, low_open=True),
     "model.keep_item": Limit(0, 1, low_open=True),
     "model.mask_prob": Limit(0, 1, low_open=True, high_open=True),
-    "train.epochs": Limit(1, 10**6),
+    "train.epochs": Limit(1, 10**6, null="the run's length is train.steps"),
+    "train.steps": Limit(1, 10**12, null="the run's length is train.epochs"),
     "train.batch_size": Limit(1, 2**20),
     "train.max_batch_size": Limit(1, 2**20),
     "train.memory_limit_gb": Limit(0, 2**20, low_open=True, null="resident + 90 % of the available memory"),
@@ -348,7 +353,7 @@ LIMITS: dict[str, Limit] = {
     "train.warmup_steps": Limit(0, 10**12),
     "train.min_lr_ratio": Limit(0, 1),
     "eval.every_steps": STEPS,
-    "eval.patience_steps": STEPS,
+    "eval.patience_steps": Limit(1, 10**12, null="no early stopping"),
     "eval.min_delta": Limit(0, 1),
     "eval.min_steps": Limit(0, 10**12),
     "eval.ks": Limit(1, 10_000),
@@ -363,15 +368,33 @@ LIMITS: dict[str, Limit] = {
 
 # the command-line flags of `movierec train` that set an option, named in its error message
 FLAGS = {
-    "train.epochs": "--epochs", "train.seed": "--seed", "train.batch_size": "--batch-size",
+    "train.epochs": "--epochs", "train.steps": "--steps", "train.seed": "--seed", "train.batch_size": "--batch-size",
     "train.max_steps": "--max-steps", "train.max_minutes": "--max-minutes", "data.fraction": "--fraction",
 }  # fmt: skip
 
 
+SHARE_OF_RUN = ("train.warmup_steps", "train.start_loss_steps", "eval.every_steps", "eval.patience_steps",
+                "eval.min_steps")  # options that may be "N%" of the run's steps  # fmt: skip
+
+
+def share_of_run(text: str, key: str) -> float:
+    """The fraction "N%" stands for (0 < N <= 100), or a one-line ConfigError naming `key`."""
+    try:
+        share = float(text.removesuffix("%")) / 100
+    except ValueError:
+        share = math.nan
+    if not (text.endswith("%") and 0 < share <= 1):
+        raise ConfigError(f"{key} must be a number of steps or a share of the run like 6%, got {text!r}")
+    return share
+
+
 def check_limits(config: RunConfig) -> None:
-    """Every numeric option within LIMITS (list elements each); `auto` where a size may be auto."""
+    """Every numeric option within LIMITS (list elements each); `auto` and "N%" where they are allowed."""
     for key, value in config.flat().items():
         limit = LIMITS.get(key)
+        if isinstance(value, str) and key in SHARE_OF_RUN:
+            share_of_run(value, key)
+            continue
         if limit is None or value is None or value == "auto":
             continue
         for element in value if isinstance(value, list | tuple) else [value]:
@@ -390,7 +413,8 @@ def validate(config: RunConfig) -> None:
         (m.kind in MODELS, f"model.kind must be one of {', '.join(sorted(MODELS))}, got {m.kind!r}"),
         (t.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}, got {t.loss!r}"),
         (
-            t.start_loss is None or (t.start_loss in LOSSES and t.start_loss_steps > 0),
+            t.start_loss is None or (t.start_loss in LOSSES and (isinstance(t.start_loss_steps, str)
+                                                                  or t.start_loss_steps > 0)),
             f"train.start_loss must be one of {', '.join(LOSSES)} with train.start_loss_steps > 0, "
             f"got {t.start_loss!r} for {t.start_loss_steps} steps",
         ),
@@ -401,6 +425,8 @@ def validate(config: RunConfig) -> None:
         (t.negative_sampling in ("uniform", "popularity"), "train.negative_sampling must be uniform or popularity"),
         (t.lr_scaling in LR_SCALINGS, f"train.lr_scaling must be one of {LR_SCALINGS}, got {t.lr_scaling!r}"),
         (t.batch_size == "auto" or isinstance(t.batch_size, int), "train.batch_size must be a whole number or auto"),
+        ((t.epochs is None) != (t.steps is None),
+         f"give the run's length as train.epochs or as train.steps, one of them null (got {t.epochs} and {t.steps})"),
         (t.optimizer in ("auto", "adam", "sparse-adam"),
          f"train.optimizer must be auto|adam|sparse-adam, got {t.optimizer!r}"),
         (not (t.optimizer == "sparse-adam" and "ce" in (t.loss, t.start_loss)),
@@ -420,6 +446,39 @@ def validate(config: RunConfig) -> None:
         model_class(m.kind).resolve(m)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def run_length(config: RunConfig, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: train.steps or train.epochs x steps per epoch, capped by train.max_steps."""
+    t = config.train
+    length = t.steps if t.steps is not None else t.epochs * steps_per_epoch
+    return min(length, t.max_steps) if t.max_steps is not None else length
+
+
+def resolve_schedule(config: RunConfig, steps_per_epoch: int) -> list[str]:
+    """Turn the "N%" options into steps of this run, in place (so config.yaml, MLflow and a resume hold steps),
+    and say which settings cannot take effect on a run this long: the warnings, one phrase each."""
+    t, e = config.train, config.eval
+    length = run_length(config, steps_per_epoch)
+    for key in SHARE_OF_RUN:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, str):
+            least = 1 if name in ("every_steps", "patience_steps") else 0
+            setattr(getattr(config, section), name, max(least, round(share_of_run(value, key) * length)))
+    warnings = []
+    if t.start_loss is not None and t.start_loss_steps >= length:
+        warnings.append(f"train.start_loss_steps {t.start_loss_steps} is past the run's {length} steps, so "
+                        f"train.loss {t.loss} never starts")  # fmt: skip
+    if t.warmup_steps > length / 3:
+        warnings.append(f"the warm-up takes {t.warmup_steps} of the run's {length} steps (over a third)")
+    validations = length // e.every_steps + (length % e.every_steps > 0)
+    if validations < 3:
+        warnings.append(f"eval.every_steps {e.every_steps} validates only {validations} time(s) in {length} steps")
+    if e.patience_steps is not None and e.patience_steps >= length:
+        warnings.append(f"eval.patience_steps {e.patience_steps} is not shorter than the run ({length} steps): "
+                        "early stopping cannot happen (null says so without a warning)")  # fmt: skip
+    return warnings
 
 
 def dump_config(config: RunConfig) -> str:

@@ -170,9 +170,13 @@ class Engine:
 
     @property
     def total_steps(self) -> int:
-        """The step a cosine schedule ends at: train.max_steps, else train.epochs full epochs."""
+        """The step a cosine schedule ends at: train.max_steps, else train.steps, else train.epochs full epochs."""
         t = self.config.train
-        return t.max_steps or t.epochs * (len(self.batches) // self.batches_per_step)
+        return t.max_steps or t.steps or t.epochs * self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batches) // self.batches_per_step
 
     def learning_rate(self, step: int) -> float:
         """train.lr x warm-up x schedule at optimizer step `step` (0-based): a pure function of the step."""

@@ -30,7 +30,8 @@ from movierec.files import FolderLock, atomic_path
 from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from movierec.training import batch_size, distributed
 from movierec.training.batch_size import BatchSizeChoice, choose_batch_size, memory_budget_bytes
-from movierec.training.config import RunConfig, dump_config
+from movierec.training.batches import TrainBatches
+from movierec.training.config import RunConfig, dump_config, resolve_schedule, run_length
 from movierec.training.engine import Engine, TrainState, keep_freed_memory_on_cpu, resolve_device, resolve_precision
 from movierec.training.init_from import InitRow, init_model, read_init_map, read_pretrained
 
@@ -91,7 +92,8 @@ def seconds_since_process_start() -> float:
 
 class CheckpointRecorder(Recorder):
     """`best.ckpt` (when validation improved) and `last.ckpt` (the commit point of a resume) after every epoch,
-    with `history.json`; at the end both hold the best weights, marked finished, with the test metrics."""
+    with `history.json`. At the end both are marked finished and carry the test metrics of the best weights:
+    `best.ckpt` holds the best weights, `last.ckpt` the last ones."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -104,11 +106,12 @@ class CheckpointRecorder(Recorder):
         with atomic_path(self.run_dir / "history.json") as tmp:
             tmp.write_text(json.dumps(run.engine.state.history, indent=1))
 
-    def save_final(self, run: Run, test_metrics: dict, finished: bool) -> None:
-        final = run.checkpoint(finished=finished)
-        final["test_metrics"] = test_metrics  # the run's result travels with its weights
+    def save_final(self, test_metrics: dict, finished: bool) -> None:
+        """Mark both checkpoints, as their epochs wrote them, finished (or not, when a recorder failed: --resume
+        then comes back to the final step); the run's result travels with the weights."""
         for name in (BEST, LAST):
-            save_checkpoint(self.run_dir / name, final)
+            state = load_checkpoint(self.run_dir / name)
+            save_checkpoint(self.run_dir / name, {**state, "finished": finished, "test_metrics": test_metrics})
 
 
 class ConsoleRecorder(Recorder):
@@ -249,6 +252,16 @@ class Run:
                 self._choose_batch_size()
                 choice = self.batch_size_choice
                 note(f"auto: {choice.size} (tried {choice.summary()}); train.lr {choice.lr:g}")
+        with self._stage("schedule") as note:
+            steps_per_epoch = TrainBatches.count(self.data, c.train.batch_size) // (
+                self.dist.world_size * c.train.grad_accumulation)  # fmt: skip
+            warnings = resolve_schedule(c, steps_per_epoch)
+            length = run_length(c, steps_per_epoch)
+            epochs = length / max(steps_per_epoch, 1)
+            note(f"{length:,} steps ({epochs:.1f} epochs of {steps_per_epoch:,}), warm-up {c.train.warmup_steps}, "
+                 f"validation every {c.eval.every_steps}, patience {c.eval.patience_steps}")  # fmt: skip
+        if warnings:
+            self.console.print(f"warning: {'; '.join(warnings)}", soft_wrap=True)
         torch.manual_seed(c.train.seed)
         with self._stage("model, optimizer and batches") as note:
             self.engine = Engine(c, self.data, self.seen, self.device, self.autocast_dtype, self.dist, use_scaler)
@@ -390,21 +403,30 @@ class Run:
 
     @property
     def done(self) -> bool:
-        """The epochs, the step budget, early stopping or the time budget ends the run."""
+        """The run's length (epochs or steps), early stopping or the time budget ends the run."""
         s, t, e = self.engine.state, self.config.train, self.config.eval
-        out_of_patience = s.step >= e.min_steps and s.step - s.last_gain_step >= e.patience_steps
+        patience = e.patience_steps
+        out_of_patience = patience is not None and s.step >= e.min_steps and s.step - s.last_gain_step >= patience
         out_of_time = t.max_minutes is not None and s.elapsed >= 60 * t.max_minutes
-        return s.epoch >= t.epochs or self.reached_max_steps or out_of_patience or out_of_time
+        return self.reached_length or out_of_patience or out_of_time
 
     @property
-    def reached_max_steps(self) -> bool:
-        return self.config.train.max_steps is not None and self.engine.state.step >= self.config.train.max_steps
+    def reached_length(self) -> bool:
+        """train.epochs epochs, or train.steps steps, or the train.max_steps cap."""
+        s, t = self.engine.state, self.config.train
+        return (t.epochs is not None and s.epoch >= t.epochs) or s.step >= self.steps_limit
+
+    @property
+    def steps_limit(self) -> float:
+        """The step budget: train.steps and train.max_steps, the smaller (inf when neither is set)."""
+        t = self.config.train
+        return min(x for x in (t.steps, t.max_steps, float("inf")) if x is not None)
 
     def _epoch(self) -> None:
         """One epoch, validated when it is `eval.every_steps` past the last validation or the run's last."""
         c, s = self.config, self.engine.state
         started = time.perf_counter()
-        remaining = None if c.train.max_steps is None else c.train.max_steps - s.step
+        remaining = None if self.steps_limit == float("inf") else int(self.steps_limit) - s.step
 
         def step_done(done: int, total: int, stats: dict) -> None:
             for recorder in self.recorders:
@@ -417,7 +439,7 @@ class Run:
             record["time_to_first_step_s"] = self.time_to_first_step
         budget = c.train.max_minutes
         out_of_time = budget is not None and s.elapsed + time.perf_counter() - started >= 60 * budget
-        last = s.epoch == c.train.epochs or self.reached_max_steps or out_of_time
+        last = self.reached_length or out_of_time
         improved = False
         if s.step - s.last_eval_step >= c.eval.every_steps or last:
             improved, curve_seconds = self._validate(record)
@@ -470,12 +492,12 @@ class Run:
         test = self.evaluate(self.evaluator("evaluation", tuple(c.eval.protocols)))
         test_metrics = {f"test_{k}": v for k, v in test.items() if k != "users"}
         if self.checkpoints is not None:
-            self.checkpoints.save_final(self, test_metrics, finished=True)
+            self.checkpoints.save_final(test_metrics, finished=True)
             try:
                 for recorder in self.recorders:
                     recorder.run_done(self, test_metrics)
             except BaseException:
-                self.checkpoints.save_final(self, test_metrics, finished=False)
+                self.checkpoints.save_final(test_metrics, finished=False)
                 raise
         return TrainResult(
             run_id=self.run_id or "", run_dir=Path(c.run_dir), best_epoch=s.best_epoch, best_metric=s.best_metric,

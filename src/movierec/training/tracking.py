@@ -4,6 +4,7 @@ lifecycle of a training run."""
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import signal
 import socket
@@ -282,6 +283,18 @@ def plot_curves(history: list[dict], path: Path, metric: str) -> Path:
     return path
 
 
+def _not_the_gpu_metrics_notice(record: logging.LogRecord) -> bool:
+    return "Skip logging GPU metrics" not in record.getMessage()
+
+
+def quiet_gpu_metrics_notice() -> None:
+    """MLflow's system-metrics monitor says at INFO level, on every run without a GPU, that it skips GPU
+    metrics: a line that tells a CPU user nothing. Drop that one line (its other messages stay)."""
+    logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    if _not_the_gpu_metrics_notice not in logger.filters:
+        logger.addFilter(_not_the_gpu_metrics_notice)
+
+
 def mlflow_key(name: str) -> str:
     """MLflow metric names may not contain '@'."""
     return name.replace("@", "_at_")
@@ -355,6 +368,8 @@ class MlflowRecorder(Recorder):
         experiment_id = self.experiment.result()
         mlflow.set_tracking_uri(self.experiment.uri)
         if c.tracking.system_metrics:
+            if self.run.device.type != "cuda":
+                quiet_gpu_metrics_notice()
             mlflow.set_system_metrics_sampling_interval(c.tracking.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
         return mlflow.start_run(
