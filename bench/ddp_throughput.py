@@ -21,44 +21,32 @@ not measured, only kept short. Nothing is asserted; the script prints one table 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("movierec") is None and (ROOT / "src" / "movierec").is_dir():
-    sys.path.insert(0, str(ROOT / "src"))  # not installed: src/ for this process and the runs it starts
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-CONFIG = ROOT / "configs" / "ml-1m-sse-pt.yaml"
-RECIPES = {  # the ML-1M recipes of bench/train_throughput.py, by short name
-    "sasrec": ["model.kind=sasrec", "model.d_item=50", "model.d_user=0", "train.loss=bce", "train.start_loss=null"],
-    "sse-pt": ["model.kind=sse-pt", "model.d_item=100", "model.d_user=50", "train.loss=bce", "train.start_loss=null"],
-}
+from common import (
+    ML1M_CONFIG,
+    ROOT,
+    cli,
+    is_prepared,
+    log,
+    machine,
+    machine_line,
+    parse_first_step,
+    parse_recipes,
+    run_child,
+)
+
 QUIET = [  # keep what follows the last step short; none of it is timed
     "eval.max_users=500",
     "eval.protocols=[sampled-uniform-100]",
     "tracking.log_model=false",
     "tracking.system_metrics=false",
 ]
-FIRST_STEP = re.compile(r"first optimizer step after\s+([0-9.]+)\s*s")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def load_average() -> str:
@@ -68,14 +56,6 @@ def load_average() -> str:
         return "?"
 
 
-def reason(output: str, limit: int = 200) -> str:
-    """One line saying why a child failed: its last error-looking line, else its last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"(Error|error:|Exception|CUDA|NCCL)", line)]
-    line = (errors or lines or ["no output"])[-1]
-    return line[:limit]
-
-
 def world_processes(world: int | str) -> int:
     """Training processes of a world: the number itself, or every visible GPU for "gpu"."""
     if world == "gpu":
@@ -83,33 +63,6 @@ def world_processes(world: int | str) -> int:
 
         return torch.cuda.device_count()
     return int(world)
-
-
-def train_command(
-    world: int | str,
-    *,
-    data: str | Path,
-    steps: int,
-    run_dir: Path,
-    tracking_uri: str,
-    overrides: list[str],
-    config: Path = CONFIG,
-    device: str | None = None,
-    precision: str | None = None,
-) -> list[str]:
-    """`movierec train` (world 1) or torchrun of it (world N or "gpu"), with `--max-steps steps`."""
-    if world == 1:
-        launcher = [sys.executable, "-m", "movierec"]
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-        launcher += ["-m", "movierec"]
-    command = [*launcher, "train", "--config", str(config), "--data", str(data), "--max-steps", str(steps)]
-    command += ["--run-dir", str(run_dir), "--tracking-uri", tracking_uri]
-    if device:
-        command += ["--device", device]
-    if precision:
-        command += ["--precision", precision]
-    return [*command, *QUIET, *overrides]
 
 
 def summarize(records: list[dict], skip_first: bool = False) -> dict:
@@ -135,46 +88,31 @@ def run_train(
     tracking_uri: str,
     overrides: list[str],
     threads: int | None = None,
-    config: Path = CONFIG,
+    config: Path = ML1M_CONFIG,
     device: str | None = None,
     precision: str | None = None,
     timeout: float | None = None,
     skip_first: bool = False,
 ) -> dict:
-    """Run one training job to its end; its history.json summarized, or `error` (one line) when it failed."""
-    overrides = list(overrides)
-    env = {**os.environ, "COLUMNS": "200"}
-    if threads:
-        overrides.append(f"train.num_threads={threads}")
-        env["OMP_NUM_THREADS"] = str(threads)
-    command = train_command(
-        world, data=data, steps=steps, run_dir=run_dir, tracking_uri=tracking_uri, overrides=overrides,
-        config=config, device=device, precision=precision,
-    )  # fmt: skip
+    """`movierec train --max-steps steps` (world 1) or torchrun of it (world N or "gpu"), run to its end: its
+    history.json summarized, or `error` (one line) when it failed."""
+    launcher = cli() if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         f"--nproc_per_node={world}", "-m", "movierec"]  # fmt: skip
+    command = [*launcher, "train", "--config", str(config), "--data", str(data), "--max-steps", str(steps),
+               "--run-dir", str(run_dir), "--tracking-uri", tracking_uri]  # fmt: skip
+    command += ["--device", device] if device else []
+    command += ["--precision", precision] if precision else []
+    command += [*QUIET, *overrides, *([f"train.num_threads={threads}"] if threads else [])]
     shutil.rmtree(run_dir, ignore_errors=True)  # a history.json left by an earlier run must not be read as this one's
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        return {"error": f"timed out after {timeout:.0f} s", "output": out, "wall_s": time.perf_counter() - started}
-    result = {"output": done.stdout + done.stderr, "wall_s": time.perf_counter() - started, "command": command}
-    if done.returncode:
-        result["error"] = f"exit {done.returncode}: {reason(result['output'])}"
-        return result
+    finished = run_child(command, timeout=timeout, env={"OMP_NUM_THREADS": str(threads)} if threads else None)
+    result = {"output": finished.output, "wall_s": finished.wall_s, "command": command}
     history = run_dir / "history.json"
-    if not history.is_file():
-        result["error"] = f"no {history} after a successful exit"
+    records = json.loads(history.read_text()) if finished.ok and history.is_file() else []
+    if not finished.ok or not records:
+        result["error"] = finished.why() if not finished.ok else f"no epoch in {history} after a successful exit"
         return result
-    records = json.loads(history.read_text())
-    if not records:
-        result["error"] = f"{history} is empty"
-        return result
-    result["records"] = records
-    result.update(summarize(records, skip_first))
-    match = FIRST_STEP.search(result["output"])
-    result["first_step_s"] = float(match.group(1)) if match else None
-    return result
+    first_step = parse_first_step(finished.output)
+    return {**result, "records": records, **summarize(records, skip_first), "first_step_s": first_step}
 
 
 def batch_size(config: Path, overrides: list[str]) -> tuple[int, int]:
@@ -193,57 +131,30 @@ def parse_worlds(text: str) -> list[int | str]:
         elif part.isdigit() and int(part) >= 1:
             worlds.append(int(part))
         else:
-            raise SystemExit(f"--worlds: {part!r} is neither a positive integer nor 'gpu'")
+            raise argparse.ArgumentTypeError(f"{part!r} is neither a positive integer nor 'gpu'")
     return worlds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="data/ml-1m-sasrec", help="a prepared dataset (default data/ml-1m-sasrec)")
-    parser.add_argument("--recipe", default="sse-pt", help=f"comma-separated: {', '.join(RECIPES)}")
-    parser.add_argument("--worlds", default="1,2", help="comma-separated world sizes; 'gpu' = all visible GPUs")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (--max-steps)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU cores to share out (default: all)")
-    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
-    parser.add_argument("--precision", default=None, help="fp32|fp16|bf16|auto (default: the config's, auto)")
-    parser.add_argument("--config", type=Path, default=CONFIG, help="run config (default configs/ml-1m-sse-pt.yaml)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    parser.add_argument("--skip-first-epoch", action="store_true", help="leave each run's first epoch (warm-up) out")
-    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
-    args = parser.parse_args()
-
-    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
-    if unknown := [r for r in recipes if r not in RECIPES]:
-        parser.error(f"--recipe: unknown {', '.join(unknown)}; known: {', '.join(RECIPES)}")
-    worlds = parse_worlds(args.worlds)
-    if not (Path(args.data) / "meta.json").is_file() and not (ROOT / args.data / "meta.json").is_file():
-        parser.error(f"--data {args.data}: not a prepared dataset (no meta.json); see `movierec prepare`")
-    cores = os.cpu_count() or 1
-    total_threads = args.threads or cores
-    on_cuda = args.device.startswith("cuda")
-    out = args.out or Path(tempfile.mkdtemp(prefix="movierec-ddp-"))
-    out.mkdir(parents=True, exist_ok=True)
+def measure(args: argparse.Namespace, out: Path) -> list[dict]:
+    """One row per (recipe, world): its run's tokens/s, and the speed-up over world 1 of the same recipe."""
     tracking_uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
-    load_before = load_average()
-
-    rows, failed = [], False
-    for recipe in recipes:
-        overrides = [*RECIPES[recipe], *args.set]
+    total_threads = args.threads or os.cpu_count() or 1
+    on_cuda = args.device.startswith("cuda")
+    rows = []
+    for recipe in args.recipe:
+        overrides = [*recipe.overrides, *args.set]
         per_rank, accumulation = batch_size(args.config, overrides)
-        for world in worlds:
+        for world in args.worlds:
             processes = world_processes(world)
             threads = None if on_cuda else max(1, total_threads // processes)
-            print(f"{recipe}: world {world} ({processes} processes) ...", file=sys.stderr, flush=True)
-            run_dir = out / f"{recipe}-w{world}"
+            log(f"{recipe.short}: world {world} ({processes} processes) ...")
             r = run_train(
-                world, data=args.data, steps=args.steps, run_dir=run_dir, tracking_uri=tracking_uri,
-                overrides=overrides, threads=threads, config=args.config, device=args.device,
-                precision=args.precision, timeout=args.timeout, skip_first=args.skip_first_epoch,
+                world, data=args.data, steps=args.steps, run_dir=out / f"{recipe.short}-w{world}",
+                tracking_uri=tracking_uri, overrides=overrides, threads=threads, config=args.config,
+                device=args.device, precision=args.precision, timeout=args.timeout, skip_first=args.skip_first_epoch,
             )  # fmt: skip
             row = {
-                "recipe": recipe,
+                "recipe": recipe.short,
                 "world": world,
                 "processes": processes,
                 "launcher": "movierec train" if world == 1 else "torchrun",
@@ -252,25 +163,20 @@ def main() -> None:
                 "wall_s": r["wall_s"],
             }
             if "error" in r:
-                failed = True
                 row["error"] = r["error"]
-                print(r.get("output", "")[-3000:], file=sys.stderr)
+                log(r["output"][-3000:])
             else:
                 row.update({k: r[k] for k in ("tokens_per_s", "steps", "epochs", "first_step_s")})
             rows.append(row)
-        mine = [row for row in rows if row["recipe"] == recipe]
+        mine = [row for row in rows if row["recipe"] == recipe.short]
         base = next((row["tokens_per_s"] for row in mine if row["processes"] == 1 and "error" not in row), None)
         for row in mine:
             row["speedup"] = row["tokens_per_s"] / base if base and "error" not in row else None
+    return rows
 
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    import torch
 
-    gpus = ""
-    if on_cuda and torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        gpus = f"; GPUs: {', '.join(names)}"
-    print(f"machine: {cpu_model()}, {cores} cores{gpus}; torch {torch.__version__}; {now}")
+def print_table(args: argparse.Namespace, rows: list[dict], info: dict, load_before: str) -> None:
+    print(f"machine: {machine_line(info)}")
     print(
         f"data {args.data}; config {args.config.name} + recipe overrides; --max-steps {args.steps} per run; "
         f"device {args.device}{', precision ' + args.precision if args.precision else ''}; "
@@ -289,10 +195,40 @@ def main() -> None:
             continue
         speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
         print(f"{head} {row['steps']} | {row['tokens_per_s']:,.0f} | {speedup} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/ml-1m-sasrec", help="a prepared dataset (default data/ml-1m-sasrec)")
+    parser.add_argument("--recipe", type=parse_recipes, default="sse-pt", help="comma-separated: sasrec, sse-pt")
+    parser.add_argument("--worlds", type=parse_worlds, default="1,2",
+                        help="comma-separated world sizes; 'gpu' = all visible GPUs")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (--max-steps)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU cores to share out (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
+    parser.add_argument("--precision", default=None, help="fp32|fp16|bf16|auto (default: the config's, auto)")
+    parser.add_argument("--config", type=Path, default=ML1M_CONFIG,
+                        help="run config (default configs/ml-1m-sse-pt.yaml)")  # fmt: skip
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    parser.add_argument("--skip-first-epoch", action="store_true", help="leave each run's first epoch (warm-up) out")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    args.data = next((d for d in (Path(args.data), ROOT / args.data) if is_prepared(d)), None) or parser.error(
+        f"--data {args.data}: not a prepared dataset (no meta.json); see `movierec prepare`"
+    )
+    out = args.out or Path(tempfile.mkdtemp(prefix="movierec-ddp-"))
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
+    rows = measure(args, out)
+    info = machine(with_gpus=args.device.startswith("cuda"))
+    print_table(args, rows, info, load_before)
     if args.json:
-        payload = {"machine": f"{cpu_model()}, {cores} cores", "date": now, "args": vars(args), "rows": rows}
+        chosen = {**vars(args), "recipe": [r.short for r in args.recipe]}
+        payload = {"machine": machine_line(info), "date": info["date"], "args": chosen, "rows": rows}
         args.json.write_text(json.dumps(payload, indent=1, default=str))
-    if failed:
+    if any("error" in row for row in rows):
         sys.exit(1)
 
 

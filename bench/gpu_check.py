@@ -4,10 +4,12 @@
     bash bench/gpu_check.sh --cpu --out /tmp/gc   # reduced CPU mode (forced when CUDA is unavailable), < 3 min
 
 Rows (column `check`):
-- `train-throughput`: the ML-1M recipes of bench/train_throughput.py (sasrec d 50, sse-pt 100+50) at fp32,
+- `train-throughput`: the ML-1M recipes (bench/common.py's RECIPES: sasrec d 50, sse-pt 100+50) at fp32,
   fp16 (autocast + GradScaler, what `train.precision=fp16` means here) and bf16: tokens/s, seconds per
   ML-1M pass and peak GPU memory (torch.cuda.max_memory_allocated), each in its own worker process
-  (3 warm-up steps, then one pass of 48 steps timed);
+  (bench/common.py's `time_steps`: 3 warm-up steps, then one pass of 48 steps timed); on CUDA each row says
+  its attention path, and sse-pt at fp16 and bf16 is timed twice: fused (`scaled_dot_product_attention`,
+  the default) and with MOVIEREC_ATTENTION=unfused (the explicit math) in its worker's environment;
 - `mlperf-throughput`: SSE-PT (configs/ml-20mx16x32-sse-pt.yaml) on an ml-20mx16x32-shaped file generated
   here: file 0 of `scaled_shape(--mlperf-fraction)`, the full 855,776-item catalog, at the same precisions;
 - `batch-size-auto`: `movierec train --batch-size auto --max-steps 1` of configs/ml-20mx16x32-sse-pt.yaml on
@@ -16,9 +18,10 @@ Rows (column `check`):
 - `torchrun-scaling`: `movierec train --max-steps S` of the SSE-PT recipe as one process and under
   `torchrun --nproc_per_node gpu` (every visible GPU, nccl), tokens/s of each from history.json and the
   ratio (bench/ddp_throughput.py does the runs; the per-rank batch stays 128, so the global batch grows);
-- `time-to-quality`: `movierec train --config configs/ml-1m-sse-pt.yaml` on CUDA until it ends or the
-  budget left runs out (then stopped, and `movierec evaluate` scores its best checkpoint): wall time,
-  epochs, test NDCG@10 with 100 uniform negatives and whether it reached 0.62.
+- `time-to-quality`: bench/time_to_quality.py's `movierec train --config configs/ml-1m-sse-pt.yaml` on CUDA
+  with the budget left as its time budget (train.max_minutes, less a margin for its set-up and its test):
+  wall time, epochs, the test NDCG@10 (100 uniform negatives) of its best weights as best.ckpt keeps it, and
+  whether it reached 0.62.
 
 A row that fails reads FAILED with a one-line reason (its output is kept under OUT/logs); the others still
 run, and the script exits 1 if any row failed. `--cpu` (forced, with a line saying so, when CUDA is not
@@ -33,40 +36,41 @@ without any of them the ML-1M rows are SKIPPED (say so, and carry data/ to the G
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
-import importlib.util
 import json
-import os
-import platform
 import re
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-if importlib.util.find_spec("movierec") is None and (ROOT / "src" / "movierec").is_dir():
-    # not installed (a bare python3 with PyTorch, e.g. a GPU machine's): src/ for this process and its children
-    sys.path.insert(0, str(ROOT / "src"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+import ddp_throughput as ddp  # the torchrun runs
+import time_to_quality as ttq  # the time-to-quality run and its result
+from common import (
+    ML1M_CONFIG,
+    RECIPES,
+    ROOT,
+    cli,
+    is_fresh,
+    is_prepared,
+    log,
+    machine,
+    prepare_command,
+    run_child,
+    run_worker,
+    steps_job,
+    time_job,
+    work,
+)
 
-import ddp_throughput as ddp  # noqa: E402  (bench/ddp_throughput.py: the torchrun runs)
-
-ML1M_CONFIG = ROOT / "configs" / "ml-1m-sse-pt.yaml"
 MLPERF_CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
 SYNTHETIC_CONFIG = ROOT / "configs" / "synthetic.yaml"
 SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m-sasrec" / "ml-1m.txt"
-RECIPES = {"sasrec (d 50)": ddp.RECIPES["sasrec"], "sse-pt (100+50)": ddp.RECIPES["sse-pt"]}
 CHECKS = ("train-throughput", "mlperf-throughput", "batch-size-auto", "torchrun-scaling", "time-to-quality")
 TARGET = 0.62
-TARGET_METRIC = "sampled-uniform-100/ndcg@10"
 QUIET = ["tracking.log_model=false", "tracking.system_metrics=false"]
-RESULT = "gpu_check result: "  # a worker's line per job: this prefix, then its JSON
-SETUP_EVAL = ["eval.max_users=500"]  # throughput workers build a validator they never run: keep it small
+ATTENTION_CASES = {"auto": "fused attention (auto)", "unfused": "unfused attention (MOVIEREC_ATTENTION=unfused)"}
 
 
 @dataclasses.dataclass
@@ -76,6 +80,7 @@ class Mode:
     cpu: bool
     device: str
     precisions: list[str]
+    unfused_precisions: list[str]  # the sse-pt recipe is also timed with MOVIEREC_ATTENTION=unfused at these
     threads: int | None  # torch threads per process (CPU mode: 1, the machine may be busy)
     warmup: int
     steps: int  # timed steps of a throughput row (ML-1M: 48 = one pass)
@@ -89,19 +94,21 @@ class Mode:
     worker_cap_s: float  # timeout of one throughput worker
     run_cap_s: float  # timeout of one torchrun-scaling run
     quality_reserve_s: float  # kept for the time-to-quality row while the others run
+    quality_overhead_s: float  # of the time-to-quality run's cap, what is left for its set-up and its test
     shared_worker: bool  # all throughput jobs in one worker process (CPU mode: saves process starts)
 
 
 GPU_MODE = Mode(
-    cpu=False, device="cuda", precisions=["fp32", "fp16", "bf16"], threads=None, warmup=3, steps=48,
-    recipe_overrides=[], mlperf_fraction=0.1, mlperf_items=855_776, mlperf_steps=20, mlperf_overrides=[],
-    ddp_world="gpu", ddp_steps=144, worker_cap_s=120, run_cap_s=150, quality_reserve_s=120, shared_worker=False,
+    cpu=False, device="cuda", precisions=["fp32", "fp16", "bf16"], unfused_precisions=["fp16", "bf16"],
+    threads=None, warmup=3, steps=48, recipe_overrides=[], mlperf_fraction=0.1, mlperf_items=855_776,
+    mlperf_steps=20, mlperf_overrides=[], ddp_world="gpu", ddp_steps=144, worker_cap_s=120, run_cap_s=150,
+    quality_reserve_s=120, quality_overhead_s=45, shared_worker=False,
 )  # fmt: skip
 CPU_MODE = Mode(
-    cpu=True, device="cpu", precisions=["fp32", "bf16"], threads=1, warmup=1, steps=2,
+    cpu=True, device="cpu", precisions=["fp32", "bf16"], unfused_precisions=[], threads=1, warmup=1, steps=2,
     recipe_overrides=["model.max_len=50", "train.batch_size=64"], mlperf_fraction=1e-3, mlperf_items=100_000,
     mlperf_steps=2, mlperf_overrides=["train.batch_size=32", "model.max_len=50"], ddp_world=2, ddp_steps=3,
-    worker_cap_s=60, run_cap_s=90, quality_reserve_s=30, shared_worker=True,
+    worker_cap_s=60, run_cap_s=90, quality_reserve_s=30, quality_overhead_s=20, shared_worker=True,
 )  # fmt: skip
 
 
@@ -127,7 +134,7 @@ class Check:
         self.out: Path = args.out
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.tracking_uri = f"sqlite:///{(self.out / 'mlflow.db').resolve()}"
+        self.tracking_uri = f"sqlite:///{(self.out / 'mlflow.db').resolve()}"  # for the `movierec train` runs
 
     def remaining(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.started)
@@ -159,48 +166,6 @@ class Check:
         return any(row.status == "FAILED" for row in self.rows)
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _rate(value: float | None) -> str:
-    return f"{value:,.0f}" if value is not None else ""
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "movierec", *args]
-
-
-def run(command: list[str], timeout: float | None, env: dict | None = None) -> tuple[int | str, str, float]:
-    """(exit status or 'timeout', merged output, seconds) of a child run from the repository root."""
-    started = time.perf_counter()
-    env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        parts = [p.decode(errors="replace") if isinstance(p, bytes) else (p or "") for p in (exc.stdout, exc.stderr)]
-        return "timeout", "".join(parts), time.perf_counter() - started
-    return done.returncode, done.stdout + done.stderr, time.perf_counter() - started
-
-
-# --------------------------------------------------------------------------- the machine
-
-
-def machine(mode: Mode) -> dict:
-    import torch
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if not mode.cpu else []
-    return {
-        "gpus": gpus,
-        "cpu": ddp.cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
 def cuda_status() -> str | None:
     """None when CUDA can be used, else why not (one line)."""
     import torch
@@ -218,40 +183,36 @@ def cuda_status() -> str | None:
 # --------------------------------------------------------------------------- data
 
 
-def prepared(folder: Path) -> bool:
-    return (folder / "meta.json").is_file()
+def prepare_into(check: Check, name: str, command: list[str], target: Path, timeout: float | None) -> str:
+    """Run a `movierec prepare` command that writes `target`: "" when it did, else why not (its output kept)."""
+    finished = run_child(command, timeout=timeout)
+    if finished.ok and is_prepared(target):
+        return ""
+    check.keep_log(f"prepare-{name}", finished.output)
+    return f"preparing {name} failed: {finished.why()}"
 
 
 def ml1m_data(check: Check) -> tuple[Path | None, str]:
-    """(prepared ML-1M folder or None, where it came from / why it is missing)."""
-    for candidate in [check.args.ml1m] if check.args.ml1m else [ROOT / "data" / "ml-1m-sasrec"]:
-        if candidate and prepared(Path(candidate)):
-            return Path(candidate), "ML-1M"
+    """(prepared ML-1M folder or None, why it is missing)."""
     target = check.out / "data" / "ml-1m-sasrec"
-    if prepared(target):
-        return target, "ML-1M"
+    for folder in (Path(check.args.ml1m or ROOT / "data" / "ml-1m-sasrec"), target):
+        if is_prepared(folder):
+            return folder, ""
     if not SHARED_ML1M.is_file():
         return None, f"no prepared ML-1M (data/ml-1m-sasrec or --ml1m) and no {SHARED_ML1M}"
     log(f"preparing ML-1M from {SHARED_ML1M}")
-    status, output, _ = run(
-        cli("prepare", "--dataset", "ml-1m-sasrec", "--input", str(SHARED_ML1M), "--out", str(check.out / "data")),
-        timeout=300,
-    )
-    if status != 0 or not prepared(target):
-        check.keep_log("prepare-ml-1m", output)
-        return None, f"preparing ML-1M failed ({status}): {ddp.reason(output)}"
-    return target, "ML-1M"
+    command = cli("prepare", "--dataset", "ml-1m-sasrec", "--input", str(SHARED_ML1M), "--out", str(target.parent))
+    why = prepare_into(check, "ML-1M", command, target, timeout=300)
+    return (None, why) if why else (target, "")
 
 
 def synthetic_data(check: Check) -> tuple[Path | None, str]:
     target = check.out / "data" / "synthetic"
-    if prepared(target):
-        return target, "synthetic"
-    status, output, _ = run(cli("prepare", "--dataset", "synthetic", "--out", str(check.out / "data")), timeout=120)
-    if status != 0 or not prepared(target):
-        check.keep_log("prepare-synthetic", output)
-        return None, f"preparing synthetic data failed ({status}): {ddp.reason(output)}"
-    return target, "synthetic"
+    if is_prepared(target):
+        return target, ""
+    command = cli("prepare", "--dataset", "synthetic", "--out", str(target.parent))
+    why = prepare_into(check, "synthetic data", command, target, timeout=120)
+    return (None, why) if why else (target, "")
 
 
 def mlperf_data(check: Check) -> tuple[Path | None, str, float]:
@@ -266,81 +227,15 @@ def mlperf_data(check: Check) -> tuple[Path | None, str, float]:
         generate_mlperf_files(source, scaled_shape(mode.mlperf_fraction, mode.mlperf_items), files=[0])
     except Exception as exc:
         return None, f"generating the ml-20mx16x32-shaped file failed: {exc}", time.perf_counter() - started
-    newest_input = max((p.stat().st_mtime for p in source.iterdir() if p.is_file()), default=0)
-    if prepared(target) and (target / "meta.json").stat().st_mtime >= newest_input:
-        return target, "", time.perf_counter() - started
-    command = cli("prepare", "--dataset", "ml-20mx16x32", "--input", str(source), "--out", str(out), "--overwrite")
-    status, output, _ = run(command, timeout=check.timeout(300, keep=mode.quality_reserve_s))
-    if status != 0 or not prepared(target):
-        check.keep_log("prepare-mlperf", output)
-        return None, f"preparing the ml-20mx16x32-shaped file failed ({status}): {ddp.reason(output)}", 0.0
+    if not is_fresh(target, source):
+        command = prepare_command("ml-20mx16x32", source, out)
+        timeout = check.timeout(300, keep=mode.quality_reserve_s)
+        if why := prepare_into(check, "the ml-20mx16x32-shaped file", command, target, timeout):
+            return None, why, 0.0
     return target, "", time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- throughput (worker processes)
-
-
-def throughput_job(spec: dict) -> dict:
-    """Build the Trainer, warm up, time `steps` optimizer steps; peak memory of this job."""
-    import resource
-
-    import torch
-
-    from movierec.training.config import load_config
-    from movierec.training.engine import Engine
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    config = load_config(spec["config"], spec["overrides"])
-    config.data.path = spec["data"]
-    trainer = Engine.from_config(config)
-    if trainer.device.type != spec["device"]:
-        raise RuntimeError(f"the trainer chose {trainer.device}, expected {spec['device']}")
-    on_cuda = trainer.device.type == "cuda"
-    trainer.train_epoch(max_steps=spec["warmup"])  # allocator, kernels, cuBLAS handles
-    if on_cuda:
-        torch.cuda.synchronize()
-    stats = trainer.train_epoch(max_steps=spec["steps"])  # every step ends in loss.item(): synchronised
-    per_pass = len(trainer.batches) // trainer.batches_per_step
-    return {
-        "tokens_per_s": stats["tokens_per_s"],
-        "sequences_per_s": stats["sequences_per_s"],
-        "steps": stats["steps"],
-        "steps_per_pass": per_pass,
-        "s_per_pass": stats["seconds"] / max(stats["steps"], 1) * per_pass,
-        "peak_gpu_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if on_cuda else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "device": str(trainer.device),
-        "gpu": torch.cuda.get_device_name(trainer.device) if on_cuda else None,
-        "autocast": str(trainer.autocast_dtype).removeprefix("torch.") if trainer.autocast_dtype else "none",
-        "grad_scaler": trainer.scaler.is_enabled(),
-        "optimizer": trainer.optimizer_kind,
-        "num_items": trainer.data.num_items,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def throughput_worker(specs: list[dict]) -> None:
-    """The worker process: each job in turn, one RESULT line each (an `error` when the job raised)."""
-    import gc
-
-    import torch
-
-    for index, spec in enumerate(specs):
-        started = time.perf_counter()
-        try:
-            result = throughput_job(spec)
-        except Exception as exc:  # reported as that row's failure; the next job still runs
-            import traceback
-
-            traceback.print_exc()
-            result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
-        result.update(index=index, seconds=time.perf_counter() - started)
-        print(RESULT + json.dumps(result), flush=True)
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
 
 
 @dataclasses.dataclass
@@ -356,18 +251,12 @@ class Job:
     precision: str
     steps: int
     fraction: float | None = None  # the data is this fraction of ml-20mx16x32 file 0: extrapolate a pass of it
+    attention: str = "auto"  # MOVIEREC_ATTENTION of its worker process
 
     def spec(self, mode: Mode) -> dict:
-        overrides = [*self.overrides, *SETUP_EVAL, *QUIET, f"train.precision={self.precision}"]
-        return {
-            "config": str(self.config),
-            "data": str(self.data),
-            "overrides": [*overrides, f"train.device={mode.device}"],
-            "threads": mode.threads,
-            "device": mode.device,
-            "warmup": mode.warmup,
-            "steps": self.steps,
-        }
+        threads = [f"train.num_threads={mode.threads}"] if mode.threads else []
+        overrides = [*self.overrides, *threads, f"train.precision={self.precision}", f"train.device={mode.device}"]
+        return steps_job(self.config, self.data, overrides, mode.warmup, self.steps)
 
 
 def precision_label(precision: str) -> str:
@@ -382,6 +271,8 @@ def job_row(check: Check, job: Job, r: dict | None, why: str) -> Row:
         return dataclasses.replace(row, status="FAILED", detail=r["error"] if r else why)
     if job.precision == "fp16" and mode.device == "cuda" and not r["grad_scaler"]:
         return dataclasses.replace(row, status="FAILED", detail="fp16 ran without a GradScaler")
+    if r["attention"] != job.attention:
+        return dataclasses.replace(row, status="FAILED", detail=f"the worker saw MOVIEREC_ATTENTION={r['attention']}")
     peak = r["peak_gpu_mib"] if r["peak_gpu_mib"] is not None else r["peak_rss_mib"]
     detail = f"{r['steps']} steps of {r['steps_per_pass']}/pass, autocast {r['autocast']}, {r['optimizer']}"
     if r["grad_scaler"]:
@@ -397,13 +288,15 @@ def job_row(check: Check, job: Job, r: dict | None, why: str) -> Row:
 
 
 def run_jobs(check: Check, jobs: list[Job | Row]) -> None:
-    """Measure the jobs, each in its own worker process (CPU mode: all in one, to save process starts).
-
-    Rows given as such (skipped before they could run) are taken as they are; the table keeps the order.
-    """
+    """Measure the jobs, each in its own worker process (CPU mode: all of one attention path in one, to save
+    process starts). Rows given as such (skipped before they could run) are taken as they are; the table
+    keeps the order."""
     mode = check.mode
     pending = [j for j in jobs if isinstance(j, Job)]
-    groups = [pending] if mode.shared_worker and pending else [[j] for j in pending]
+    if mode.shared_worker:
+        groups = [[j for j in pending if j.attention == path] for path in dict.fromkeys(j.attention for j in pending)]
+    else:
+        groups = [[j] for j in pending]
     done: dict[int, Row] = {}
     for group in groups:
         timeout = check.timeout(mode.worker_cap_s * len(group), keep=mode.quality_reserve_s)
@@ -412,32 +305,31 @@ def run_jobs(check: Check, jobs: list[Job | Row]) -> None:
                 row = Row(job.kind, job.label, job.case, precision_label(job.precision), status="SKIPPED")
                 done[id(job)] = check.note(dataclasses.replace(row, detail="out of budget"))
             continue
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-        command.append(json.dumps([job.spec(mode) for job in group]))
-        status, output, _ = run(command, timeout)
+        env = {"MOVIEREC_ATTENTION": group[0].attention}
+        finished, results = run_worker(__file__, [job.spec(mode) for job in group], timeout, env)
         names = "-".join(f"{j.kind}-{j.case}-{j.precision}" for j in group) if len(group) == 1 else "throughput-worker"
-        check.keep_log(names, output)
-        results = {}
-        for line in output.splitlines():
-            if line.startswith(RESULT):
-                r = json.loads(line[len(RESULT) :])
-                results[r["index"]] = r
-        why = f"timed out after {timeout:.0f} s" if status == "timeout" else f"exit {status}: {ddp.reason(output)}"
-        for index, job in enumerate(group):
-            done[id(job)] = check.note(job_row(check, job, results.get(index), why))
+        check.keep_log(names, finished.output)
+        for job, result in zip(group, results, strict=True):
+            done[id(job)] = check.note(job_row(check, job, result, finished.why()))
     check.rows.extend(done[id(j)] if isinstance(j, Job) else j for j in jobs)
 
 
 def train_throughput_jobs(check: Check, data: Path | None, label: str, why: str) -> list[Job | Row]:
+    """The ML-1M recipes at every precision; on CUDA, each row says its attention path, and the sse-pt recipe
+    is timed again with the unfused attention math at `mode.unfused_precisions`."""
     mode, jobs = check.mode, []
-    for case, overrides in RECIPES.items():
+    for recipe in RECIPES.values():
         for precision in mode.precisions:
-            if data is None:
-                row = Row("train-throughput", label, case, precision_label(precision), status="SKIPPED", detail=why)
-                jobs.append(check.note(row))
-                continue
-            jobs.append(Job("train-throughput", data, label, case, ML1M_CONFIG, [*overrides, *mode.recipe_overrides],
-                            precision, mode.steps))  # fmt: skip
+            compared = recipe.short == "sse-pt" and precision in mode.unfused_precisions
+            for path in ("auto", "unfused") if compared else ("auto",):
+                case = recipe.name if mode.cpu else f"{recipe.name}, {ATTENTION_CASES[path]}"
+                if data is None:
+                    row = Row("train-throughput", label, case, precision_label(precision), status="SKIPPED", detail=why)
+                    jobs.append(check.note(row))
+                    continue
+                overrides = [*recipe.overrides, *mode.recipe_overrides]
+                jobs.append(Job("train-throughput", data, label, case, ML1M_CONFIG, overrides, precision, mode.steps,
+                                attention=path))  # fmt: skip
     return jobs
 
 
@@ -467,13 +359,13 @@ def batch_size_row(check: Check, data: Path | None, why: str) -> None:
         "--device", check.mode.device, "--run-dir", str(check.out / "runs" / "batch-size-auto"), "--tracking-uri",
         check.tracking_uri, "eval.max_users=100", "tracking.log_model=false", *overrides,
     )  # fmt: skip
-    status, output, seconds = run(command, timeout=check.timeout(240, keep=check.mode.quality_reserve_s))
-    found = re.search(r"setup batch size: auto: (\d+) \(tried (.*?)\); train\.lr", output.replace("\n", " "))
-    if status != 0 or not found:
-        check.keep_log("batch-size-auto", output)
-        check.add(Row("batch-size-auto", label, case, status="FAILED", detail=f"exit {status}: {ddp.reason(output)}"))
+    finished = run_child(command, timeout=check.timeout(240, keep=check.mode.quality_reserve_s))
+    found = re.search(r"setup batch size: auto: (\d+) \(tried (.*?)\); train\.lr", finished.output.replace("\n", " "))
+    if not finished.ok or not found:
+        check.keep_log("batch-size-auto", finished.output)
+        check.add(Row("batch-size-auto", label, case, status="FAILED", detail=finished.why()))
         return
-    detail = f"chose {found.group(1)} in {seconds:.0f} s; tried {found.group(2)}"
+    detail = f"chose {found.group(1)} in {finished.wall_s:.0f} s; tried {found.group(2)}"
     check.add(Row("batch-size-auto", label, case, detail=detail, values={"batch_size": int(found.group(1))}))
 
 
@@ -490,7 +382,7 @@ def torchrun_rows(check: Check, data: Path | None, label: str, why: str) -> None
         for case, _ in cases:
             check.add(Row("torchrun-scaling", label, case, precision, status="SKIPPED", detail=why))
         return
-    overrides = [*RECIPES["sse-pt (100+50)"], *mode.recipe_overrides]
+    overrides = [*RECIPES["sse-pt"].overrides, *mode.recipe_overrides]
     per_rank, accumulation = ddp.batch_size(ML1M_CONFIG, overrides)
     results = []
     for case, w in cases:
@@ -539,94 +431,52 @@ def torchrun_rows(check: Check, data: Path | None, label: str, why: str) -> None
 # --------------------------------------------------------------------------- time to quality
 
 
-def parse_test_table(output: str) -> tuple[dict, int | None]:
-    """Metrics of the `test metrics (best epoch B of E)` table `movierec train` prints, and B."""
-    lines = output.splitlines()
-    start = next((i for i, line in enumerate(lines) if "test metrics" in line), None)
-    if start is None:
-        return {}, None
-    best = re.search(r"best epoch (\d+)", lines[start])
-    columns, metrics = None, {}
-    for line in lines[start + 1 :]:
-        cells = [c.strip() for c in re.split(r"[│┃|]", line)[1:-1]]
-        if not cells:
-            continue
-        if cells[0] == "metric":
-            columns = cells
-        elif columns and len(cells) == len(columns):
-            for protocol, cell in zip(columns[1:], cells[1:], strict=True):
-                with contextlib.suppress(ValueError):
-                    metrics[f"{protocol}/{cells[0]}"] = float(cell)
-    return metrics, int(best.group(1)) if best else None
-
-
 def quality_row(check: Check, data: Path | None, label: str, why: str) -> None:
+    """bench/time_to_quality.py's run of the shipped SSE-PT config, its time budget the check's budget left
+    less what its set-up and test take; the test metrics of its best weights are read from its checkpoint."""
     mode = check.mode
-    row = Row("time-to-quality", label, "sse-pt, configs/" + ("synthetic.yaml" if mode.cpu else ML1M_CONFIG.name))
-    row.precision = "fp32" if mode.cpu else "auto (fp16)"
+    config = SYNTHETIC_CONFIG if mode.cpu else ML1M_CONFIG
+    row = Row("time-to-quality", label, f"sse-pt, configs/{config.name}", "fp32" if mode.cpu else "auto (fp16)")
     if data is None:
         check.add(dataclasses.replace(row, status="SKIPPED", detail=why))
         return
-    reserve = 15 if mode.cpu else 25  # scoring the best checkpoint of a stopped run, and the report
-    cap = min(check.remaining() - reserve, check.args.quality_cap_s or float("inf"))
-    if cap < 10:
+    cap = min(check.remaining() - 5, check.args.quality_cap_s or float("inf"))  # 5 s for the report
+    minutes = round((cap - mode.quality_overhead_s) / 60, 2)
+    if minutes * 60 < 10:
         check.add(dataclasses.replace(row, status="SKIPPED", detail="out of budget"))
         return
     run_dir = check.out / "runs" / "quality"
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    config = SYNTHETIC_CONFIG if mode.cpu else ML1M_CONFIG
-    command = cli("train", "--config", str(config), "--data", str(data), "--device", mode.device,
-                  "--run-dir", str(run_dir), "--tracking-uri", check.tracking_uri, *QUIET)  # fmt: skip
+    shutil.rmtree(run_dir, ignore_errors=True)
+    extra = ["--device", mode.device, *QUIET]
     if mode.cpu:
-        command += ["--epochs", "2", "eval.every_steps=1", "eval.max_users=500", f"train.num_threads={mode.threads}"]
+        extra += ["--epochs", "2", "eval.every_steps=1", "eval.max_users=500", f"train.num_threads={mode.threads}"]
     elif check.args.quality_epochs:
-        command += ["--epochs", str(check.args.quality_epochs)]
+        extra += ["--epochs", str(check.args.quality_epochs)]
+    command = ttq.train_command(config, data, run_dir, check.tracking_uri, minutes, *extra)
     log(f"time-to-quality: {' '.join(command[3:])} (cap {cap:.0f} s)")
-    status, output, wall = run(command, timeout=cap)
-    check.keep_log("time-to-quality", output)
-    history_file = run_dir / "history.json"
-    history = json.loads(history_file.read_text()) if history_file.is_file() else []
-    key = f"val_{TARGET_METRIC}"
-    validated = [r for r in history if key in r]
-    best = max(validated, key=lambda r: r[key]) if validated else None
-    capped = status == "timeout"
-    if status not in (0, "timeout"):
-        check.add(dataclasses.replace(row, status="FAILED", detail=f"exit {status}: {ddp.reason(output)}"))
+    finished = run_child(command, timeout=cap)
+    check.keep_log("time-to-quality", finished.output)
+    ndcg = ttq.final_test(run_dir) if finished.ok else None
+    if ndcg is None:
+        detail = finished.why() if not finished.ok else f"no test {ttq.METRIC} in the checkpoint of {run_dir}"
+        check.add(dataclasses.replace(row, status="FAILED", detail=detail))
         return
-    metrics, printed_best = parse_test_table(output) if status == 0 else ({}, None)
-    source = "printed test table"
-    if TARGET_METRIC not in metrics:  # stopped at the cap (or the table was not parsed): score the checkpoint
-        ckpt = next((p for p in (run_dir / "best.ckpt", run_dir / "last.ckpt") if p.is_file()), None)
-        if ckpt is None:
-            detail = f"no checkpoint after {wall:.0f} s ({len(history)} epochs)" if capped else "no test metrics"
-            check.add(dataclasses.replace(row, status="FAILED", detail=detail))
-            return
-        scores = check.out / "quality-test.json"
-        evaluate = cli("evaluate", str(ckpt), "--split", "evaluation", "--protocol", "sampled-uniform-100",
-                       "--k", "10", "--device", mode.device, "--json", str(scores))  # fmt: skip
-        e_status, e_output, _ = run(evaluate, timeout=max(check.remaining(), 30))
-        check.keep_log("time-to-quality-evaluate", e_output)
-        if e_status != 0:
-            check.add(dataclasses.replace(row, status="FAILED", detail=f"evaluate: {ddp.reason(e_output)}"))
-            return
-        metrics = json.loads(scores.read_text())
-        source = f"movierec evaluate {ckpt.name}"
-    ndcg = metrics[TARGET_METRIC]
-    epochs = len(history)
-    best_epoch = printed_best or (best["epoch"] if best else None)
-    detail = f"{wall:.0f} s wall{' (stopped at the cap)' if capped else ''}, {epochs} epochs, "
+    records = ttq.history(run_dir)
+    validated = [r for r in records if f"val_{ttq.METRIC}" in r]
+    best = max(validated, key=lambda r: r[f"val_{ttq.METRIC}"]) if validated else None
+    stopped = records[-1]["elapsed_s"] >= minutes * 60
+    detail = (
+        f"{finished.wall_s:.0f} s wall{' (stopped by its time budget)' if stopped else ''}, {len(records)} epochs, "
+    )
     if best is not None:
-        detail += f"best epoch {best_epoch} (validation NDCG@10 {best[key]:.4f})"
+        detail += f"best epoch {best['epoch']} (validation NDCG@10 {best[f'val_{ttq.METRIC}']:.4f})"
     else:
         detail += "no validation yet"
-    detail += f"; test NDCG@10 (100 uniform negatives) {ndcg:.4f} ({source})"
+    detail += f"; test NDCG@10 (100 uniform negatives) of the best weights {ndcg:.4f}"
     reached = None if mode.cpu else ndcg >= TARGET
     detail += "; no threshold in CPU mode" if mode.cpu else f"; reached {TARGET}: {'yes' if reached else 'no'}"
-    values = {"wall_s": wall, "epochs": epochs, "best_epoch": best_epoch, "test_ndcg10": ndcg,
-              "capped": capped, "reached_target": reached}  # fmt: skip
+    values = {"wall_s": finished.wall_s, "epochs": len(records), "best_epoch": best["epoch"] if best else None,
+              "test_ndcg10": ndcg, "capped": stopped, "reached_target": reached}  # fmt: skip
     check.add(dataclasses.replace(row, detail=detail, values=values))
 
 
@@ -650,7 +500,7 @@ def print_report(check: Check, info: dict, mode_line: str) -> None:
             r.data,
             r.case,
             r.precision,
-            _rate(r.tokens_per_s),
+            f"{r.tokens_per_s:,.0f}" if r.tokens_per_s is not None else "",
             f"{r.s_per_pass:.2f}" if r.s_per_pass is not None else "",
             f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "",
             r.status,
@@ -677,7 +527,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        throughput_worker(json.loads(args.worker))
+        work(json.loads(args.worker), time_job)
         return
     only = [c for c in args.only.split(",") if c]
     if unknown := sorted(set(only) - set(CHECKS)):
@@ -695,7 +545,7 @@ def main() -> None:
         mode.mlperf_fraction = args.mlperf_fraction
     args.out = (args.out or Path(tempfile.gettempdir()) / "movierec-gpu-check").resolve()
     check = Check(args, mode)
-    info = machine(mode)
+    info = machine(with_gpus=not mode.cpu)
     log(f"gpu_check: {mode_line}; GPUs: {info['gpus'] or 'none'}; work folder {args.out}")
 
     if mode.cpu:

@@ -17,52 +17,62 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from common import machine, machine_line, prepare_command, run_child
 
-USERS, ITEMS, ROWS, MAX_MOVIE_ID = 138_493, 26_744, 20_000_263, 131_262
+
+class Shape(NamedTuple):
+    """The size of a generated ratings.csv."""
+
+    users: int
+    items: int
+    rows: int
+    max_movie_id: int
+
+
+ML20M = Shape(users=138_493, items=26_744, rows=20_000_263, max_movie_id=131_262)
 HEADER = b"userId,movieId,rating,timestamp\n"
 
 
-def generate(folder: Path, seed: int = 0) -> Path:
-    """Write folder/ratings.csv (and a small movies.csv) unless they exist; return the ratings path."""
+def generate(folder: Path, shape: Shape = ML20M, seed: int = 0) -> Path:
+    """Write folder/ratings.csv (and a small movies.csv) of `shape` unless they exist; return the ratings path.
+    (bench/scale.py --tiny asks for a smaller shape than ML-20M's.)"""
+    users, items, rows, max_movie_id = shape
     ratings = folder / "ratings.csv"
     if ratings.is_file():
         return ratings
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    # ratings per user: 20 + a heavy tail, summing exactly to ROWS
-    extra = rng.pareto(1.2, USERS)
-    counts = 20 + np.floor(extra / extra.sum() * (ROWS - 20 * USERS)).astype(np.int64)
-    counts[rng.choice(USERS, ROWS - int(counts.sum()), replace=False)] += 1
-    users = np.repeat(np.arange(1, USERS + 1, dtype=np.int32), counts)
+    # ratings per user: 20 + a heavy tail, summing exactly to `rows`
+    extra = rng.pareto(1.2, users)
+    counts = 20 + np.floor(extra / extra.sum() * (rows - 20 * users)).astype(np.int64)
+    counts[rng.choice(users, rows - int(counts.sum()), replace=False)] += 1
+    user_ids = np.repeat(np.arange(1, users + 1, dtype=np.int32), counts)
     # items: every item once, the rest Zipf-like by popularity rank
-    popularity = 1.0 / np.arange(1, ITEMS + 1) ** 0.9
-    rest = rng.choice(ITEMS, ROWS - ITEMS, p=popularity / popularity.sum())
-    item_index = rng.permutation(np.concatenate([np.arange(ITEMS), rest]))
-    movie_ids = np.sort(rng.choice(np.arange(1, MAX_MOVIE_ID + 1), ITEMS, replace=False)).astype(np.int32)
+    popularity = 1.0 / np.arange(1, items + 1) ** 0.9
+    rest = rng.choice(items, rows - items, p=popularity / popularity.sum())
+    item_index = rng.permutation(np.concatenate([np.arange(items), rest]))
+    movie_ids = np.sort(rng.choice(np.arange(1, max_movie_id + 1), items, replace=False)).astype(np.int32)
     movies = movie_ids[item_index]
-    order = np.lexsort((movies, users))  # the real file is sorted by userId, then movieId
+    order = np.lexsort((movies, user_ids))  # the real file is sorted by userId, then movieId
     movies = movies[order]
     del order, item_index, rest
     stars = pa.array(["0.5", "1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0", "4.5", "5.0"])
     rating = pc.take(
-        stars, pa.array(rng.choice(10, ROWS, p=[0.01, 0.03, 0.02, 0.07, 0.05, 0.2, 0.11, 0.27, 0.08, 0.16]))
+        stars, pa.array(rng.choice(10, rows, p=[0.01, 0.03, 0.02, 0.07, 0.05, 0.2, 0.11, 0.27, 0.08, 0.16]))
     )
-    start = rng.integers(789_652_009, 1_400_000_000, USERS)
-    timestamps = np.repeat(start, counts) + rng.integers(0, 20_000_000, ROWS)
-    table = pa.table({"userId": users, "movieId": movies, "rating": rating, "timestamp": timestamps})
+    start = rng.integers(789_652_009, 1_400_000_000, users)
+    timestamps = np.repeat(start, counts) + rng.integers(0, 20_000_000, rows)
+    table = pa.table({"userId": user_ids, "movieId": movies, "rating": rating, "timestamp": timestamps})
     part = ratings.with_suffix(".csv.part")
     with open(part, "wb") as handle:
         handle.write(HEADER)
@@ -74,22 +84,16 @@ def generate(folder: Path, seed: int = 0) -> Path:
 
 
 def run_prepare(input_dir: Path, out: Path) -> dict:
-    command = [sys.executable, "-m", "movierec.cli", "prepare", "--dataset", "ml-20m", "--input", str(input_dir),
-               "--out", str(out), "--overwrite"]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=log, stderr=log)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            log.seek(0)
-            sys.exit(f"prepare failed ({child.returncode}):\n{log.read().decode(errors='replace')}")
+    """`movierec prepare --dataset ml-20m` in a child: its wall and CPU seconds and its own peak RSS."""
+    command = prepare_command("ml-20m", input_dir, out)
+    finished = run_child(command)
+    if not finished.ok:
+        raise SystemExit(f"prepare failed: {finished.why()}\n{finished.output}")
     meta = json.loads((out / "ml-20m" / "meta.json").read_text())
     return {
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
+        "wall_s": finished.wall_s,
+        "cpu_s": finished.cpu_s,
+        "peak_rss_mib": finished.peak_rss_mib,
         "meta": meta,
         "command": " ".join(["movierec", *command[3:]]),
     }
@@ -108,8 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="movierec-bench-out-") as out:
         for _ in range(args.repeat):
             runs.append(run_prepare(args.cache, Path(out)))
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"machine: {machine_line(machine(with_gpus=False))}")
     print(f"command: {runs[-1]['command'].replace(str(args.cache), 'DIR').replace(out, 'OUT')}")
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak RSS of all prepare runs (getrusage(RUSAGE_CHILDREN).ru_maxrss): {children:,.0f} MiB")
@@ -118,7 +121,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for k, run in enumerate(runs, 1):
         m = run["meta"]
-        counts = f"{ROWS:,} | {m['num_users']:,} | {m['num_items']:,} | {m['num_interactions']:,} | {len(m['shards'])}"
+        counts = (
+            f"{ML20M.rows:,} | {m['num_users']:,} | {m['num_items']:,} | {m['num_interactions']:,} | {len(m['shards'])}"
+        )
         print(f"| {k} | {counts} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | {run['peak_rss_mib']:,.0f} |")
 
 

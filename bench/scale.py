@@ -11,8 +11,8 @@ Measurements (`--only`), each in its own subprocess so its peak RSS (os.wait4's 
 - `first-step`: seconds from process start to the first optimizer step (the trainer's console line
   `first optimizer step after X s`) and peak RSS of `movierec train --config CONFIG --max-steps 2`, run to
   its end (validation, test, checkpoints) unless `--stop-after-first-step`;
-- `throughput`: training tokens/s in-process (Trainer, `train_epoch(max_steps=3)` warm-up, then
-  `train_epoch(max_steps=--steps)`), with the 855,776-item catalog and with 26,744 items. The 26,744-item
+- `throughput`: training tokens/s in a worker process (bench/common.py's `time_steps`: 3 warm-up steps, then
+  --steps timed), with the 855,776-item catalog and with 26,744 items. The 26,744-item
   twin is a second generated + prepared file with the same users and pair count drawn from a 26,744-item
   catalog (folding ids modulo 26,744 would create duplicate pairs per user and break the file format;
   the twin caps a user at 13,372 items, half its catalog, and spreads the excess over the other users);
@@ -29,33 +29,43 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import prepare as prepare_bench  # bench/prepare.py: the ML-20M-sized ratings.csv
+from common import (
+    FIRST_STEP,
+    ROOT,
+    Finished,
+    cli,
+    is_fresh,
+    log,
+    machine,
+    machine_line,
+    parse_first_step,
+    prepare_command,
+    run_child,
+    run_worker,
+    time_job,
+    work,
+)
+
 if TYPE_CHECKING:
     from movierec.data.mlperf_synthetic import MlperfShape
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))  # bench/prepare.py's ML-20M generator
 
 PARTS = ("prepare", "first-step", "throughput", "eval")
 DATASETS = ("file", "quarter", "ml-20m")
 CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
 FALLBACK_CONFIG = ROOT / "configs" / "ml-20m-sse-pt.yaml"  # until the ml-20mx16x32 config exists
 SMALL_CATALOG = 26_744  # ML-20M's item count
-FIRST_STEP = re.compile(r"first optimizer step after\s+([0-9]+(?:\.[0-9]*)?)\s*s")
 TINY_FRACTION = 1e-3  # --tiny: file 0 of scaled_shape(1e-3): 138 users, ~77 k pairs
 TINY_ITEMS = 100_000  # --tiny: a smaller catalog than 855,776 (model setup and full ranking scale with it)
 TINY_OVERRIDES = ["train.batch_size=32", "model.max_len=50", "eval.max_users=64", "tracking.system_metrics=false"]
-TINY_ML20M = {"USERS": 600, "ITEMS": 900, "ROWS": 60_000, "MAX_MOVIE_ID": 4_000}
+TINY_ML20M = prepare_bench.Shape(users=600, items=900, rows=60_000, max_movie_id=4_000)  # --tiny
 
 
 @dataclasses.dataclass
@@ -108,9 +118,7 @@ def datasets(args: argparse.Namespace) -> list[Dataset]:
                 mlperf_dataset(key, f"{f:g} of ml-20mx16x32 file 0", shape, args.cache, f"mlperf-f{f:g}{suffix}")
             )
         else:
-            import prepare as prepare_bench  # bench/prepare.py
-
-            rows = TINY_ML20M["ROWS"] if args.tiny else prepare_bench.ROWS
+            rows = (TINY_ML20M if args.tiny else prepare_bench.ML20M).rows
             folder = f"ml-20m-synth{suffix}"
             label = "ML-20M-sized ratings.csv"
             out.append(Dataset(key, label, "ml-20m", args.cache / folder, args.cache / "prepared" / folder, rows))
@@ -125,173 +133,38 @@ def make_input(dataset: Dataset, args: argparse.Namespace) -> None:
 
         generate_mlperf_files(dataset.input_dir, dataset.shape, files=[0])
     else:
-        import prepare as prepare_bench
-
-        saved = {name: getattr(prepare_bench, name) for name in TINY_ML20M}
-        try:
-            if args.tiny:  # bench/prepare.py's generator with a tiny shape
-                for name, value in TINY_ML20M.items():
-                    setattr(prepare_bench, name, value)
-            prepare_bench.generate(dataset.input_dir)
-        finally:
-            for name, value in saved.items():
-                setattr(prepare_bench, name, value)
+        prepare_bench.generate(dataset.input_dir, TINY_ML20M if args.tiny else prepare_bench.ML20M)
     log(f"input {dataset.input_dir} ready ({time.perf_counter() - started:.1f} s)")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- subprocesses
 
 
-def run_child(command: list[str], stop_on: re.Pattern | None = None, env: dict | None = None) -> dict:
-    """Run `command`, its output merged and kept; wall/CPU seconds and peak RSS of that child alone.
-
-    With `stop_on`, the child is terminated once a line matches (its RSS is then its peak up to there).
-    """
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-    lines, matched = [], None
-    assert child.stdout is not None
-    for line in child.stdout:
-        lines.append(line)
-        if stop_on is not None and matched is None and (matched := stop_on.search(line)):
-            child.terminate()
-    child.stdout.close()
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "wall_s": time.perf_counter() - started,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
-        "returncode": 0 if matched is not None else child.returncode,
-        "output": "".join(lines),
-    }
-
-
-def failure(result: dict) -> str:
-    tail = [line for line in result["output"].strip().splitlines() if line.strip()][-1:] or ["no output"]
-    return f"failed ({result['returncode']}): {tail[0][:160]}"
-
-
-def parse_first_step(output: str) -> float | None:
-    """Seconds since process start of the trainer's `first optimizer step after X s` line, if printed."""
-    match = FIRST_STEP.search(output)
-    return float(match.group(1)) if match else None
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "movierec.cli", *args]
-
-
-def prepare(dataset: Dataset) -> dict:
-    command = cli(
-        "prepare",
-        "--dataset",
-        dataset.kind,
-        "--input",
-        str(dataset.input_dir),
-        "--out",
-        str(dataset.out_dir),
-        "--overwrite",
-    )
-    result = run_child(command)
-    if result["returncode"] == 0:
-        result["meta"] = json.loads((dataset.prepared / "meta.json").read_text())
-    return result
+def prepare(dataset: Dataset) -> Finished:
+    return run_child(prepare_command(dataset.kind, dataset.input_dir, dataset.out_dir))
 
 
 def ensure_prepared(dataset: Dataset) -> None:
     """Prepare (untimed) unless a prepared copy newer than its input exists."""
-    meta = dataset.prepared / "meta.json"
-    inputs = [p.stat().st_mtime for p in dataset.input_dir.iterdir() if p.is_file()]
-    if meta.is_file() and meta.stat().st_mtime >= max(inputs, default=0):
+    if is_fresh(dataset.prepared, dataset.input_dir):
         return
     log(f"preparing {dataset.input_dir} (untimed)")
-    result = prepare(dataset)
-    if result["returncode"]:
-        raise RuntimeError(f"prepare of {dataset.input_dir}: {failure(result)}\n{result['output'][-4000:]}")
+    finished = prepare(dataset)
+    if not finished.ok:
+        raise RuntimeError(f"prepare of {dataset.input_dir}: {finished.why()}\n{finished.output[-4000:]}")
 
 
-def train_help() -> str:
-    return subprocess.run(cli("train", "--help"), capture_output=True, text=True, cwd=ROOT).stdout
-
-
-def first_step(dataset: Dataset, args: argparse.Namespace, overrides: list[str], run_dir: Path) -> dict:
-    """`movierec train --max-steps 2` in a subprocess: its first-step line, wall time and peak RSS."""
-    overrides = list(overrides)
-    if args.threads:
-        overrides.append(f"train.num_threads={args.threads}")
-    steps = ["--max-steps", "2"] if "--max-steps" in train_help() else ["train.max_steps=2"]
+def first_step(dataset: Dataset, args: argparse.Namespace, overrides: list[str], run_dir: Path) -> Finished:
+    """`movierec train --max-steps 2` in a subprocess, run to its end or stopped at its first-step line."""
     command = cli(
-        "train",
-        "--config",
-        str(args.config),
-        "--data",
-        str(dataset.prepared),
-        *steps,
-        "--run-dir",
-        str(run_dir),
-        "--tracking-uri",
-        f"sqlite:///{run_dir}/mlflow.db",
-        *overrides,
-    )
-    result = run_child(command, stop_on=FIRST_STEP if args.stop_after_first_step else None)
-    result["first_step_s"] = parse_first_step(result["output"])
-    if result["returncode"] == 0 and result["first_step_s"] is None:
-        result["returncode"] = -1
-        result["output"] += "\nno 'first optimizer step after X s' line in the output"
-    return result
+        "train", "--config", str(args.config), "--data", str(dataset.prepared), "--max-steps", "2",
+        "--run-dir", str(run_dir), "--tracking-uri", f"sqlite:///{run_dir}/mlflow.db", *overrides,
+    )  # fmt: skip
+    return run_child(command, stop_on=FIRST_STEP if args.stop_after_first_step else None)
 
 
-def worker_command(kind: str, spec: dict) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({"kind": kind, **spec})]
-
-
-def run_worker(kind: str, spec: dict) -> dict:
-    result = run_child(worker_command(kind, spec))
-    if result["returncode"] == 0:
-        result.update(json.loads(result["output"].strip().splitlines()[-1]))
-    return result
-
-
-# --------------------------------------------------------------------------- in-process workers
-
-
-def throughput_worker(spec: dict) -> dict:
-    import torch
-
-    from movierec.training.config import load_config
-    from movierec.training.engine import Engine
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    config = load_config(spec["config"], spec["overrides"])
-    config.data.path = spec["data"]
-    trainer = Engine.from_config(config)
-    trainer.train_epoch(max_steps=spec["warmup"])  # warm-up: allocator, kernels
-    stats = trainer.train_epoch(max_steps=spec["steps"])
-    return {
-        "tokens_per_s": stats["tokens_per_s"],
-        "sequences_per_s": stats["sequences_per_s"],
-        "steps": min(spec["steps"], len(trainer.batches)),
-        "num_items": trainer.data.num_items,
-        "optimizer": getattr(trainer, "optimizer_kind", "?"),
-        "device": str(trainer.device),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def eval_worker(spec: dict) -> dict:
+def eval_worker(job: dict) -> dict:
+    """ms per user of `Evaluator.run` for two protocols, an untrained SSE-PT of the config's shape."""
     import torch
 
     from movierec.data.layout import load_sequences
@@ -300,20 +173,23 @@ def eval_worker(spec: dict) -> dict:
     from movierec.models.sse_pt import SSEPT
     from movierec.training.config import load_config
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    config = load_config(spec["config"], spec["overrides"])
-    data = load_sequences(spec["data"])
+    config = load_config(job["config"], job["overrides"])
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    data = load_sequences(job["data"])
     torch.manual_seed(0)
     model = SSEPT(ModelConfig(num_users=data.num_users, num_items=data.num_items, **vars(config.model)))
     out = {}
     for protocol in ("sampled-uniform-100", "full"):
-        evaluator = Evaluator(data, "evaluation", (protocol,), (10,), seed=0, batch_size=256, max_users=spec["users"])
+        evaluator = Evaluator(data, "evaluation", (protocol,), (10,), seed=0, batch_size=256, max_users=job["users"])
         started = time.perf_counter()
         evaluator.run(model, "cpu")
         seconds = time.perf_counter() - started
         out[protocol] = {"users": evaluator.num_users, "ms_per_user": seconds * 1000 / max(evaluator.num_users, 1)}
     return out
+
+
+WORKERS = {"throughput": time_job, "eval": eval_worker}  # a worker job's "kind" -> what the worker runs
 
 
 # --------------------------------------------------------------------------- measurements
@@ -329,8 +205,19 @@ class Context:
     rows: list[dict] = dataclasses.field(default_factory=list)
     failed: bool = False
 
-    def spec(self, **extra) -> dict:
-        return {"config": str(self.args.config), "overrides": self.overrides, "threads": self.args.threads, **extra}
+    def job(self, kind: str, dataset: Dataset, **extra) -> dict:
+        """A worker job of `kind` on the dataset, with the config and overrides of this run."""
+        return {"kind": kind, "config": str(self.args.config), "data": str(dataset.prepared),
+                "overrides": self.overrides, **extra}  # fmt: skip
+
+    def run_job(self, dataset: Dataset, measurement: str, job: dict) -> dict | None:
+        """One worker job in a process of its own: its result with that process's peak RSS, or None after a
+        failed row."""
+        finished, (result,) = run_worker(__file__, [job])
+        if result is None or "error" in result:
+            self.fail(dataset, measurement, result["error"] if result else finished.why(), finished.peak_rss_mib)
+            return None
+        return {**result, "peak_rss_mib": finished.peak_rss_mib}
 
     def add(self, dataset: Dataset, measurement: str, result: str, rss: float | None, **values) -> None:
         """One table row; `values` (numbers) also go to --json."""
@@ -340,29 +227,31 @@ class Context:
         self.rows.append({**row, "result": result, "peak_rss_mib": rss, **values})
         log(f"{dataset.label}: {measurement}: {result}")
 
-    def fail(self, dataset: Dataset, measurement: str, result: dict) -> None:
+    def fail(self, dataset: Dataset, measurement: str, why: str, rss: float | None) -> None:
         self.failed = True
-        self.add(dataset, measurement, failure(result), result.get("peak_rss_mib"))
+        self.add(dataset, measurement, f"failed: {why}", rss)
 
 
 def measure_prepare(dataset: Dataset, ctx: Context) -> None:
     r = prepare(dataset)
-    if r["returncode"]:
-        return ctx.fail(dataset, "prepare", r)
-    shards = len(r["meta"]["shards"])
-    result = f"{r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, {shards} shards"
-    ctx.add(dataset, "prepare", result, r["peak_rss_mib"], wall_s=r["wall_s"], cpu_s=r["cpu_s"])
+    if not r.ok:
+        return ctx.fail(dataset, "prepare", r.why(), r.peak_rss_mib)
+    shards = len(json.loads((dataset.prepared / "meta.json").read_text())["shards"])
+    result = f"{r.wall_s:.1f} s wall, {r.cpu_s:.1f} s CPU, {shards} shards"
+    ctx.add(dataset, "prepare", result, r.peak_rss_mib, wall_s=r.wall_s, cpu_s=r.cpu_s)
 
 
 def measure_first_step(dataset: Dataset, ctx: Context) -> None:
     with tempfile.TemporaryDirectory(prefix="movierec-bench-run-") as run_dir:
         r = first_step(dataset, ctx.args, ctx.overrides, Path(run_dir))
     name = "first step (train --max-steps 2)"
-    if r["returncode"]:
-        return ctx.fail(dataset, name, r)
-    ran = "stopped there" if ctx.args.stop_after_first_step else f"whole run {r['wall_s']:.1f} s"
-    result = f"{r['first_step_s']:.1f} s after start ({ran})"
-    ctx.add(dataset, name, result, r["peak_rss_mib"], first_step_s=r["first_step_s"], wall_s=r["wall_s"])
+    seconds = parse_first_step(r.output)
+    if not r.ok or seconds is None:
+        why = r.why() if not r.ok else "no 'first optimizer step after X s' line in the output"
+        return ctx.fail(dataset, name, why, r.peak_rss_mib)
+    ran = "stopped there" if ctx.args.stop_after_first_step else f"whole run {r.wall_s:.1f} s"
+    result = f"{seconds:.1f} s after start ({ran})"
+    ctx.add(dataset, name, result, r.peak_rss_mib, first_step_s=seconds, wall_s=r.wall_s)
 
 
 def measure_throughput(dataset: Dataset, ctx: Context) -> None:
@@ -371,9 +260,8 @@ def measure_throughput(dataset: Dataset, ctx: Context) -> None:
         if variant is not dataset:
             make_input(variant, ctx.args)
             ensure_prepared(variant)
-        r = run_worker("throughput", ctx.spec(data=str(variant.prepared), steps=ctx.steps, warmup=ctx.warmup))
-        if r["returncode"]:
-            ctx.fail(variant, "training tokens/s", r)
+        job = ctx.job("throughput", variant, warmup=ctx.warmup, steps=ctx.steps)
+        if (r := ctx.run_job(variant, "training tokens/s", job)) is None:
             continue
         rates.append(r["tokens_per_s"])
         ratio = ""
@@ -384,9 +272,8 @@ def measure_throughput(dataset: Dataset, ctx: Context) -> None:
 
 
 def measure_eval(dataset: Dataset, ctx: Context) -> None:
-    r = run_worker("eval", ctx.spec(data=str(dataset.prepared), users=ctx.eval_users))
-    if r["returncode"]:
-        return ctx.fail(dataset, "eval ms/user", r)
+    if (r := ctx.run_job(dataset, "eval ms/user", ctx.job("eval", dataset, users=ctx.eval_users))) is None:
+        return
     for protocol in ("sampled-uniform-100", "full"):
         e = r[protocol]
         result = f"{e['ms_per_user']:.2f} ({e['users']:,} users)"
@@ -402,18 +289,6 @@ MEASUREMENTS = {  # --only names, in the order they run; each needs the dataset 
 
 
 # --------------------------------------------------------------------------- the table
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def shape_cells(dataset: Dataset, meta: dict | None) -> list[str]:
@@ -435,7 +310,7 @@ def print_table(rows: list[dict], notes: list[str]) -> None:
         print(line)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "movierec-bench")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
@@ -461,18 +336,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        result = {"throughput": throughput_worker, "eval": eval_worker}[spec["kind"]](spec)
-        print(json.dumps(result))
-        return
-
     args.only = [p for p in args.only.split(",") if p]
     args.datasets = [d for d in (args.datasets or ("file" if args.tiny else ",".join(DATASETS))).split(",") if d]
     for name, chosen, known in (("--only", args.only, PARTS), ("--datasets", args.datasets, DATASETS)):
         if unknown := sorted(set(chosen) - set(known)):
             parser.error(f"{name}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     args.stop_after_first_step = args.stop_after_first_step or args.tiny
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        work(json.loads(args.worker), lambda job: WORKERS[job["kind"]](job))
+        return
     notes = []
     if args.config is None:
         args.config = CONFIG if CONFIG.is_file() else FALLBACK_CONFIG
@@ -489,7 +366,7 @@ def main() -> None:
         steps=args.steps or (2 if args.tiny else 20),
         warmup=1 if args.tiny else 3,
         eval_users=args.eval_users or (32 if args.tiny else 1000),
-        overrides=list(args.set),
+        overrides=[*args.set, *([f"train.num_threads={args.threads}"] if args.threads else [])],
     )
     for dataset in datasets(args):
         make_input(dataset, args)
@@ -500,13 +377,13 @@ def main() -> None:
                 try:
                     ensure_prepared(dataset)
                 except RuntimeError as exc:
-                    ctx.fail(dataset, part, {"returncode": "prepare", "output": str(exc).splitlines()[0]})
+                    ctx.fail(dataset, part, str(exc).splitlines()[0], None)
                     break
             measure(dataset, ctx)
 
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info = machine(with_gpus=False)
     config = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
-    print(f"machine: {machine()}; {now}; Python {sys.version.split()[0]}")
+    print(f"machine: {machine_line(info)}")
     print(
         f"config: {config}{' ' + ' '.join(ctx.overrides) if ctx.overrides else ''}; steps {ctx.steps} "
         f"(warm-up {ctx.warmup}); eval users {ctx.eval_users}; threads {args.threads or 'default'}"
@@ -514,7 +391,8 @@ def main() -> None:
     )
     print_table(ctx.rows, notes)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "date": now, "rows": ctx.rows}, indent=1))
+        saved = {"machine": machine_line(info), "date": info["date"], "rows": ctx.rows}
+        args.json.write_text(json.dumps(saved, indent=1))
     if ctx.failed:
         sys.exit(1)
 

@@ -21,7 +21,6 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,22 +29,22 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
+from common import ROOT, cli, log, run_child
 
 
 def train_tiny(root: Path) -> Path:
-    from movierec.data.api import prepare
-    from movierec.training.config import load_config
-    from movierec.training.run import train
-
-    data = prepare("synthetic", out=root / "data")
-    overrides = ["train.epochs=1", "tracking.log_model=false", "tracking.system_metrics=false"]
-    config = load_config(REPO / "configs" / "synthetic.yaml", overrides)
-    config.data.path, config.run_dir = str(data), str(root / "run")
-    config.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
-    result = train(config)
-    return Path(result.run_dir)
+    """One epoch of configs/synthetic.yaml on the default synthetic data, through the CLI: its run folder."""
+    commands = (
+        cli("prepare", "--dataset", "synthetic", "--out", str(root / "data")),
+        cli("train", "--config", str(ROOT / "configs" / "synthetic.yaml"), "--data", str(root / "data" / "synthetic"),
+            "--run-dir", str(root / "run"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "train.epochs=1",
+            "tracking.log_model=false", "tracking.system_metrics=false"),
+    )  # fmt: skip
+    for command in commands:
+        finished = run_child(command)
+        if not finished.ok:
+            raise SystemExit(f"training the tiny model failed: {finished.why()}\n{finished.output[-3000:]}")
+    return root / "run"
 
 
 def model_users(model: str, tracking_uri: str | None) -> np.ndarray:
@@ -53,9 +52,9 @@ def model_users(model: str, tracking_uri: str | None) -> np.ndarray:
     from movierec.serving.loader import load_state
 
     state = load_state(model, tracking_uri)
-    dataset = state["dataset"]
-    data = load_sequences(dataset["path"], shards=dataset.get("shards"), verify=False)
-    return np.asarray(dataset["user_ids"])[data.users - 1]
+    dataset = state.dataset
+    data = load_sequences(dataset.path, shards=dataset.shards, verify=False)
+    return np.asarray(dataset.user_ids)[data.users - 1]
 
 
 def free_port() -> int:
@@ -65,7 +64,7 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int, log: Path) -> tuple[subprocess.Popen, float]:
-    argv = [sys.executable, "-m", "movierec.cli", "serve", args.model, "--port", str(port), "--log-level", "warning"]
+    argv = cli("serve", args.model, "--port", str(port), "--log-level", "warning")
     for flag, value in (("--threads", args.threads), ("--data", args.data), ("--tracking-uri", args.tracking_uri)):
         if value is not None:
             argv += [flag, str(value)]
@@ -126,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="movierec-serve-bench-") as tmp:
         root = Path(tmp)
         if args.model is None:
-            print("training the tiny synthetic model (1 epoch) ...", file=sys.stderr)
+            log("training the tiny synthetic model (1 epoch) ...")
             args.model = str(train_tiny(root))
         users = model_users(args.model, args.tracking_uri)
         rng = np.random.default_rng(args.seed)
@@ -164,6 +163,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
+    print_table(args, health, startup, results)
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "health": health, "results": results}, indent=2))
+
+
+def print_table(args: argparse.Namespace, health: dict, startup: float, results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -186,8 +191,6 @@ def main() -> None:
             f"{r['requests_per_s']:.0f}",
         )
     Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "health": health, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,44 +18,58 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import ROOT, cli, run_child
+
 METRIC = "sampled-uniform-100/ndcg@10"
 
 
+def train_command(
+    config: Path, data: str | Path, run_dir: Path, tracking_uri: str, minutes: float, *extra: str
+) -> list[str]:
+    """`movierec train` of `config` as shipped but for its run folder, MLflow store and time budget
+    (train.max_minutes: the run then stops, tests its best weights and keeps the result in best.ckpt), with
+    `extra` options and overrides last."""
+    return cli("train", "--config", str(config), "--data", str(data), "--run-dir", str(run_dir),
+               "--tracking-uri", tracking_uri, "--max-minutes", str(minutes), *extra)  # fmt: skip
+
+
 def train(model: str, data: str, out: Path, minutes: float, extra: list[str]) -> Path:
-    """One run of `configs/ml-1m-<model>.yaml` as shipped; returns its run folder."""
+    """One run of `configs/ml-1m-<model>.yaml` as shipped, scoring the test split at every validation (its
+    output shown as it comes); returns its run folder."""
     run_dir = out / model
-    command = [
-        sys.executable, "-m", "movierec", "train", "--config", str(REPO / "configs" / f"ml-1m-{model}.yaml"),
-        "--data", data, "--run-dir", str(run_dir), "--tracking-uri", f"sqlite:///{out.resolve()}/mlflow.db",
-        "--run-name", f"time-to-quality-{model}", "--max-minutes", str(minutes), "eval.test_curve=true", *extra,
-    ]  # fmt: skip
+    command = train_command(
+        ROOT / "configs" / f"ml-1m-{model}.yaml", data, run_dir, f"sqlite:///{out.resolve()}/mlflow.db", minutes,
+        "--run-name", f"time-to-quality-{model}", "eval.test_curve=true", *extra,
+    )  # fmt: skip
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    finished = run_child(command, echo=True)
+    if not finished.ok:
+        raise SystemExit(f"{model}: {finished.why()}")
     return run_dir
+
+
+def history(run_dir: Path) -> list[dict]:
+    """history.json of a run: one record per epoch (loss, rates, `elapsed_s`, the validation's `val_*`)."""
+    return json.loads((run_dir / "history.json").read_text())
 
 
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
     """(epoch, elapsed seconds, test NDCG@10) at every validation of a run trained with eval.test_curve."""
-    history = json.loads((run_dir / "history.json").read_text())
     key = f"curve_test_{METRIC}"
-    points = [(h["epoch"], h["elapsed_s"], h[key]) for h in history if key in h]
+    points = [(h["epoch"], h["elapsed_s"], h[key]) for h in history(run_dir) if key in h]
     if not points:
         raise SystemExit(f"{run_dir}/history.json has no {key}: train it with eval.test_curve=true")
     return points
 
 
 def final_test(run_dir: Path) -> float | None:
-    """Test NDCG@10 of the run's best checkpoint (what `movierec train` reports at the end)."""
-    import torch
+    """Test NDCG@10 of the run's best weights, as its checkpoint keeps it once the run has finished (what
+    `movierec train` reports at its end)."""
+    from movierec.models.checkpoint import load_checkpoint
 
-    state = torch.load(run_dir / "best.ckpt", weights_only=True, map_location="cpu")
-    metrics = state.get("test_metrics") or {}
-    return metrics.get(f"test_{METRIC}")
+    return load_checkpoint(run_dir).test_metrics.get(f"test_{METRIC}")
 
 
 def plot(curves: dict[str, list[tuple[int, float, float]]], thresholds: list[float], path: Path) -> Path:

@@ -14,50 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
+from pathlib import Path
 
-PAPER_LOSS = ["train.loss=bce", "train.start_loss=null"]  # one sampled negative per position, as the peer trains
-RECIPES = {
-    "sasrec (d 50)": ["model.kind=sasrec", "model.d_item=50", "model.d_user=0", *PAPER_LOSS],
-    "sse-pt (100+50)": ["model.kind=sse-pt", "model.d_item=100", "model.d_user=50", *PAPER_LOSS],
-}
+from common import ML1M_CONFIG, RECIPES, parse_recipes, run_worker, steps_job, time_job, work
 
 
-def worker(data: str, precision: str, overrides: list[str], steps: int, threads: int | None) -> dict:
-    import time
-
-    import torch
-
-    from movierec.training.config import load_config
-    from movierec.training.engine import Engine
-
-    if threads:
-        torch.set_num_threads(threads)
-    config = load_config("configs/ml-1m-sse-pt.yaml", [*overrides, f"train.precision={precision}"])
-    config.data.path = data
-    trainer = Engine.from_config(config)
-    trainer.train_epoch(max_steps=3)  # warm-up: allocator, kernels
-    started = time.perf_counter()
-    stats = trainer.train_epoch(max_steps=steps)
-    seconds = time.perf_counter() - started
-    epoch_batches = len(trainer.batches)
-    return {
-        "gflops": stats["tokens_per_s"] * trainer.model_config.train_flops_per_token() / 1e9,
-        "sequences_per_s": stats["sequences_per_s"],
-        "tokens_per_s": stats["tokens_per_s"],
-        "epoch_s": seconds / min(steps, epoch_batches) * epoch_batches,
-        "device": str(trainer.device),
-        "threads": torch.get_num_threads(),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "products_gflops": products_only_gflops(
-            trainer.model_config.d_model,
-            trainer.model_config.max_len,
-            trainer.model_config.num_blocks,
-            config.train.batch_size,
-        ),
-    }
+def job_result(job: dict) -> dict:
+    """A worker job: the machine's matmul peak, or the recipe's timed steps and its products-only ceiling
+    (measured after the steps, in the same process)."""
+    if job.get("kind") == "matmul":
+        return {"gflops": matmul_peak_gflops(job["threads"])}
+    result = time_job(job)
+    shape = result["model"]
+    result["products_gflops"] = products_only_gflops(
+        shape["d_model"], shape["max_len"], shape["num_blocks"], result["batch_size"]
+    )
+    return result
 
 
 def products_only_gflops(d: int, length: int, blocks: int, batch_size: int, repeats: int = 5) -> float:
@@ -120,16 +92,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48, help="batches timed per run (48 = one ML-1M pass)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precisions", default=None, help="comma-separated; default: all this machine supports")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of the recipes")
+    parser.add_argument("--recipes", type=parse_recipes, default=",".join(r.name for r in RECIPES.values()),
+                        help="comma-separated subset of the recipes")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker == "matmul":
-        print(json.dumps({"gflops": matmul_peak_gflops(args.threads)}))
-        return
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(worker(args.data, spec["precision"], spec["overrides"], args.steps, args.threads)))
+    if args.worker:  # "matmul" alone prints the machine's peak
+        work([{"kind": "matmul", "threads": args.threads}] if args.worker == "matmul" else json.loads(args.worker),
+             job_result)  # fmt: skip
         return
 
     import torch
@@ -139,19 +109,22 @@ def main() -> None:
         if args.precisions
         else (["fp32", "fp16", "bf16"] if torch.cuda.is_available() else ["fp32", "bf16"])
     )
+    threads = [f"train.num_threads={args.threads}"] if args.threads else []
 
-    def run_worker(spec: str) -> dict:
-        cmd = [sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--worker", spec]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    def measure(job: dict) -> dict:
+        """One job in a worker process of its own, so that its peak RSS is its own."""
+        finished, (result,) = run_worker(__file__, [job])
+        if result is None or "error" in result:
+            raise SystemExit(f"worker failed: {result['error'] if result else finished.why()}\n{finished.output}")
+        return result
 
-    peak = run_worker("matmul")["gflops"]
+    peak = measure({"kind": "matmul", "threads": args.threads})["gflops"]
     rows = []
-    for name in args.recipes.split(","):
+    for recipe in args.recipes:
         for precision in precisions:
-            spec = json.dumps({"precision": precision, "overrides": [*RECIPES[name], *args.set]})
-            rows.append((name, precision, run_worker(spec)))
+            overrides = [*recipe.overrides, *args.set, *threads, f"train.precision={precision}"]
+            job = steps_job(ML1M_CONFIG, Path(args.data).resolve(), overrides, warmup=3, steps=args.steps)
+            rows.append((recipe.name, precision, measure(job)))
     header = (
         f"{'recipe':<18}{'precision':<10}{'device':<8}{'threads':>8}{'seq/s':>9}{'tokens/s':>11}"
         f"{'s/epoch':>9}{'GFLOP/s':>9}{'% of peak':>10}{'products only':>15}{'peak RSS MiB':>14}"
@@ -162,7 +135,7 @@ def main() -> None:
     for name, precision, r in rows:
         print(
             f"{name:<18}{precision:<10}{r['device']:<8}{r['threads']:>8}{r['sequences_per_s']:>9.0f}"
-            f"{r['tokens_per_s']:>11.0f}{r['epoch_s']:>9.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / peak:>9.0f}%"
+            f"{r['tokens_per_s']:>11.0f}{r['s_per_pass']:>9.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / peak:>9.0f}%"
             f"{100 * r['products_gflops'] / peak:>14.0f}%{r['peak_rss_mib']:>14.0f}"
         )
 

@@ -6,7 +6,6 @@ the table rows it prints to `PARTS` below: each entry runs in its own parametriz
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -27,14 +26,6 @@ PARTS = {  # --only name -> measurements (table column) each dataset gets
     # "throughput": ["training tokens/s"],
     # "eval": ["eval sampled-uniform-100 ms/user", "eval full ms/user"],
 }
-
-
-def load_scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_rows(stdout: str) -> list[list[str]]:
@@ -61,18 +52,3 @@ def test_tiny_run_prints_the_table(tmp_path, part):
         assert "failed" not in row[5]
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == len(rows) and saved["machine"] in head[0]
-
-
-def test_first_step_line_is_parsed_and_can_stop_the_child():
-    scale = load_scale()
-    fake = "setup data: x (0.1 s)\nrun abc on cpu\nfirst optimizer step after 12.3 s\nepoch 1 loss 0.5\n"
-    assert scale.parse_first_step(fake) == pytest.approx(12.3)
-    assert scale.parse_first_step("first optimizer step after 7 s") == 7.0
-    assert scale.parse_first_step("no such line") is None
-    child = [sys.executable, "-c", "import time; print('first optimizer step after 0.4 s', flush=True); "
-             "time.sleep(60)"]  # fmt: skip
-    result = scale.run_child(child, stop_on=scale.FIRST_STEP)
-    assert result["returncode"] == 0 and result["wall_s"] < 30, "stopped once the line was printed"
-    assert scale.parse_first_step(result["output"]) == pytest.approx(0.4) and result["peak_rss_mib"] > 0
-    failed = scale.run_child([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
-    assert failed["returncode"] == 3 and scale.failure(failed) == "failed (3): boom"

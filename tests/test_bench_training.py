@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.max_len=20", "model.d_item=16", "train.batch_size=64", "eval.every_steps=2", "eval.ks=[10]",
         "eval.protocols=[sampled-uniform-100]", "tracking.log_model=false", "tracking.system_metrics=false",
-        "train.epochs=3"]  # fmt: skip
+        "train.epochs=3", "train.steps=null"]  # fmt: skip
 
 
 def bench(script: str, *args: str) -> str:
