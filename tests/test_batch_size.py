@@ -53,27 +53,24 @@ def test_auto_halves_to_what_fits_scales_lr_and_a_resume_keeps_it(data, tmp_path
     assert tried == [256, 128, 64, 32]
     assert "setup batch size: auto: 32 (tried 256 out of memory" in capsys.readouterr().out
     state = load_checkpoint(tmp_path / "run")
-    assert state["config"]["train"]["batch_size"] == 32
-    assert state["config"]["train"]["lr"] == pytest.approx(0.002 * 32 / 256)
+    assert state.config["train"]["batch_size"] == 32
+    assert state.config["train"]["lr"] == pytest.approx(0.002 * 32 / 256)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["batch_size"] == 32 and saved["eval"]["batch_size"] == 32, "evaluation batches as tried"
-    params = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state["mlflow_run_id"]).data.params
+    params = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state.mlflow_run_id).data.params
     assert params["train.batch_size"] == "32" and params["train.batch_size_requested"] == "auto"
     assert (
         params["train.batch_size_tried"].startswith("256 out of memory")
         and "32 fits" in params["train.batch_size_tried"]
     )
     # a resume uses the chosen size and learning rate, with no new search
-    state["finished"] = False  # as if it had been killed after its first epoch
-    save_checkpoint(tmp_path / "run" / "last.ckpt", {k: v for k, v in state.items() if k not in ("format", "path")})
+    state.finished = False  # as if it had been killed after its first epoch
+    save_checkpoint(tmp_path / "run" / "last.ckpt", state)
     tried.clear()
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 0
     resumed = load_checkpoint(tmp_path / "run")
-    assert tried == [] and resumed["epoch"] == 2
-    assert (
-        resumed["config"]["train"]["batch_size"] == 32
-        and resumed["config"]["train"]["lr"] == state["config"]["train"]["lr"]
-    )
+    assert tried == [] and resumed.train_state.epoch == 2
+    assert resumed.config["train"]["batch_size"] == 32 and resumed.config["train"]["lr"] == state.config["train"]["lr"]
 
 
 def test_nothing_fits_is_one_line_naming_the_smallest_size(data, tmp_path, monkeypatch, capsys):

@@ -25,7 +25,7 @@ from movierec.cli import main
 from movierec.data.prepare import Interactions, write_dataset
 from movierec.errors import CheckpointError
 from movierec.files import FolderLock, atomic_path
-from movierec.models.checkpoint import load_checkpoint, save_checkpoint
+from movierec.models.checkpoint import Checkpoint, DatasetIdentity, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,10 +58,10 @@ def damaged(trained_run, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("damaged")
     (root / "empty.ckpt").write_bytes(b"")
     (root / "random.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
-    state = torch.load(trained_run.run_dir / "best.ckpt", weights_only=True)
-    table = state["model"]["item_emb.weight"]
-    state["model"]["item_emb.weight"] = torch.cat([table, table[:5]])
-    save_checkpoint(root / "wrong-size.ckpt", {k: v for k, v in state.items() if k != "format"})
+    state = load_checkpoint(trained_run.run_dir / "best.ckpt")
+    table = state.model["item_emb.weight"]
+    state.model["item_emb.weight"] = torch.cat([table, table[:5]])
+    save_checkpoint(root / "wrong-size.ckpt", state)
 
     edited = root / "edited"
     shutil.copytree(trained_run.data_dir, edited)
@@ -104,10 +104,10 @@ CASES: list[tuple[str, list[str], str]] = [
                                "{root}/random.ckpt", "--tracking-uri", "sqlite:///{tmp}/m.db"],
      "is not a readable movierec checkpoint or PyTorch state dict"),
     ("wrong-rows-recommend", ["recommend", "{root}/wrong-size.ckpt", "--user", "1007"],
-     "its weights do not fit its model config (size mismatch for item_emb.weight"),
-    ("wrong-rows-evaluate", ["evaluate", "{root}/wrong-size.ckpt"], "size mismatch for item_emb.weight"),
+     "its weights do not fit its model config (item_emb.weight: (156, 16), the config builds (151, 16))"),
+    ("wrong-rows-evaluate", ["evaluate", "{root}/wrong-size.ckpt"], "item_emb.weight: (156, 16), the config builds (151, 16)"),
     ("wrong-rows-export", ["export", "{root}/wrong-size.ckpt", "--out", "{tmp}/m.onnx"],
-     "size mismatch for item_emb.weight"),
+     "item_emb.weight: (156, 16), the config builds (151, 16)"),
     ("edited-meta-info", ["info", "{edited}"], "meta.json is inconsistent: shard 1 covers users"),
     ("edited-meta-train", [*TRAIN, "--data", "{edited}", "--run-dir", "{tmp}/r", "--tracking-uri",
                            "sqlite:///{tmp}/m.db"], "meta.json is inconsistent"),
@@ -117,7 +117,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("other-dataset-evaluate", ["evaluate", "{run}", "--data", "{one_shard}"],
      "is not the dataset this model was trained on (its meta.json differs: 20 users x 10 items, 1 shard(s))"),
     ("epochs-0", [*TRAIN, "--data", "{data}", "--epochs", "0", "--run-dir", "{tmp}/r"],
-     "train.epochs (--epochs) must be in [1, 1e+06], got 0"),
+     "train.epochs (--epochs) must be in [1, 1e+06] (or null: the run's length is train.steps), got 0"),
     ("bad-crc-no-verify", ["prepare", "--dataset", "ml-1m", "--archive", "{root}/bad-crc.zip", "--no-verify",
                            "--out", "{tmp}"], "ratings.dat is corrupt (Bad CRC-32"),
     ("sasrec-text-no-name", ["prepare", "--dataset", "sasrec-text", "--input", "{sasrec}/data.txt", "--out",
@@ -218,12 +218,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
         self._file = FillingFile(self._file)
 
     path = tmp_path / "last.ckpt"
-    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}, "dataset": {}, "config": {}})
+    save_checkpoint(path, Checkpoint({"w": torch.ones(3)}, {"kind": "sse-pt"}, {}, DatasetIdentity()))
     monkeypatch.setattr(GuardedWriter, "__init__", on_a_full_disk)
-    big = {"model": {"w": torch.zeros(100_000)}, "model_config": {}, "dataset": {}, "config": {}}
+    big = Checkpoint({"w": torch.zeros(100_000)}, {"kind": "sse-pt"}, {}, DatasetIdentity())
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device .*intact"):
         save_checkpoint(path, big)
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(load_checkpoint(path).model["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 

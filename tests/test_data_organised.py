@@ -116,5 +116,5 @@ def test_organised_tenth_prepares_and_trains(tmp_path, capsys):
     ]  # fmt: skip
     assert main(train) == 0
     state = load_checkpoint(tmp_path / "run")
-    assert state["step"] == 3 and state["finished"]
-    assert np.isfinite(state["test_metrics"]["test_full/ndcg@10"])
+    assert state.train_state.step == 3 and state.finished
+    assert np.isfinite(state.test_metrics["test_full/ndcg@10"])

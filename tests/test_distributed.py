@@ -104,7 +104,7 @@ def test_sigkill_of_one_rank_then_resume_is_bit_identical(workspace):
     assert workers, "torchrun's workers should be running"
     workers[-1].send_signal(signal.SIGKILL)  # one rank dies; torchrun ends the job
     assert launcher.wait(timeout=120) != 0
-    killed_at = load_checkpoint(run_dir)["epoch"]
+    killed_at = load_checkpoint(run_dir).train_state.epoch
     assert 2 <= killed_at < epochs, "the job should be killed mid-way"
     other_world = workspace["root"] / "killed-one-process"
     shutil.copytree(run_dir, other_world)
@@ -114,11 +114,11 @@ def test_sigkill_of_one_rank_then_resume_is_bit_identical(workspace):
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
     finished = load_checkpoint(run_dir)
-    assert finished["epoch"] == epochs and finished["world_size"] == 2
+    assert finished.train_state.epoch == epochs and finished.world_size == 2
 
     # another world size resumes too, with a notice that it is not bit-identical
     command = [sys.executable, "-m", "movierec", "train", "--resume", str(other_world)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "was trained by 2 process(es), this run has 1" in done.stdout
-    assert load_checkpoint(other_world)["epoch"] == epochs
+    assert load_checkpoint(other_world).train_state.epoch == epochs

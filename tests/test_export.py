@@ -21,7 +21,13 @@ import torch
 
 from movierec.cli import main
 from movierec.models.base import ModelConfig
-from movierec.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from movierec.models.checkpoint import (
+    Checkpoint,
+    DatasetIdentity,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from movierec.models.sse_pt import SSEPT
 from movierec.serving.export import INPUT_NAMES, load_metadata
 
@@ -36,16 +42,11 @@ def tiny_checkpoint(path: Path, kind: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = ModelConfig(num_users=40, num_items=60, kind=kind, max_len=12, d_item=16, d_user=8, num_heads=2)
     model = SSEPT(config)
-    dataset = {
-        "name": "tiny",
-        "meta_sha256": "0" * 64,
-        "num_users": 40,
-        "num_items": 60,
-        "item_movie_ids": torch.arange(1000, 1060),
-        "user_ids": torch.arange(500, 540),
-    }
-    state = {"model": model.state_dict(), "model_config": config.to_dict(), "dataset": dataset, "config": {}}
-    return save_checkpoint(path, {**state, "mlflow_run_id": None})
+    dataset = DatasetIdentity(
+        name="tiny", meta_sha256="0" * 64, num_users=40, num_items=60,
+        item_movie_ids=torch.arange(1000, 1060), user_ids=torch.arange(500, 540),
+    )  # fmt: skip
+    return save_checkpoint(path, Checkpoint(model.state_dict(), config.to_dict(), {}, dataset))
 
 
 def histories(config: ModelConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +187,7 @@ def test_register_and_load_back_by_models_uri(logged_run, tmp_path, capsys, monk
     assert int(second) == int(first) + 1
 
     state = load_checkpoint(logged_run["run_dir"], prefer="best.ckpt")
-    assert state["mlflow_run_id"] == logged_run["run_id"]
+    assert state.mlflow_run_id == logged_run["run_id"]
     model = model_from_checkpoint(state)
     mlflow.set_tracking_uri(uri)
     registered = mlflow.pytorch.load_model(f"models:/movierec-tiny/{first}").eval()

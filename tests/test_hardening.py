@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -101,21 +102,21 @@ def unfinished_run(trained_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("resumable") / "run"
     shutil.copytree(trained_run.run_dir, run)
     state = load_checkpoint(run / "last.ckpt")
-    state["finished"] = False
-    save_checkpoint(run / "last.ckpt", {k: v for k, v in state.items() if k not in ("format", "path")})
+    state.finished = False
+    save_checkpoint(run / "last.ckpt", state)
     return run
 
 
 def test_resume_with_a_config_file_writes_to_the_resumed_run(unfinished_run, trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs/synthetic.yaml says run_dir: runs/synthetic, relative to here
     config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
-    before = load_checkpoint(unfinished_run / "last.ckpt")["epoch"]
+    before = load_checkpoint(unfinished_run / "last.ckpt").train_state.epoch
     args = ["train", "--resume", str(unfinished_run), "--config", str(config), "--data", str(trained_run.data_dir),
             "--tracking-uri", trained_run.tracking_uri, "--epochs", str(before + 1), *TINY_RUN,
             "train.batch_size=64", "eval.ks=[10]"]  # fmt: skip
     assert main(args) == 0
     assert not (tmp_path / "runs").exists(), "nothing written where the YAML's run_dir points"
-    assert load_checkpoint(unfinished_run / "last.ckpt")["epoch"] == before + 1
+    assert load_checkpoint(unfinished_run / "last.ckpt").train_state.epoch == before + 1
 
 
 def test_resume_into_another_run_dir_is_refused(unfinished_run, tmp_path, capsys):
@@ -137,7 +138,7 @@ def test_resume_into_another_run_dir_is_refused(unfinished_run, tmp_path, capsys
 def test_a_flipped_bit_in_the_weights_is_caught_by_the_crc(trained_run, tmp_path, capsys):
     good = trained_run.run_dir / "best.ckpt"
     data = bytearray(good.read_bytes())
-    weights = load_checkpoint(good)["model"]["item_emb.weight"]
+    weights = load_checkpoint(good).model["item_emb.weight"]
     needle = weights[5].numpy().tobytes()  # a row of the item table, as stored in the archive
     at = bytes(data).find(needle)
     assert at > 0
@@ -154,10 +155,9 @@ def test_a_flipped_bit_in_the_weights_is_caught_by_the_crc(trained_run, tmp_path
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_at_load(trained_run, tmp_path, bad, capsys):
     state = load_checkpoint(trained_run.run_dir / "best.ckpt")
-    model = {k: v.clone() for k, v in state["model"].items()}
+    model = {k: v.clone() for k, v in state.model.items()}
     model["blocks.0.query.weight"][0, 0] = bad
-    path = save_checkpoint(tmp_path / "bad.ckpt", {**{k: v for k, v in state.items() if k not in ("format", "path")},
-                                                   "model": model})  # fmt: skip
+    path = save_checkpoint(tmp_path / "bad.ckpt", replace(state, model=model))
     assert main(["recommend", str(path), "--user", "1007"]) == 2
     err = capsys.readouterr().err
     assert "non-finite weights (NaN or Inf in blocks.0.query.weight)" in err and len(err.strip().splitlines()) == 1

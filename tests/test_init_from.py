@@ -181,18 +181,18 @@ def test_train_from_a_foreign_state_dict_logs_the_table(tmp_path, capsys):
     from movierec.models.checkpoint import load_checkpoint
 
     state = load_checkpoint(tmp_path / "source" / "best.ckpt")
-    blocks = state["model_config"]["num_blocks"]
-    torch.save(as_official_tensorflow(state["model"], blocks), tmp_path / "SSE_PT_tf.pth")
+    blocks = state.model_config["num_blocks"]
+    torch.save(as_official_tensorflow(state.model, blocks), tmp_path / "SSE_PT_tf.pth")
     capsys.readouterr()
     args = [*base, "--run-dir", str(tmp_path / "tuned"), "--init-from", str(tmp_path / "SSE_PT_tf.pth")]
     assert main([*args, "--init-map", str(OFFICIAL_MAP)]) == 0
     out = capsys.readouterr().out
-    assert "init-from: pretrained tensors" in out and f"init-from: {len(state['model'])} loaded, 0 mapped" in out
+    assert "init-from: pretrained tensors" in out and f"init-from: {len(state.model)} loaded, 0 mapped" in out
     tuned = load_checkpoint(tmp_path / "tuned" / "best.ckpt")
     client = MlflowClient(uri)
-    table = client.download_artifacts(tuned["mlflow_run_id"], "init_from.tsv", str(tmp_path))
+    table = client.download_artifacts(tuned.mlflow_run_id, "init_from.tsv", str(tmp_path))
     rows = Path(table).read_text().splitlines()
-    assert rows[0] == "source\ttarget\taction\tdetail" and len(rows) == 1 + len(state["model"])
+    assert rows[0] == "source\ttarget\taction\tdetail" and len(rows) == 1 + len(state.model)
     assert main(args) == 2, "without the map nothing fits: an error, never a silent cold start"
     err = capsys.readouterr().err
     assert "none of its tensors fits this model" in err and "--init-map" in err and len(err.splitlines()) == 1

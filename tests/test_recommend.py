@@ -7,6 +7,7 @@ import math
 import re
 import shlex
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -199,7 +200,7 @@ def test_user_and_history_are_exclusive(trained_run, capsys):
 def test_missing_dataset_files_are_one_line(trained_run, some_users, tmp_path, capsys):
     state = load_checkpoint(trained_run.run_dir, prefer="best.ckpt")
     moved = tmp_path / "moved.ckpt"
-    save_checkpoint(moved, {**state, "dataset": {**state["dataset"], "path": str(tmp_path / "gone" / "synthetic")}})
+    save_checkpoint(moved, replace(state, dataset=replace(state.dataset, path=str(tmp_path / "gone" / "synthetic"))))
     code, _, err = run(capsys, "recommend", moved, "--user", some_users[0])
     assert code == 2 and err.count("\n") == 1
     assert f"the model's dataset {tmp_path / 'gone' / 'synthetic'} is missing" in err and "pass --data" in err

@@ -35,9 +35,9 @@ def test_two_steps_on_an_ml_20mx16x32_shaped_file_with_a_large_catalog(tmp_path,
     out = capsys.readouterr().out
     assert "first optimizer step after" in out and "optimizer sparse-adam" in out
     state = load_checkpoint(tmp_path / "run")
-    assert state["step"] == 2 and state["finished"]
-    assert state["model"]["item_emb.weight"].shape[0] == sequences.num_items + 1
-    run = MlflowClient(uri).get_run(state["mlflow_run_id"])
+    assert state.train_state.step == 2 and state.finished
+    assert state.model["item_emb.weight"].shape[0] == sequences.num_items + 1
+    run = MlflowClient(uri).get_run(state.mlflow_run_id)
     assert run.data.params["train.optimizer_resolved"] == "sparse-adam"
     assert run.data.params["eval.validated_users"] == "25"
     assert 0 <= run.data.metrics["test_full/ndcg_at_10"] <= 1

@@ -193,7 +193,7 @@ def test_training_registering_and_recommending_over_http(server, data, tmp_path,
     run_dir = tmp_path / "run"
     args = train_args(data, run_dir, server, "e2e", 2, "tracking.log_model=true", "--run-name", "over-http")
     assert main(args) == 0
-    run_id = load_checkpoint(run_dir / "best.ckpt")["mlflow_run_id"]
+    run_id = load_checkpoint(run_dir / "best.ckpt").mlflow_run_id
     assert f"mlflow run id: {run_id}" in capsys.readouterr().out
     client = MlflowClient(server)
     run = client.get_run(run_id)
@@ -250,11 +250,11 @@ def test_a_sigkilled_run_is_marked_killed_and_resume_continues_it(server, data, 
 
     client = MlflowClient(server)
     killed_state = load_checkpoint(killed_dir / "last.ckpt")
-    killed_id, killed_at = killed_state["mlflow_run_id"], killed_state["epoch"]
+    killed_id, killed_at = killed_state.mlflow_run_id, killed_state.train_state.epoch
     run = client.get_run(killed_id)
     assert run.info.status == "RUNNING" and run.data.tags[PID_TAG] == str(killed.pid)  # nobody could end it
     stopped_state = load_checkpoint(stopped_dir / "last.ckpt")
-    assert status(server, stopped_state["mlflow_run_id"]) == "KILLED" and not stopped_state["finished"]
+    assert status(server, stopped_state.mlflow_run_id) == "KILLED" and not stopped_state.finished
 
     # the next training against the experiment, on this host, sees that the process is gone
     other = train(tiny_config(data, tmp_path / "other", server, experiment))
@@ -289,7 +289,7 @@ def test_an_error_ends_the_run_failed_and_ctrl_c_killed(server, data, tmp_path, 
     monkeypatch.setattr(Engine, "train_epoch", failing)
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny_config(data, tmp_path / "failed", server, "endings", epochs=3))
-    assert status(server, load_checkpoint(tmp_path / "failed" / "last.ckpt")["mlflow_run_id"]) == "FAILED"
+    assert status(server, load_checkpoint(tmp_path / "failed" / "last.ckpt").mlflow_run_id) == "FAILED"
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
@@ -321,13 +321,13 @@ def test_a_store_failing_mid_run_loses_nothing(server, data, tmp_path, monkeypat
     assert err.count("\n") == 1 and server in err and "at epoch 2" in err
     assert f"movierec train --resume {run_dir}" in err
     state = load_checkpoint(run_dir / "last.ckpt")
-    assert state["epoch"] == 2 and not state["finished"]
-    assert status(server, state["mlflow_run_id"]) == "FAILED"
+    assert state.train_state.epoch == 2 and not state.finished
+    assert status(server, state.mlflow_run_id) == "FAILED"
     monkeypatch.setattr(mlflow, "log_metrics", original)
     assert main(["train", "--resume", str(run_dir)]) == 0
-    steps = [m.step for m in MlflowClient(server).get_metric_history(state["mlflow_run_id"], "train_loss")]
+    steps = [m.step for m in MlflowClient(server).get_metric_history(state.mlflow_run_id, "train_loss")]
     assert sorted(steps) == [1, 2, 3]
-    assert status(server, state["mlflow_run_id"]) == "FINISHED"
+    assert status(server, state.mlflow_run_id) == "FINISHED"
 
 
 def test_a_failure_in_the_final_logging_leaves_the_run_resumable(server, data, tmp_path, monkeypatch):
@@ -344,12 +344,12 @@ def test_a_failure_in_the_final_logging_leaves_the_run_resumable(server, data, t
     config = tiny_config(data, tmp_path / "final", server, "final", epochs=1)
     with pytest.raises(TrackingError, match="store gone"):
         train(config)
-    assert not load_checkpoint(tmp_path / "final" / "last.ckpt")["finished"]
+    assert not load_checkpoint(tmp_path / "final" / "last.ckpt").finished
     monkeypatch.setattr(mlflow, "log_artifact", original)
     result = train(config, resume=tmp_path / "final")
     artifacts = {a.path for a in MlflowClient(server).list_artifacts(result.run_id)}
     assert {"history.json", "curves.png"} <= artifacts and status(server, result.run_id) == "FINISHED"
-    assert load_checkpoint(tmp_path / "final" / "last.ckpt")["finished"]
+    assert load_checkpoint(tmp_path / "final" / "last.ckpt").finished
 
 
 def test_only_runs_of_dead_processes_of_this_host_are_ended(tmp_path):

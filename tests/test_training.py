@@ -106,7 +106,7 @@ def test_training_is_tracked_in_mlflow(workspace):
 
     expected = model_from_checkpoint(state).queries(seqs, users, last_only=True)
     torch.testing.assert_close(logged.eval().queries(seqs, users, last_only=True), expected)
-    assert state["finished"] and state["epoch"] == 2 and state["mlflow_run_id"] == result.run_id
+    assert state.finished and state.train_state.epoch == 2 and state.mlflow_run_id == result.run_id
 
 
 def test_same_seed_gives_the_same_metrics(workspace):
@@ -139,22 +139,24 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(workspace, capsys):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = load_checkpoint(run_dir)["epoch"]
+    killed_at = load_checkpoint(run_dir).train_state.epoch
     assert 2 <= killed_at < epochs, "the run should be killed mid-way"
     assert main(["train", "--resume", str(run_dir)]) == 0
     resumed = load_checkpoint(run_dir / "last.ckpt")
-    assert resumed["epoch"] == epochs and resumed["mlflow_run_id"]
+    assert resumed.train_state.epoch == epochs and resumed.mlflow_run_id
     reference_state = load_checkpoint(Path(reference.run_dir) / "last.ckpt")
-    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in reference_state["history"]]
+    assert [h["train_loss"] for h in resumed.train_state.history] == [
+        h["train_loss"] for h in reference_state.train_state.history
+    ]
     for name in ("last.ckpt", "best.ckpt"):  # the last weights and the best ones, bit for bit
         ours, theirs = load_checkpoint(run_dir / name), load_checkpoint(Path(reference.run_dir) / name)
-        assert ours["epoch"] == theirs["epoch"]
-        for key, tensor in theirs["model"].items():
-            torch.testing.assert_close(ours["model"][key], tensor, rtol=0, atol=0)
+        assert ours.train_state.epoch == theirs.train_state.epoch
+        for key, tensor in theirs.model.items():
+            torch.testing.assert_close(ours.model[key], tensor, rtol=0, atol=0)
     out = capsys.readouterr().out
-    assert "mlflow run id: " + resumed["mlflow_run_id"] in out
+    assert "mlflow run id: " + resumed.mlflow_run_id in out
     # the resumed run continues the same MLflow run: one train_loss value per epoch
-    steps = [m.step for m in MlflowClient(workspace["uri"]).get_metric_history(resumed["mlflow_run_id"], "train_loss")]
+    steps = [m.step for m in MlflowClient(workspace["uri"]).get_metric_history(resumed.mlflow_run_id, "train_loss")]
     assert sorted(set(steps)) == list(range(1, epochs + 1))
 
 
@@ -222,8 +224,8 @@ def test_resume_on_other_shards_is_refused(workspace):
 
     result = train(tiny_config(workspace, "shards", epochs=1))
     state = load_checkpoint(Path(result.run_dir) / "last.ckpt")
-    state["finished"] = False  # as if it had been killed
-    save_checkpoint(Path(result.run_dir) / "last.ckpt", {k: v for k, v in state.items() if k not in ("format", "path")})
+    state.finished = False  # as if it had been killed
+    save_checkpoint(Path(result.run_dir) / "last.ckpt", state)
     config = tiny_config(workspace, "shards", epochs=2)
     config.data.fraction = 0.5
     with pytest.raises(CheckpointError, match="trained on shards"):
@@ -245,9 +247,9 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
     assert report["item_emb.weight"][1].startswith("70 of 140 rows by movieId")
     assert report["blocks.0.query.weight"][0] == "loaded" and report["pos_emb.weight"][0] == "loaded"
     model = run.engine.model.state_dict()
-    torch.testing.assert_close(model["blocks.1.ffn_in.weight"], source_state["model"]["blocks.1.ffn_in.weight"])
+    torch.testing.assert_close(model["blocks.1.ffn_in.weight"], source_state.model["blocks.1.ffn_in.weight"])
     # movieIds 51..120 are items 51..120 in the source and items 1..70 here: copied by movieId, not position
-    torch.testing.assert_close(model["item_emb.weight"][1:71], source_state["model"]["item_emb.weight"][51:121])
+    torch.testing.assert_close(model["item_emb.weight"][1:71], source_state.model["item_emb.weight"][51:121])
     result = run.fit()
     artifacts = {a.path for a in MlflowClient(workspace["uri"]).list_artifacts(result.run_id)}
     assert "init_from.tsv" in artifacts
@@ -255,17 +257,15 @@ def test_init_from_loads_the_encoder_and_maps_items_across_datasets(workspace):
 
 def test_init_from_maps_by_id_even_when_shapes_match():
     from movierec.models.base import ModelConfig
+    from movierec.models.checkpoint import Checkpoint, DatasetIdentity
     from movierec.models.sse_pt import SSEPT
     from movierec.training.init_from import init_from_checkpoint
 
     torch.manual_seed(0)
     config = ModelConfig(num_users=2, num_items=3, max_len=4, d_item=4, d_user=2)
     old, new = SSEPT(config), SSEPT(config)
-    state = {
-        "model": old.state_dict(),
-        "model_config": config.to_dict(),
-        "dataset": {"item_movie_ids": torch.tensor([10, 20, 30]), "user_ids": torch.tensor([7, 8])},
-    }
+    dataset = DatasetIdentity(item_movie_ids=torch.tensor([10, 20, 30]), user_ids=torch.tensor([7, 8]))
+    state = Checkpoint(old.state_dict(), config.to_dict(), {}, dataset)
     report = init_from_checkpoint(new, state, np.array([30, 10, 20]), np.array([8, 7]))
     assert {row.target: row.action for row in report}["item_emb.weight"] == "mapped"
     torch.testing.assert_close(new.item_emb.weight[1:], old.item_emb.weight[[3, 1, 2]])
@@ -382,7 +382,7 @@ def test_schedules_follow_the_run_and_warn_when_a_setting_cannot_take_effect(wor
 def test_a_step_budget_trains_that_many_steps_whatever_the_epoch_size(workspace):
     result = train(tiny_config(workspace, "steps", "train.epochs=null", "train.steps=10", epochs=None))
     state = load_checkpoint(Path(result.run_dir) / "last.ckpt")
-    assert state["step"] == 10 and state["epoch"] == 3  # 4 steps per epoch: 4 + 4 + 2
+    assert state.train_state.step == 10 and state.train_state.epoch == 3  # 4 steps per epoch: 4 + 4 + 2
 
 
 def test_last_ckpt_holds_the_last_weights_and_best_ckpt_the_best(workspace):
@@ -390,9 +390,9 @@ def test_last_ckpt_holds_the_last_weights_and_best_ckpt_the_best(workspace):
     result = train(tiny_config(workspace, "last-and-best", "eval.every_steps=4", "train.lr=0.05", epochs=4))
     best = load_checkpoint(Path(result.run_dir) / "best.ckpt")
     last = load_checkpoint(Path(result.run_dir) / "last.ckpt")
-    assert best["finished"] and last["finished"] and best["test_metrics"] == last["test_metrics"]
-    assert (result.best_epoch, best["epoch"], last["epoch"], last["step"]) == (3, 3, 4, 16)
-    assert all(not torch.equal(best["model"][k], last["model"][k]) for k in ("item_emb.weight", "pos_emb.weight"))
+    assert best.finished and last.finished and best.test_metrics == last.test_metrics
+    assert (result.best_epoch, best.train_state.epoch, last.train_state.epoch, last.train_state.step) == (3, 3, 4, 16)
+    assert all(not torch.equal(best.model[k], last.model[k]) for k in ("item_emb.weight", "pos_emb.weight"))
     # the last weights are the ones the last epoch wrote: a resume of an unfinished copy would continue them
     with pytest.raises(CheckpointError, match="from a finished run"):
         train(tiny_config(workspace, "last-and-best", epochs=5), resume=result.run_dir)

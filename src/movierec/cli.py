@@ -244,7 +244,7 @@ def config_from_args(args: argparse.Namespace):
             "or copy the run folder there and resume that)"
         )
     if not args.config:
-        base = config_from_dict(load_checkpoint(args.resume)["config"])
+        base = config_from_dict(load_checkpoint(args.resume).config)
     config = load_config(args.config, overrides, flags, base=base)
     config.run_dir = str(run_dir)  # a resumed run writes to its own folder, whatever a --config file says
     return config

@@ -208,8 +208,8 @@ def evaluate_checkpoint(
 
     state = load_checkpoint(checkpoint, prefer=BEST)
     path = verify_dataset(state, data_path)
-    data = load_sequences(path, shards=state["dataset"].get("shards"))
+    data = load_sequences(path, shards=state.dataset.shards)
     model = model_from_checkpoint(state, device)
-    trained_with = state.get("config", {}).get("train", {}).get("loss", "bce")  # checkpoints before validation_loss
-    loss = state.get("validation_loss") or ("ce" if trained_with in ("ce", "sampled-softmax") else "bce")
-    return Evaluator(data, split, protocols, ks, seed, max_users=max_users).run(model, device, loss=loss)
+    return Evaluator(data, split, protocols, ks, seed, max_users=max_users).run(
+        model, device, loss=state.validation_loss
+    )

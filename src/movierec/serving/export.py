@@ -36,6 +36,7 @@ from torch import nn
 from movierec.errors import CheckpointError, ConfigError, MovierecError
 from movierec.files import GuardedWriter, atomic_path
 from movierec.models.base import SequentialModel
+from movierec.models.checkpoint import DatasetIdentity
 
 FORMATS = ("onnx", "torchscript")
 METADATA_KEY = "movierec"
@@ -64,7 +65,7 @@ class ExportSource:
     """A model to export and what is known about where it came from."""
 
     model: SequentialModel
-    dataset: dict | None = None
+    dataset: DatasetIdentity | None = None
     run_id: str | None = None
     tracking_uri: str | None = None
     origin: str = ""
@@ -88,10 +89,10 @@ def load_source(ref: str | Path, tracking_uri: str | None = None) -> ExportSourc
         state = load_checkpoint(ref, prefer=BEST)
     return ExportSource(
         model=model_from_checkpoint(state),
-        dataset=state.get("dataset"),
-        run_id=state.get("mlflow_run_id"),
-        tracking_uri=tracking_uri or (state.get("config") or {}).get("tracking", {}).get("uri"),
-        origin=str(state.get("path", ref)),
+        dataset=state.dataset,
+        run_id=state.mlflow_run_id,
+        tracking_uri=tracking_uri or state.config.get("tracking", {}).get("uri"),
+        origin=state.path or str(ref),
     )
 
 
@@ -116,10 +117,10 @@ def metadata(source: ExportSource, fmt: str) -> dict:
         "torch_version": torch.__version__,
     }
     if source.dataset:
-        meta["dataset"] = {k: source.dataset.get(k) for k in ("name", "meta_sha256", "num_users", "num_items")}
+        meta["dataset"] = {k: getattr(source.dataset, k) for k in ("name", "meta_sha256", "num_users", "num_items")}
         for key in ("item_movie_ids", "user_ids"):
-            if source.dataset.get(key) is not None:
-                meta[key] = [int(v) for v in np.asarray(source.dataset[key]).tolist()]
+            if getattr(source.dataset, key) is not None:
+                meta[key] = [int(v) for v in np.asarray(getattr(source.dataset, key)).tolist()]
     return meta
 
 

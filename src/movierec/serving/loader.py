@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from movierec.errors import CheckpointError
-from movierec.models.checkpoint import BEST, load_checkpoint
+from movierec.models.checkpoint import BEST, Checkpoint, load_checkpoint
 from movierec.serving.recommender import Recommender
 
 RUN_CHECKPOINT = "checkpoints/best.ckpt"
@@ -30,7 +30,7 @@ def _mlflow_error(ref: str, exc: Exception) -> CheckpointError:
     return CheckpointError(f"cannot load {ref} from MLflow: {message}")
 
 
-def _download_run_checkpoint(run_id: str, artifact: str, tracking_uri: str, ref: str) -> dict:
+def _download_run_checkpoint(run_id: str, artifact: str, tracking_uri: str, ref: str) -> Checkpoint:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
@@ -43,7 +43,7 @@ def _download_run_checkpoint(run_id: str, artifact: str, tracking_uri: str, ref:
         except (MlflowException, OSError) as exc:
             raise _mlflow_error(ref, exc) from exc
         state = load_checkpoint(local, prefer=BEST)
-    state["path"] = ref
+    state.path = ref
     return state
 
 
@@ -74,7 +74,7 @@ def _registered_run_id(name_version: str, tracking_uri: str, ref: str) -> str:
     return version.run_id
 
 
-def load_state(ref: str | Path, tracking_uri: str | None = None) -> dict:
+def load_state(ref: str | Path, tracking_uri: str | None = None) -> Checkpoint:
     """The checkpoint dict behind a MODEL reference (see the module docstring)."""
     from movierec.mlflow_store import tracking_uri as resolve_uri
 

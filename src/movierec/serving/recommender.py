@@ -34,7 +34,7 @@ from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
 from movierec.models.base import SequentialModel
 from movierec.models.catalog import NOTHING_SEEN, CatalogScorer, length_sorted_batches, row_item_pairs
-from movierec.models.checkpoint import model_from_checkpoint, verify_dataset
+from movierec.models.checkpoint import Checkpoint, model_from_checkpoint, verify_dataset
 
 
 class RecommendError(MovierecError):
@@ -126,23 +126,23 @@ class Recommender:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_checkpoint(cls, state: dict, data: str | Path | None = None, source: str = "") -> Recommender:
+    def from_checkpoint(cls, state: Checkpoint, data: str | Path | None = None, source: str = "") -> Recommender:
         """Build from a loaded checkpoint and its prepared dataset (``data`` overrides the recorded path)."""
-        identity = state.get("dataset") or {}
+        identity = state.dataset
         path = verify_dataset(state, data)
         fix = "pass --data with the prepared dataset folder the model was trained on"
         try:
-            data_seq = load_sequences(path, shards=identity.get("shards"))
+            data_seq = load_sequences(path, shards=identity.shards)
             items_table = read_items(path)
         except DataError as exc:
             raise DataError(f"{exc}; or {fix}") from exc
         model = model_from_checkpoint(state)
         items_table = items_table.sort_by("item")
         movie_ids = items_table["movie_id"].to_numpy().astype(np.int64)
-        recorded_ids = identity.get("item_movie_ids")
+        recorded_ids = identity.item_movie_ids
         if recorded_ids is not None and not np.array_equal(np.asarray(recorded_ids), movie_ids):
             raise DataError(f"{path}/items.parquet does not match the checkpoint's movieIds; {fix}")
-        user_ids = identity.get("user_ids")
+        user_ids = identity.user_ids
         if user_ids is None:
             from movierec.data.layout import read_users
 
@@ -162,8 +162,8 @@ class Recommender:
             histories,
             years=column("year"),
             genres=column("genres"),
-            source=source or state.get("path", ""),
-            dataset_name=identity.get("name", data_seq.meta.get("name", "")),
+            source=source or state.path,
+            dataset_name=identity.name if identity.name != "?" else data_seq.meta.get("name", ""),
         )
 
     # ------------------------------------------------------------------ look-ups

@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -24,34 +23,12 @@ from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems
 from movierec.errors import ConfigError
 from movierec.models.base import ModelConfig, SequentialModel, build_model
+from movierec.models.checkpoint import TrainState
 from movierec.training import losses
 from movierec.training.batches import TrainBatches
 from movierec.training.config import RunConfig
 from movierec.training.distributed import Distributed
 from movierec.training.optim import build_optimizers, clip_grad_norm, resolve_optimizer
-
-
-@dataclass
-class TrainState:
-    """Where a run stands: what an exact resume needs besides the weights and optimizer moments."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    best_metric: float = -math.inf  # best validation value so far, and its epoch
-    best_epoch: int = 0
-    last_eval_step: int = 0  # step of the last validation
-    last_gain_step: int = 0  # step of the last gain of at least eval.min_delta, and the value it reached
-    gain_reference: float = -math.inf
-    elapsed: float = 0.0  # seconds of training and validation, over every resumed segment
-    history: list[dict] = field(default_factory=list)  # one record per epoch
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainState:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def resolve_device(name: str) -> torch.device:

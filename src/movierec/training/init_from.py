@@ -24,7 +24,14 @@ from rich.table import Table
 
 from movierec.errors import CheckpointError, ConfigError
 from movierec.models.base import SequentialModel
-from movierec.models.checkpoint import BEST, ForeignFile, load_checkpoint, resolve_checkpoint, torch_load_safely
+from movierec.models.checkpoint import (
+    BEST,
+    Checkpoint,
+    ForeignFile,
+    load_checkpoint,
+    resolve_checkpoint,
+    torch_load_safely,
+)
 
 # the actions of a report row
 LOADED, MAPPED, SKIPPED_SHAPE, SKIPPED_NO_MATCH, INITIALISED = (
@@ -169,7 +176,7 @@ def match_ids(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.
 
 def init_from_checkpoint(
     model: SequentialModel,
-    state: dict,
+    state: Checkpoint,
     item_movie_ids: np.ndarray | None = None,
     user_ids: np.ndarray | None = None,
     map_by_id: bool = True,
@@ -181,17 +188,16 @@ def init_from_checkpoint(
     (two preparations of the same release can number the same movies differently). Every other tensor
     is loaded when its name and shape match (the Transformer encoder), and skipped otherwise.
     """
-    old_kind = state["model_config"]["kind"]
+    old_kind = state.model_config["kind"]
     if old_kind != model.config.kind:
         raise CheckpointError(
-            f"{state.get('path', 'checkpoint')} holds a {old_kind} model, this run trains {model.config.kind}; "
+            f"{state.path} holds a {old_kind} model, this run trains {model.config.kind}; "
             f"use a {model.config.kind} checkpoint or set model.kind={old_kind}"
         )
-    pretrained = state["model"]
-    old_dataset = state.get("dataset", {})
+    pretrained = state.model
     id_maps = {
-        "item_emb.weight": (item_movie_ids, old_dataset.get("item_movie_ids"), "movieId"),
-        "user_emb.weight": (user_ids, old_dataset.get("user_ids"), "userId"),
+        "item_emb.weight": (item_movie_ids, state.dataset.item_movie_ids, "movieId"),
+        "user_emb.weight": (user_ids, state.dataset.user_ids, "userId"),
     }
     report: list[InitRow] = []
     own = model.state_dict()
@@ -202,6 +208,10 @@ def init_from_checkpoint(
             if old is None:
                 report.append(InitRow("", name, INITIALISED, "not in the checkpoint: keeps its fresh initialisation"))
             elif map_by_id and new_ids is not None and old_ids is not None and old.shape[1:] == tensor.shape[1:]:
+                if old.dim() != 2 or old.shape[0] < len(old_ids) + 1:
+                    detail = f"{tuple(old.shape)} holds fewer rows than its {len(old_ids)} {label}s"
+                    report.append(InitRow(name, name, SKIPPED_SHAPE, detail))
+                    continue
                 new_rows, old_rows = match_ids(np.asarray(new_ids), np.asarray(old_ids))
                 tensor[torch.from_numpy(new_rows + 1)] = old[torch.from_numpy(old_rows + 1)].to(tensor.dtype)
                 detail = (
@@ -225,7 +235,7 @@ class Pretrained:
     """Weights to start from: a movierec checkpoint (`state`) or a foreign state dict (`tensors`)."""
 
     path: Path
-    state: dict | None = None
+    state: Checkpoint | None = None
     tensors: dict[str, torch.Tensor] | None = None
 
 

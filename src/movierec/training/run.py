@@ -14,7 +14,7 @@ import json
 import os
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +27,19 @@ from movierec.data.negatives import SeenItems
 from movierec.errors import CheckpointError, ConfigError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.files import FolderLock, atomic_path
-from movierec.models.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from movierec.models.checkpoint import (
+    BEST,
+    LAST,
+    Checkpoint,
+    DatasetIdentity,
+    load_checkpoint,
+    save_checkpoint,
+)
 from movierec.training import batch_size, distributed
 from movierec.training.batch_size import BatchSizeChoice, choose_batch_size, memory_budget_bytes
 from movierec.training.batches import TrainBatches
 from movierec.training.config import RunConfig, dump_config, resolve_schedule, run_length
-from movierec.training.engine import Engine, TrainState, keep_freed_memory_on_cpu, resolve_device, resolve_precision
+from movierec.training.engine import Engine, keep_freed_memory_on_cpu, resolve_device, resolve_precision
 from movierec.training.init_from import InitRow, init_model, read_init_map, read_pretrained
 
 
@@ -69,19 +76,19 @@ class Recorder:
         """The run failed before it started (set-up): release what the recorder started."""
 
 
-def dataset_identity(data: SequenceData) -> dict:
+def dataset_identity(data: SequenceData) -> DatasetIdentity:
     """What a checkpoint records of its dataset: to check it is the same one, and to map ids across datasets."""
     items, users = read_items(data.path), read_users(data.path)
-    return {
-        "path": str(Path(data.path).resolve()),
-        "name": data.meta["name"],
-        "meta_sha256": sha256_file(Path(data.path) / META_FILE),
-        "num_users": data.num_users,
-        "num_items": data.num_items,
-        "item_movie_ids": torch.from_numpy(items["movie_id"].to_numpy().astype(np.int64)),
-        "user_ids": torch.from_numpy(users["user_id"].to_numpy().astype(np.int64)),
-        "shards": list(data.shard_indices),
-    }
+    return DatasetIdentity(
+        path=str(Path(data.path).resolve()),
+        name=data.meta["name"],
+        meta_sha256=sha256_file(Path(data.path) / META_FILE),
+        num_users=data.num_users,
+        num_items=data.num_items,
+        item_movie_ids=torch.from_numpy(items["movie_id"].to_numpy().astype(np.int64)),
+        user_ids=torch.from_numpy(users["user_id"].to_numpy().astype(np.int64)),
+        shards=list(data.shard_indices),
+    )
 
 
 def seconds_since_process_start() -> float:
@@ -110,8 +117,10 @@ class CheckpointRecorder(Recorder):
         """Mark both checkpoints, as their epochs wrote them, finished (or not, when a recorder failed: --resume
         then comes back to the final step); the run's result travels with the weights."""
         for name in (BEST, LAST):
+            if not (self.run_dir / name).is_file():  # best.ckpt of a run folder someone pruned: only last.ckpt
+                continue
             state = load_checkpoint(self.run_dir / name)
-            save_checkpoint(self.run_dir / name, {**state, "finished": finished, "test_metrics": test_metrics})
+            save_checkpoint(self.run_dir / name, replace(state, finished=finished, test_metrics=test_metrics))
 
 
 class ConsoleRecorder(Recorder):
@@ -177,7 +186,7 @@ class Run:
         self.dist, device_name = distributed.setup(c.train.device)
         if not self.dist.is_main:  # rank 0 alone prints, tracks and writes
             self.console = Console(quiet=True)
-        self.run_id: str | None = self.resume_state.get("mlflow_run_id") if self.resume_state else None
+        self.run_id: str | None = self.resume_state.mlflow_run_id if self.resume_state else None
         self.time_to_first_step: float | None = None
         self.recorders = self._default_recorders() if recorders is None else recorders
         self.checkpoints = next((r for r in self.recorders if isinstance(r, CheckpointRecorder)), None)
@@ -189,14 +198,14 @@ class Run:
             raise
 
     @staticmethod
-    def _resumable(config: RunConfig, resume: str | Path | None) -> dict | None:
+    def _resumable(config: RunConfig, resume: str | Path | None) -> Checkpoint | None:
         """The checkpoint to resume, checked to be unfinished and to belong to `config.run_dir`."""
         if not resume:
             return None
         state = load_checkpoint(resume)
-        if state.get("finished"):
-            raise CheckpointError(f"{state['path']} is from a finished run; use --init-from to start a new run from it")
-        resumed_dir = Path(state["path"]).parent
+        if state.finished:
+            raise CheckpointError(f"{state.path} is from a finished run; use --init-from to start a new run from it")
+        resumed_dir = Path(state.path).parent
         if resumed_dir.resolve() != Path(config.run_dir).resolve():
             raise ConfigError(
                 f"resuming {resumed_dir} would write to run_dir {config.run_dir}: a resumed run writes to its own "
@@ -281,7 +290,7 @@ class Run:
         if self.resume_state is not None:
             self._restore(self.resume_state)
         elif self.pretrained is not None:
-            ids = (self.identity["item_movie_ids"].numpy(), self.identity["user_ids"].numpy())
+            ids = (self.identity.item_movie_ids.numpy(), self.identity.user_ids.numpy())
             self.init_report = init_model(self.engine.model, self.pretrained, self.init_rules, *ids, c.init.map_by_id)
         self.engine.wrap_for_data_parallel()  # after restore / init-from: DDP starts every rank from rank 0's
 
@@ -290,7 +299,7 @@ class Run:
         training/batch_size.py). The config then holds the numbers, so config.yaml, MLflow and a resume see them."""
         c = self.config
         if self.resume_state is not None:
-            saved = self.resume_state["config"]["train"]
+            saved = self.resume_state.config["train"]
             c.train.batch_size, c.train.lr = int(saved["batch_size"]), float(saved["lr"])
             self.batch_size_choice = BatchSizeChoice(c.train.batch_size, c.train.lr, [(c.train.batch_size, "resumed")])
             return
@@ -316,68 +325,55 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _restore(self, state: dict) -> None:
-        engine = self.engine
-        if state["model_config"] != engine.model_config.to_dict():
+    def _restore(self, state: Checkpoint) -> None:
+        engine, where = self.engine, state.path
+        if state.model_config != engine.model_config.to_dict():
             raise CheckpointError(
-                f"{state['path']} was trained with model {state['model_config']}, this run builds "
+                f"{where} was trained with model {state.model_config}, this run builds "
                 f"{engine.model_config.to_dict()}; resume with the checkpoint's own config (omit --config)"
             )
-        if state["dataset"]["meta_sha256"] != self.identity["meta_sha256"]:
+        if state.dataset.meta_sha256 != self.identity.meta_sha256:
+            raise CheckpointError(f"{where} was trained on another dataset ({state.dataset.path}); pass --data with it")
+        if list(state.dataset.shards or []) != list(self.identity.shards):
             raise CheckpointError(
-                f"{state['path']} was trained on another dataset ({state['dataset']['path']}); pass --data with it"
+                f"{where} was trained on shards {state.dataset.shards}, this run selects {self.identity.shards}; "
+                "resume without --fraction/--shards"
             )
-        if list(state["dataset"].get("shards", [])) != list(self.identity["shards"]):
+        if len(state.optimizers) != len(engine.optimizers):
             raise CheckpointError(
-                f"{state['path']} was trained on shards {state['dataset'].get('shards')}, this run selects "
-                f"{self.identity['shards']}; resume without --fraction/--shards"
+                f"{where} was trained with optimizer {state.optimizer_kind}, this run resolves train.optimizer="
+                f"{self.config.train.optimizer} to {engine.optimizer_kind}; resume with "
+                f"train.optimizer={state.optimizer_kind}"
             )
-        saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
-        if len(saved) != len(engine.optimizers):
-            saved_kind = state.get("optimizer_kind", "adam")
+        try:
+            engine.restore(state.model, state.optimizers, state.scaler, state.train_state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"{state['path']} was trained with optimizer {saved_kind}, this run resolves train.optimizer="
-                f"{self.config.train.optimizer} to {engine.optimizer_kind}; resume with train.optimizer={saved_kind}"
-            )
-        train_state = TrainState(
-            epoch=state["epoch"], step=state["step"], best_metric=state["best_metric"], best_epoch=state["best_epoch"],
-            last_eval_step=state.get("last_eval_step", state["step"]),
-            last_gain_step=state.get("last_gain_step", state["step"]),
-            gain_reference=state.get("gain_reference", state["best_metric"]),
-            elapsed=state.get("elapsed", 0.0), history=list(state["history"]),
-        )  # fmt: skip
-        engine.restore(state["model"], saved, state["scaler"], train_state)
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.dist.world_size:
+                f"{where} cannot be resumed: its saved state does not fit this run ({first})"
+            ) from exc
+        if state.world_size != self.dist.world_size:
             self.console.print(
-                f"notice: {state['path']} was trained by {saved_world} process(es), this run has "
+                f"notice: {where} was trained by {state.world_size} process(es), this run has "
                 f"{self.dist.world_size}: it continues, but not bit-identically to an uninterrupted run"
             )
 
-    def checkpoint(self, finished: bool = False) -> dict:
-        engine, s = self.engine, self.engine.state
-        return {
-            "model": engine.model.state_dict(),
-            "model_config": engine.model_config.to_dict(),
-            "optimizer": [optimizer.state_dict() for optimizer in engine.optimizers],
-            "scaler": engine.scaler.state_dict(),
-            "epoch": s.epoch,
-            "step": s.step,
-            "best_metric": s.best_metric,
-            "best_epoch": s.best_epoch,
-            "last_eval_step": s.last_eval_step,
-            "last_gain_step": s.last_gain_step,
-            "gain_reference": s.gain_reference,
-            "elapsed": s.elapsed,
-            "history": s.history,
-            "world_size": self.dist.world_size,
-            "optimizer_kind": engine.optimizer_kind,
-            "validation_loss": engine.objective.validation_loss,
-            "config": json.loads(json.dumps(self.config.to_dict())),
-            "dataset": self.identity,
-            "mlflow_run_id": self.run_id,
-            "finished": finished,
-        }
+    def checkpoint(self, finished: bool = False) -> Checkpoint:
+        engine = self.engine
+        return Checkpoint(
+            model=engine.model.state_dict(),
+            model_config=engine.model_config.to_dict(),
+            config=json.loads(json.dumps(self.config.to_dict())),
+            dataset=self.identity,
+            train_state=engine.state,
+            optimizers=[optimizer.state_dict() for optimizer in engine.optimizers],
+            scaler=engine.scaler.state_dict(),
+            optimizer_kind=engine.optimizer_kind,
+            validation_loss=engine.objective.validation_loss,
+            world_size=self.dist.world_size,
+            mlflow_run_id=self.run_id,
+            finished=finished,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -485,7 +481,7 @@ class Run:
         c, s, model = self.config, self.engine.state, self.engine.model
         best_path = Path(c.run_dir) / BEST
         if self.dist.is_main and best_path.is_file():
-            model.load_state_dict(load_checkpoint(best_path)["model"])
+            model.load_state_dict(load_checkpoint(best_path).model)
         if self.dist.enabled:  # the best weights reach every rank without a shared file system
             for tensor in model.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)

@@ -386,8 +386,8 @@ class MlflowRecorder(Recorder):
         run, c = self.run, self.config
         engine = run.engine
         extra = {
-            "dataset.name": run.identity["name"],
-            "dataset.meta_sha256": run.identity["meta_sha256"],
+            "dataset.name": run.identity.name,
+            "dataset.meta_sha256": run.identity.meta_sha256,
             "dataset.num_users": run.data.num_users,
             "dataset.num_items": run.data.num_items,
             "dataset.shards": ",".join(map(str, run.data.shard_indices)),
