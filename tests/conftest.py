@@ -43,7 +43,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     """
     import pyarrow as pa
 
-    from movierec.data.prepare import Interactions, write_dataset
+    from movierec.data.split import Interactions, write_dataset
     from movierec.data.synthetic import generate_synthetic
     from movierec.training.config import load_config
     from movierec.training.run import train

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from serving_docs import DOCS, documented_commands, quickstart_layout
 
-from movierec.serving.api import (
+from movierec.serving.http import (
     BODY_DEADLINE,
     BODY_TIMEOUT,
     MAX_BATCH,

@@ -10,7 +10,7 @@ import pytest
 from movierec.cli import build_parser, config_from_args
 from movierec.data.layout import load_sequences
 from movierec.data.negatives import SeenItems
-from movierec.data.prepare import write_dataset
+from movierec.data.split import write_dataset
 from movierec.data.synthetic import generate_synthetic
 from movierec.evaluation.evaluate import Evaluator
 from movierec.models.base import MODELS

@@ -12,8 +12,8 @@ from data_builders import make_zip, md5, ratings, release_members
 
 from movierec.cli import main
 from movierec.data import download as dl
-from movierec.data.api import prepare
 from movierec.data.layout import load_sequences, read_meta
+from movierec.data.prepare import prepare
 from movierec.data.registry import RELEASES
 from movierec.errors import DataError
 
@@ -224,7 +224,7 @@ def test_prepare_downloads_implicitly(server, ml100k_zip, tmp_path, monkeypatch)
     assert meta["source"]["md5"] == md5(ml100k_zip) and meta["source"]["md5_verified"]
     assert meta["source"]["url"] == f"{base}/ml-100k.zip"
     assert meta["num_users"] == 12
-    assert len(load_sequences(path).evaluated_users) == 12
+    assert len(load_sequences(path).tested_users) == 12
 
 
 def test_cli_download_and_errors(server, ml100k_zip, tmp_path, monkeypatch, capsys):

@@ -12,9 +12,9 @@ from data_builders import MLPERF_FILES as FILES
 from data_builders import write_mlperf_files as write_files
 
 from movierec.cli import main
-from movierec.data.api import prepare
 from movierec.data.layout import load_sequences, read_items, read_meta, read_users
 from movierec.data.mlperf import prepare_mlperf
+from movierec.data.prepare import prepare
 from movierec.errors import ConfigError, DataError
 
 
@@ -115,6 +115,6 @@ def test_prepare_from_tar_archive_and_cli(tmp_path, capsys):
     assert main([*args, "--fraction", "0.5"]) == 0
     assert "no (items within a user in id order)" in capsys.readouterr().out
     assert main([*args, "--min-rating", "4", "--overwrite"]) == 2
-    assert "do not apply to ml-20mx16x32" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="ml-20mx16x32 only"):
+    assert "--min-rating does not apply to ml-20mx16x32" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--fraction does not apply to synthetic"):
         prepare("synthetic", tmp_path / "x", fraction=0.5)

@@ -92,8 +92,8 @@ def test_bad_folders_are_one_line_and_leave_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir()), "nothing half-written"
-    with pytest.raises(ConfigError, match="--holdout applies to ml-20mx16x32"):
-        from movierec.data.api import prepare
+    with pytest.raises(ConfigError, match="--holdout does not apply to synthetic"):
+        from movierec.data.prepare import prepare
 
         prepare("synthetic", tmp_path / "s", holdout="by-file")
 

@@ -13,9 +13,9 @@ import pytest
 from data_builders import ratings
 
 from movierec.data import layout
-from movierec.data.api import prepare
 from movierec.data.layout import load_sequences, read_meta
-from movierec.data.prepare import Interactions, build_split, write_dataset
+from movierec.data.prepare import prepare
+from movierec.data.split import Interactions, build_split, write_dataset
 from movierec.errors import DataError
 
 
@@ -114,9 +114,9 @@ def test_fraction_and_shard_selection_evaluate_the_trained_users(dataset):
     first = load_sequences(path, fraction=1 / 3)
     lo, hi = meta["shards"][0]["users"]
     assert first.shard_indices == [0]
-    assert set(first.users.tolist()) == set(range(lo, hi)) == set(first.evaluated_users.tolist())
+    assert set(first.users.tolist()) == set(range(lo, hi)) == set(first.tested_users.tolist())
     later = load_sequences(path, shards="1-2")
-    assert later.shard_indices == [1, 2] and later.evaluated_users.min() == meta["shards"][1]["users"][0]
+    assert later.shard_indices == [1, 2] and later.tested_users.min() == meta["shards"][1]["users"][0]
     assert len(later.train_sequence(1)) == 0, "users outside the chosen shards have no data"
     with pytest.raises(DataError, match="shards 0-2"):
         load_sequences(path, shards="5")
@@ -155,7 +155,7 @@ def test_killed_process_leaves_nothing_that_looks_valid(tmp_path):
     script = textwrap.dedent(f"""
         import os
         from movierec.data import layout
-        from movierec.data.api import prepare
+        from movierec.data.prepare import prepare
         def die(self, *a, **k):
             os._exit(3)
         layout.ShardWriter.finish = die

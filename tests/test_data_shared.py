@@ -9,8 +9,8 @@ import pytest
 from data_builders import SHARED_DATA
 
 from movierec.cli import main
-from movierec.data.api import prepare
 from movierec.data.layout import load_sequences, read_items, read_meta
+from movierec.data.prepare import prepare
 from movierec.errors import DataError
 
 SASREC = SHARED_DATA / "ml-1m-sasrec" / "ml-1m.txt"

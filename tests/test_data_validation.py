@@ -11,7 +11,7 @@ from data_builders import ratings
 
 from movierec.cli import main
 from movierec.data.layout import load_sequences, read_items, read_meta, read_users, sha256_file
-from movierec.data.prepare import Interactions, write_dataset
+from movierec.data.split import Interactions, write_dataset
 from movierec.errors import DataError
 
 
@@ -51,7 +51,7 @@ def rewrite_shard(path, pairs, split="training", index=0) -> None:
 
 def test_valid_dataset_loads(path):
     data = load_sequences(path)
-    assert len(data.evaluated_users) == 20
+    assert len(data.tested_users) == 20
     assert read_items(path).num_rows == 10 and read_users(path).num_rows == 20
 
 

@@ -346,7 +346,7 @@ def test_dockerignore_keeps_local_state_out_and_the_source_in():
         assert dockerignored(local, patterns), f"{local} would be copied into the image"
     needed = ["pyproject.toml", "README.md", "Makefile", "configs/ml-1m-sse-pt.yaml", "configs/ml-1m-sasrec.yaml"]
     needed += [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py")]
-    assert "src/movierec/data/api.py" in needed
+    assert "src/movierec/data/prepare.py" in needed
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} is needed by the build but .dockerignore drops it"
 

@@ -17,7 +17,7 @@ import torch
 from data_builders import TINY_RUN
 from mlflow.tracking import MlflowClient
 
-from movierec.data.prepare import write_dataset
+from movierec.data.split import write_dataset
 from movierec.data.synthetic import generate_synthetic
 from movierec.models.checkpoint import load_checkpoint
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from movierec.data.layout import load_sequences
-from movierec.data.prepare import Interactions, write_dataset
+from movierec.data.split import Interactions, write_dataset
 from movierec.evaluation.evaluate import Evaluator
 from movierec.models.catalog import CatalogScorer
 from movierec.training.batches import TrainBatches

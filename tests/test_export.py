@@ -150,7 +150,7 @@ def test_export_of_a_missing_checkpoint_is_an_error(tmp_path, capsys):
 def logged_run(tmp_path_factory) -> dict:
     """One tiny training (1 epoch) that logs its model to a SQLite MLflow store, laid out like `make run`'s
     runs/quickstart (data/, run/, mlflow.db) so that docs/deploy.md's commands run as written."""
-    from movierec.data.prepare import write_dataset
+    from movierec.data.split import write_dataset
     from movierec.data.synthetic import generate_synthetic
     from movierec.training.config import load_config
     from movierec.training.run import train

@@ -98,12 +98,12 @@ def test_seed_flag_is_checked_too(tmp_path, capsys):
 
 @pytest.fixture
 def unfinished_run(trained_run, tmp_path_factory) -> Path:
-    """A copy of the trained run whose last.ckpt looks killed after its epoch (resumable)."""
+    """A copy of the trained run whose last.ckpt looks killed after its epoch (resumable). It forgets the
+    session run's MLflow id: resuming the copy must never log into (and overwrite) the shared fixture's run."""
     run = tmp_path_factory.mktemp("resumable") / "run"
     shutil.copytree(trained_run.run_dir, run)
     state = load_checkpoint(run / "last.ckpt")
-    state.finished = False
-    save_checkpoint(run / "last.ckpt", state)
+    save_checkpoint(run / "last.ckpt", replace(state, finished=False, mlflow_run_id=None))
     return run
 
 
@@ -112,7 +112,7 @@ def test_resume_with_a_config_file_writes_to_the_resumed_run(unfinished_run, tra
     config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
     before = load_checkpoint(unfinished_run / "last.ckpt").train_state.epoch
     args = ["train", "--resume", str(unfinished_run), "--config", str(config), "--data", str(trained_run.data_dir),
-            "--tracking-uri", trained_run.tracking_uri, "--epochs", str(before + 1), *TINY_RUN,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs", str(before + 1), *TINY_RUN,
             "train.batch_size=64", "eval.ks=[10]"]  # fmt: skip
     assert main(args) == 0
     assert not (tmp_path / "runs").exists(), "nothing written where the YAML's run_dir points"

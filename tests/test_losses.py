@@ -86,7 +86,7 @@ def test_each_objective_draws_its_negatives_and_takes_the_models_queries(setup, 
 
     from movierec.data.layout import load_sequences
     from movierec.data.negatives import SeenItems
-    from movierec.data.prepare import Interactions, write_dataset
+    from movierec.data.split import Interactions, write_dataset
 
     model, queries, inputs, targets, users = setup
     rows = ratings(num_users=4, per_user=8, num_items=12)
@@ -121,7 +121,7 @@ def test_start_loss_trains_the_first_steps_then_switches(setup, tmp_path):
 
     from movierec.data.layout import load_sequences
     from movierec.data.negatives import SeenItems
-    from movierec.data.prepare import Interactions, write_dataset
+    from movierec.data.split import Interactions, write_dataset
 
     model, queries, inputs, targets, users = setup
     rows = ratings(num_users=4, per_user=8, num_items=12)

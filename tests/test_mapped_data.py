@@ -8,8 +8,8 @@ import pytest
 from movierec.data.layout import load_sequences
 from movierec.data.mapped import ConcatenatedColumn, map_npz_member
 from movierec.data.negatives import SeenItems, sample_training_negatives
-from movierec.data.prepare import Interactions, write_dataset
 from movierec.data.sequences import inputs_with_appended
+from movierec.data.split import Interactions, write_dataset
 
 
 def test_stored_members_are_mapped_and_compressed_ones_read(tmp_path):

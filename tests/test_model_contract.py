@@ -11,7 +11,7 @@ from torch import nn
 from movierec.cli import main
 from movierec.errors import ConfigError
 from movierec.evaluation.evaluate import evaluate_checkpoint
-from movierec.models.base import MODELS, Architecture, ModelConfig, SequentialModel, build_model, register
+from movierec.models.base import MODELS, ModelConfig, ModelSection, SequentialModel, build_model, register
 from movierec.serving.export import export_model, load_source, verify_export
 from movierec.serving.loader import load_model
 from movierec.training.config import load_config
@@ -23,7 +23,7 @@ class BagOfItems(SequentialModel):
     """The running mean of the items so far, through one linear layer; logits tied to the item table."""
 
     @classmethod
-    def resolve(cls, config: Architecture) -> None:
+    def resolve(cls, config: ModelSection) -> None:
         config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0  # no users, no SSE
 
     def __init__(self, config: ModelConfig):

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from movierec.cli import main
 from movierec.data.layout import read_users
-from movierec.data.prepare import write_dataset
+from movierec.data.split import write_dataset
 from movierec.data.synthetic import generate_synthetic
 from movierec.errors import TrackingError
 from movierec.models.checkpoint import load_checkpoint

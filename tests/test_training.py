@@ -21,7 +21,7 @@ from data_builders import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from movierec.cli import main
-from movierec.data.prepare import write_dataset
+from movierec.data.split import write_dataset
 from movierec.data.synthetic import generate_synthetic
 from movierec.errors import CheckpointError, ConfigError
 from movierec.models.checkpoint import load_checkpoint

@@ -35,10 +35,9 @@ def command(name: str, help_text: str, add_fn: Callable[[argparse.ArgumentParser
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
-    from movierec.data.registry import RELEASES
+    from movierec.data.prepare import SOURCES
 
-    known = ["synthetic", "sasrec-text (with --name)", "ml-1m-sasrec", *RELEASES]
-    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(known)} (docs/data.md)")
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(SOURCES)} (docs/data.md)")
     p.add_argument("--name", help="sasrec-text: the prepared dataset's name (its folder under --out)")
     p.add_argument("--out", default="data", type=Path, help="parent folder of the prepared dataset (default: data)")
     p.add_argument(
@@ -85,7 +84,7 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 
 @command("prepare", "prepare a dataset into sharded training/validation/evaluation splits", add_prepare)
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from movierec.data.api import prepare
+    from movierec.data.prepare import prepare
     from movierec.data.summary import print_summary
 
     path = prepare(
@@ -287,13 +286,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from movierec.errors import ConfigError
-    from movierec.evaluation.evaluate import PROTOCOLS, evaluate_checkpoint
+    from movierec.evaluation.evaluate import check_protocols, evaluate_checkpoint
     from movierec.evaluation.metrics import print_metrics
 
-    protocols = tuple(p.strip() for p in args.protocol.split(",") if p.strip())
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or not protocols:
-        raise ConfigError(f"--protocol: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
+    protocols = check_protocols([p.strip() for p in args.protocol.split(",") if p.strip()], "--protocol")
     try:
         ks = tuple(int(k) for k in args.k.split(","))
     except ValueError as exc:
@@ -493,7 +489,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from movierec.serving.api import create_app
+    from movierec.serving.http import create_app
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")

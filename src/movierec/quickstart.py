@@ -26,7 +26,7 @@ def default_config_path() -> Path:
 
 
 def quickstart(out: str | Path, config_path: str | Path | None = None, epochs: int | None = None) -> dict:
-    from movierec.data.api import prepare
+    from movierec.data.prepare import prepare
     from movierec.data.summary import print_summary
     from movierec.evaluation.metrics import print_metrics
     from movierec.training.run import train

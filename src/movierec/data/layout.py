@@ -342,7 +342,8 @@ class SequenceData:
         return np.diff(self.train_offsets)
 
     @property
-    def evaluated_users(self) -> np.ndarray:
+    def tested_users(self) -> np.ndarray:
+        """Users with an evaluation (test) pair: what meta.json counts as `num_evaluated_users`."""
         return np.flatnonzero(self.test_item)
 
     def item_counts(self) -> np.ndarray:

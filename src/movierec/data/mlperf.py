@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from movierec.data.layout import SPLITS, ShardWriter, select_shards, sha256_file
-from movierec.data.prepare import DEFAULT_SHARD_PAIRS, shard_boundaries
+from movierec.data.split import DEFAULT_SHARD_PAIRS, shard_boundaries
 from movierec.errors import ConfigError, DataError
 
 TRAIN_FILE = "trainx16x32_{k}.npz"
@@ -264,6 +264,59 @@ def _holdout_splits(files: InputFiles, chosen: list[int], holdout: str) -> dict[
     return splits
 
 
+def _write_file_pair(writer: ShardWriter, part: dict, next_user: int, shard_pairs: int) -> None:
+    """One converted file pair as shards: its users become next_user .. next_user + len(users) - 1."""
+    users = part["users"]
+    counts = np.zeros(len(users) + 1, dtype=np.int64)
+    remapped = {}
+    for split in SPLITS:
+        local = np.searchsorted(users, part[split][:, 0]) + 1
+        counts += np.bincount(local, minlength=len(users) + 1)
+        pairs = np.empty((len(local), 2), dtype=np.int64)
+        pairs[:, 0] = local + (next_user - 1)
+        pairs[:, 1] = part[split][:, 1] + 1
+        remapped[split] = pairs
+    for lo, hi in shard_boundaries(counts, shard_pairs, None):
+        g_lo, g_hi = lo + next_user - 1, hi + next_user - 1
+        pieces = {}
+        for split, pairs in remapped.items():
+            a, b = np.searchsorted(pairs[:, 0], [g_lo, g_hi])
+            pieces[split] = (pairs[a:b], None)
+        writer.add_shard((g_lo, g_hi), pieces)
+
+
+def _side_tables(original_users: np.ndarray, num_items: int) -> tuple[pa.Table, pa.Table]:
+    """items.parquet (MLPerf item id = our id - 1, titled by it) and users.parquet (MLPerf user ids)."""
+    users = pa.table({"user": np.arange(1, len(original_users) + 1, dtype=np.int64), "user_id": original_users})
+    item_ids = np.arange(1, num_items + 1, dtype=np.int64)
+    items = pa.table(
+        {
+            "item": item_ids,
+            "movie_id": item_ids - 1,
+            "title": pc.binary_join_element_wise("MLPerf item ", pc.cast(pa.array(item_ids - 1), pa.string()), ""),
+            "year": pa.nulls(num_items, pa.int32()),
+            "genres": pa.nulls(num_items, pa.string()),
+        }
+    )
+    return items, users
+
+
+def _options(files: InputFiles, chosen: list[int], holdout: str, extra_test: int) -> dict:
+    """meta.json's `options`: how ids, splits and ties were made."""
+    by_file = holdout != "leave-one-out"
+    return {
+        "input_shards": chosen,
+        "item_ids": "MLPerf item id + 1 (MLPerf's item 0 is a real item; 0 is our padding id)",
+        "user_ids": "contiguous from 1 in file order, then MLPerf user id order (users.parquet maps back)",
+        "layout": files.layout,
+        "holdout": holdout,
+        "validation": BY_FILE_RULE if by_file else VALIDATION_RULE,
+        "evaluation": "MLPerf's test pair of each user" + (" of a file in evaluation/" if by_file else ""),
+        "extra_test_pairs_to_training": extra_test,
+        "tie_break": "none: MLPerf lists each user's items in item-id order, there are no timestamps",
+    }
+
+
 def prepare_mlperf(
     input_dir: str | Path,
     out: str | Path,
@@ -282,7 +335,6 @@ def prepare_mlperf(
     "by-file" (organised folders only: the folder a test file lies in says which split its pairs are).
     """
     files = find_files(input_dir)
-    folder = files.folder
     chosen = choose_files(files, fraction, shards)
     held_out_as = _holdout_splits(files, chosen, holdout)
     unused = sorted(set(files.test) - set(chosen))
@@ -293,12 +345,9 @@ def prepare_mlperf(
     )
     writer = ShardWriter(Path(out), name, overwrite=overwrite)
     try:
-        next_user = 1
-        max_item = -1
+        next_user, max_item, extra_test, last_user = 1, -1, 0, -1
         original_users: list[np.ndarray] = []
         inputs = []
-        extra_total = 0
-        last_user = -1
         for k in chosen:
             train_path, test_path = files.train[k], files.test[k]
             part = convert_file_pair(_load_pairs(train_path), _load_pairs(test_path), train_path.name, held_out_as[k])
@@ -308,76 +357,31 @@ def prepare_mlperf(
                     f"{train_path}: its users overlap or precede those of the previous file; the converter needs "
                     "each file to hold its own block of users, as MLPerf's files do"
                 )
-            extra_total += part["extra_test"]
-            for split in SPLITS:
-                if len(part[split]):
-                    max_item = max(max_item, int(part[split][:, 1].max()))
-            # global ids: this file's users become next_user .. next_user + len(users) - 1
-            counts = np.zeros(len(users) + 1, dtype=np.int64)
-            remapped = {}
-            for split in SPLITS:
-                local = np.searchsorted(users, part[split][:, 0]) + 1
-                counts += np.bincount(local, minlength=len(users) + 1)
-                pairs = np.empty((len(local), 2), dtype=np.int64)
-                pairs[:, 0] = local + (next_user - 1)
-                pairs[:, 1] = part[split][:, 1] + 1
-                remapped[split] = pairs
-            del part
-            for lo, hi in shard_boundaries(counts, shard_pairs, None):
-                g_lo, g_hi = lo + next_user - 1, hi + next_user - 1
-                pieces = {}
-                for split, pairs in remapped.items():
-                    a, b = np.searchsorted(pairs[:, 0], [g_lo, g_hi])
-                    pieces[split] = (pairs[a:b], None)
-                writer.add_shard((g_lo, g_hi), pieces)
+            extra_test += part["extra_test"]
+            max_item = max([max_item, *(int(part[s][:, 1].max()) for s in SPLITS if len(part[s]))])
+            _write_file_pair(writer, part, next_user, shard_pairs)
             next_user += len(users)
             original_users.append(users)
             last_user = int(users[-1]) if len(users) else last_user
-            entry = {"shard": k, "train": train_path.name, "test": test_path.name,
-                     "train_sha256": sha256_file(train_path), "test_sha256": sha256_file(test_path)}  # fmt: skip
-            inputs.append(entry)
-            del remapped
+            inputs.append({"shard": k, "train": train_path.name, "test": test_path.name,
+                           "train_sha256": sha256_file(train_path), "test_sha256": sha256_file(test_path)})  # fmt: skip
         if next_user == 1:
-            raise DataError(f"{folder}: the chosen files hold no pairs")
-        num_items = max_item + 1
+            raise DataError(f"{files.folder}: the chosen files hold no pairs")
         counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in SPLITS}
         meta = {
             "name": name,
-            "source": {"kind": "mlperf-ml-20mx16x32", "input": str(folder.resolve()), "files": inputs,
+            "source": {"kind": "mlperf-ml-20mx16x32", "input": str(files.folder.resolve()), "files": inputs,
                        **(source or {})},
-            "options": {
-                "input_shards": chosen,
-                "item_ids": "MLPerf item id + 1 (MLPerf's item 0 is a real item; 0 is our padding id)",
-                "user_ids": "contiguous from 1 in file order, then MLPerf user id order (users.parquet maps back)",
-                "layout": files.layout,
-                "holdout": holdout,
-                "validation": VALIDATION_RULE if holdout == "leave-one-out" else BY_FILE_RULE,
-                "evaluation": "MLPerf's test pair of each user" + ("" if holdout == "leave-one-out" else
-                                                                   " of a file in evaluation/"),
-                "extra_test_pairs_to_training": extra_total,
-                "tie_break": "none: MLPerf lists each user's items in item-id order, there are no timestamps",
-            },
+            "options": _options(files, chosen, holdout, extra_test),
             "time_ordered": False,
             "num_users": next_user - 1,
-            "num_items": num_items,
+            "num_items": max_item + 1,
             "num_interactions": sum(counts.values()),
             "num_evaluated_users": counts["evaluation"],
             "split_counts": counts,
         }  # fmt: skip
-        all_users = np.concatenate(original_users)
-        user_ids = np.arange(1, len(all_users) + 1, dtype=np.int64)
-        users = pa.table({"user": user_ids, "user_id": all_users.astype(np.int64)})
-        item_ids = np.arange(1, num_items + 1, dtype=np.int64)
-        items = pa.table(
-            {
-                "item": item_ids,
-                "movie_id": item_ids - 1,
-                "title": pc.binary_join_element_wise("MLPerf item ", pc.cast(pa.array(item_ids - 1), pa.string()), ""),
-                "year": pa.nulls(num_items, pa.int32()),
-                "genres": pa.nulls(num_items, pa.string()),
-            }
-        )
-        return writer.finish(meta, items, users)
+        items, users_table = _side_tables(np.concatenate(original_users).astype(np.int64), max_item + 1)
+        return writer.finish(meta, items, users_table)
     except BaseException:
         writer.abort()
         raise

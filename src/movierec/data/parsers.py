@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from movierec.data.prepare import Interactions
+from movierec.data.split import Interactions
 from movierec.errors import DataError
 
 Source = str | Path | BinaryIO

@@ -1,252 +1,262 @@
-"""Implicit feedback -> time-ordered per-user sequences -> leave-one-out split -> sharded dataset.
+"""`prepare(name, out, **options)`: what `movierec prepare` does, from a dataset name to a prepared folder.
 
-Every step is vectorised with numpy (no per-row Python), so ML-20M's 20 M ratings prepare in seconds.
+Every name is a `Source` in `SOURCES`: a function that prepares it and the options it takes, so that an
+option a source does not use is a one-line error, never silently ignored. Names: `synthetic` (embedded
+generator), `sasrec-text` / `ml-1m-sasrec` (SASRec's text files, `--input`), every MovieLens release of
+:mod:`movierec.data.registry` (read from `--input DIR`, an extracted folder, else `--archive PATH`, else the
+download cache, downloading it first) and MLPerf's `ml-20mx16x32` (:mod:`movierec.data.mlperf`). The split
+and the shards are written by :mod:`movierec.data.split`.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from movierec.data.layout import SPLITS, ShardWriter
-from movierec.errors import DataError
+from movierec.data.layout import sha256_file
+from movierec.data.parsers import read_id_map, read_movies_csv, read_movies_dat
+from movierec.data.registry import FORMAT_MLPERF, RELEASES, get_release
+from movierec.data.sources import read_sasrec_text
+from movierec.data.split import DEFAULT_SHARD_PAIRS, write_dataset
+from movierec.errors import ConfigError, DataError
 
-DEFAULT_SHARD_PAIRS = 2_000_000
-TIE_BREAK = "timestamp, then the row order of the source file"
+MOVIELENS_KCORE = 5  # SASRec's 5-core default for MovieLens releases
+# SASRec's `user item` text files: `sasrec-text --name NAME` for any, `ml-1m-sasrec` for the ML-1M benchmark file
+SASREC_TEXT = ("sasrec-text", "ml-1m-sasrec")
+ITEM_MAP, USER_MAP = "sas_to_original_items.txt", "sas_to_original_users.txt"
+TITLE_FILES = ("movies.dat", "movies.csv")
+MIN_TITLE_COVERAGE = 0.5  # below this share of movies with a title, the titles are from another release
+
+
+def _find_titles(titles: str | Path | None, input_path: Path, dataset: str) -> Path | None:
+    """The titles file: --titles (a movies.dat/.csv file, or a folder holding one), else one beside the input
+    (ml-1m-sasrec: also ../ml-1m/movies.dat, where the SASRec repository keeps it)."""
+    if titles is not None:
+        titles = Path(titles)
+        if titles.is_file():
+            return titles
+        if not titles.is_dir():
+            raise DataError(f"--titles {titles} does not exist; pass a movies.dat / movies.csv file or its folder")
+        found = [titles / name for name in TITLE_FILES if (titles / name).is_file()]
+        if not found:
+            raise DataError(f"--titles {titles} holds neither {' nor '.join(TITLE_FILES)}")
+        return found[0]
+    folders = [input_path.parent] + ([input_path.parent.parent / "ml-1m"] if dataset == "ml-1m-sasrec" else [])
+    return next((f / name for f in folders for name in TITLE_FILES if (f / name).is_file()), None)
+
+
+def _read_titles(path: Path, original_items: np.ndarray) -> pa.Table:
+    """movies.dat or movies.csv, checked to cover the dataset's movies (else the id map or file is wrong)."""
+    table = read_movies_csv(path) if path.suffix == ".csv" else read_movies_dat(path)
+    wanted = original_items[original_items > 0]
+    covered = np.isin(wanted, table["movie_id"].to_numpy()).mean() if len(wanted) else 1.0
+    if covered < MIN_TITLE_COVERAGE:
+        raise DataError(
+            f"{path} has titles for only {covered:.0%} of the dataset's movies: it is not the titles file of "
+            f"this data, or the id map ({ITEM_MAP}) is not"
+        )
+    if covered < 1:
+        print(
+            f"warning: {path} has no title for {1 - covered:.1%} of the movies; they are shown by id", file=sys.stderr
+        )
+    return table
 
 
 @dataclass
-class Interactions:
-    """Raw interactions with the source's own ids. Row order is the tie-break for equal timestamps."""
+class PrepareOptions:
+    """Every option of `movierec prepare`. Each source takes some of them; the others must be left unset."""
 
-    users: np.ndarray
-    items: np.ndarray
-    timestamps: np.ndarray
-    ratings: np.ndarray | None = None
+    input_path: str | Path | None = None
+    archive: str | Path | None = None
+    data_home: str | Path | None = None
+    base_url: str | None = None
+    verify: bool = True
+    titles: str | Path | None = None
+    name: str | None = None
+    seed: int = 0
+    min_rating: float | None = None
+    min_user_interactions: int | None = None
+    min_item_interactions: int | None = None
+    num_shards: int | None = None
+    shard_pairs: int = DEFAULT_SHARD_PAIRS
+    fraction: float | None = None
+    shards: str | list[int] | None = None
+    holdout: str | None = None
+    overwrite: bool = False
+    progress: bool = True
 
-    def __post_init__(self) -> None:
-        n = len(self.users)
-        lengths = {len(self.items), len(self.timestamps)} | ({len(self.ratings)} if self.ratings is not None else set())
-        if lengths != {n}:
-            raise DataError("users, items, timestamps (and ratings) must have the same length")
-
-
-def _kcore(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int) -> np.ndarray:
-    """Boolean mask of rows kept by iterative k-core filtering (until every user and item qualifies)."""
-    keep = np.ones(len(user_codes), dtype=bool)
-    n_users, n_items = int(user_codes.max()) + 1, int(item_codes.max()) + 1
-    while True:
-        user_counts = np.bincount(user_codes[keep], minlength=n_users)
-        item_counts = np.bincount(item_codes[keep], minlength=n_items)
-        bad = keep & ((user_counts[user_codes] < min_user) | (item_counts[item_codes] < min_item))
-        if not bad.any():
-            return keep
-        keep &= ~bad
-
-
-def _contiguous(codes: np.ndarray, keep: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Map kept codes to 1..K (in order of the original id); return (new ids of kept rows, kept codes).
-
-    `keep=None` keeps every row.
-    """
-    kept = codes if keep is None else codes[keep]
-    present = np.zeros(size, dtype=bool)
-    present[kept] = True
-    new_ids = np.cumsum(present, dtype=np.int32 if size < 2**31 else np.int64)
-    return new_ids[kept], np.flatnonzero(present)
-
-
-def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values, code of each row) like np.unique(return_inverse=True), but O(n) for the
-    small non-negative ids of MovieLens: a lookup table instead of a sort of all rows."""
-    if len(values) and values.min() >= 0 and values.max() <= max(4 * len(values), 1 << 24):
-        present = np.zeros(int(values.max()) + 1, dtype=bool)
-        present[values] = True
-        codes = np.cumsum(present, dtype=np.int32 if len(values) < 2**31 else np.int64) - 1
-        return np.flatnonzero(present).astype(values.dtype), codes[values]
-    return np.unique(values, return_inverse=True)
-
-
-def _time_order(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
-    """Row order sorted by (user, timestamp), ties kept in source row order (a stable sort).
-
-    One stable argsort of the combined key user * span + (t - t_min) when it fits in 63 bits (much faster
-    than np.lexsort on tens of millions of rows), else np.lexsort.
-    """
-    if len(users) == 0:
-        return np.zeros(0, dtype=np.int64)
-    t_min = int(timestamps.min())
-    span = int(timestamps.max()) - t_min + 1
-    if int(users.max()) < (1 << 62) // span:
-        key = users.astype(np.int64) * span
-        key += timestamps - t_min
-        return np.argsort(key, kind="stable")
-    return np.lexsort((timestamps, users))
-
-
-def build_split(
-    interactions: Interactions,
-    min_rating: float | None = None,
-    min_user_interactions: int = 5,
-    min_item_interactions: int = 5,
-) -> dict:
-    """Filter, remap ids and split; returns arrays sorted by (user, time) and the leave-one-out labels."""
-    users, items, ts = interactions.users, interactions.items, interactions.timestamps
-    if len(users) == 0:
-        raise DataError("the source has no interactions")
-    keep = np.ones(len(users), dtype=bool)
-    if min_rating is not None:
-        if interactions.ratings is None:
-            raise DataError("--min-rating needs a source with ratings")
-        keep &= interactions.ratings >= min_rating
-    user_values, user_codes = _factorize(users)
-    item_values, item_codes = _factorize(items)
-    if min_user_interactions > 1 or min_item_interactions > 1:
-        if keep.all():
-            keep = _kcore(user_codes, item_codes, min_user_interactions, min_item_interactions)
-        else:
-            sub = np.flatnonzero(keep)
-            core = _kcore(user_codes[sub], item_codes[sub], min_user_interactions, min_item_interactions)
-            keep[sub[~core]] = False
-    if not keep.any():
-        raise DataError("no interaction survives the filters; lower --min-rating or the k-core minimums")
-    mask = None if keep.all() else keep
-    new_users, kept_user_codes = _contiguous(user_codes, mask, len(user_values))
-    del user_codes
-    new_items, kept_item_codes = _contiguous(item_codes, mask, len(item_values))
-    del item_codes
-    kept_ts = (ts if mask is None else ts[mask]).astype(np.int64, copy=False)
-    order = _time_order(new_users, kept_ts)  # stable: equal timestamps keep source row order
-    new_users, new_items, kept_ts = new_users[order], new_items[order], kept_ts[order]
-    del order
-    num_users = len(kept_user_codes)
-    counts = np.bincount(new_users, minlength=num_users + 1)
-    ends = np.cumsum(counts)
-    evaluated = np.flatnonzero(counts >= 3)
-    label = np.zeros(len(new_users), dtype=np.int8)  # 0 training, 1 validation, 2 evaluation
-    label[ends[evaluated] - 1] = 2
-    label[ends[evaluated] - 2] = 1
-    return {
-        "users": new_users,
-        "items": new_items,
-        "timestamps": kept_ts,
-        "label": label,
-        "user_counts": counts,
-        "original_users": user_values[kept_user_codes],
-        "original_items": item_values[kept_item_codes],
-        "num_evaluated": len(evaluated),
-    }
-
-
-def shard_boundaries(user_counts: np.ndarray, shard_pairs: int, num_shards: int | None) -> list[tuple[int, int]]:
-    """Split users 1..U into contiguous ranges holding about the same number of interactions."""
-    num_users = len(user_counts) - 1
-    total = int(user_counts.sum())
-    if num_shards is None:
-        num_shards = max(1, int(np.ceil(total / shard_pairs)))
-    num_shards = max(1, min(num_shards, num_users))
-    cumulative = np.cumsum(user_counts[1:])
-    targets = total * np.arange(1, num_shards) / num_shards
-    cuts = np.searchsorted(cumulative, targets, side="left") + 2  # first user of the next shard
-    bounds = np.unique(np.concatenate([[1], cuts, [num_users + 1]]))
-    return [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
-
-
-def _year_from_title(titles: pa.Array) -> pa.Array:
-    import pyarrow.compute as pc
-
-    year = pc.extract_regex(titles, r"\((?P<year>\d{4})\)\s*$")
-    return pc.cast(pc.struct_field(year, "year"), pa.int32(), safe=False)
-
-
-def items_table(original_items: np.ndarray, titles: pa.Table | None) -> pa.Table:
-    """items.parquet: our id, original movie_id, and title/year/genres joined from the source's catalogue."""
-    table = pa.table({"item": np.arange(1, len(original_items) + 1, dtype=np.int64), "movie_id": original_items})
-    if titles is None:
-        titles = pa.table({"movie_id": pa.array([], pa.int64()), "title": pa.array([], pa.string())})
-    titles = titles.cast(titles.schema.set(titles.schema.get_field_index("movie_id"), pa.field("movie_id", pa.int64())))
-    if "year" not in titles.column_names:
-        titles = titles.append_column("year", _year_from_title(titles["title"]))
-    if "genres" not in titles.column_names:
-        titles = titles.append_column("genres", pa.nulls(len(titles), pa.string()))
-    table = table.join(titles.select(["movie_id", "title", "year", "genres"]), "movie_id", join_type="left outer")
-    table = table.sort_by("item")
-    import pyarrow.compute as pc
-
-    missing = pc.is_null(table["title"])
-    fallback = pc.binary_join_element_wise("Movie ", pc.cast(table["movie_id"], pa.string()), "")
-    return table.set_column(2, "title", pc.if_else(missing, fallback, table["title"]))
-
-
-def write_dataset(
-    interactions: Interactions,
-    out: str | Path,
-    name: str,
-    *,
-    source: dict,
-    titles: pa.Table | None = None,
-    min_rating: float | None = None,
-    min_user_interactions: int = 5,
-    min_item_interactions: int = 5,
-    shard_pairs: int = DEFAULT_SHARD_PAIRS,
-    num_shards: int | None = None,
-    overwrite: bool = False,
-    original_item_ids: np.ndarray | None = None,
-    original_user_ids: np.ndarray | None = None,
-) -> Path:
-    """Run the whole preparation and write `out/name` atomically. Returns the dataset folder.
-
-    `original_item_ids[source_id]` / `original_user_ids[source_id]` translate the source's ids into
-    MovieLens movieIds/userIds when the source uses its own (as SASRec's text file does).
-    """
-    split = build_split(interactions, min_rating, min_user_interactions, min_item_interactions)
-    if original_item_ids is not None:
-        split["original_items"] = original_item_ids[split["original_items"]]
-    if original_user_ids is not None:
-        split["original_users"] = original_user_ids[split["original_users"]]
-    writer = ShardWriter(Path(out), name, overwrite=overwrite)
-    try:
-        bounds = shard_boundaries(split["user_counts"], shard_pairs, num_shards)
-        # users are sorted, so each shard is one contiguous slice of the arrays
-        starts = np.searchsorted(split["users"], [lo for lo, _ in bounds], side="left")
-        stops = np.searchsorted(split["users"], [hi for _, hi in bounds], side="left")
-        for (lo, hi), start, stop in zip(bounds, starts, stops, strict=True):
-            u, i = split["users"][start:stop], split["items"][start:stop]
-            t, lab = split["timestamps"][start:stop], split["label"][start:stop]
-            parts = {}
-            for code, split_name in enumerate(("training", "validation", "evaluation")):
-                rows = lab == code
-                parts[split_name] = (np.stack([u[rows], i[rows]], axis=1), t[rows])
-            writer.add_shard((lo, hi), parts)
-        counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in SPLITS}
-        meta = {
-            "name": name,
-            "source": source,
-            "options": {
-                "min_rating": min_rating,
-                "min_user_interactions": min_user_interactions,
-                "min_item_interactions": min_item_interactions,
-                "tie_break": TIE_BREAK,
-                "split": "leave-one-out: last -> evaluation, second-to-last -> validation (users with >= 3)",
-            },
-            "time_ordered": True,  # every source written here has timestamps (MLPerf's files go through mlperf.py)
-            "num_users": len(split["original_users"]),
-            "num_items": len(split["original_items"]),
-            "num_interactions": len(split["users"]),
-            "num_evaluated_users": int(split["num_evaluated"]),
-            "split_counts": counts,
+    def kcore(self, default: int) -> dict:
+        """The k-core minima, each `default` unless given."""
+        return {
+            "min_user_interactions": default if self.min_user_interactions is None else self.min_user_interactions,
+            "min_item_interactions": default if self.min_item_interactions is None else self.min_item_interactions,
         }
-        users = pa.table(
-            {
-                "user": np.arange(1, len(split["original_users"]) + 1, dtype=np.int64),
-                "user_id": split["original_users"].astype(np.int64),
-            }
+
+
+# the command-line flag of each option, for the messages
+FLAGS = {
+    "input_path": "--input", "archive": "--archive", "data_home": "--data-home", "base_url": "--base-url",
+    "verify": "--no-verify", "titles": "--titles", "name": "--name", "seed": "--seed", "min_rating": "--min-rating",
+    "min_user_interactions": "--min-user-interactions", "min_item_interactions": "--min-item-interactions",
+    "num_shards": "--num-shards", "shard_pairs": "--shard-pairs", "fraction": "--fraction", "shards": "--shards",
+    "holdout": "--holdout",
+}  # fmt: skip
+EVERY_SOURCE = {"shard_pairs", "overwrite", "progress"}
+FILTERS = {"min_rating", "min_user_interactions", "min_item_interactions", "num_shards"}
+DOWNLOADS = {"input_path", "archive", "data_home", "base_url", "verify"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset name's preparation and the options it takes (besides EVERY_SOURCE)."""
+
+    prepare: Callable[[str, Path, PrepareOptions], Path]
+    takes: frozenset[str]
+    description: str
+
+
+def _prepare_synthetic(dataset: str, out: Path, o: PrepareOptions) -> Path:
+    from movierec.data.synthetic import generate_synthetic
+
+    interactions, titles = generate_synthetic(seed=o.seed)
+    return write_dataset(
+        interactions, out, "synthetic", source={"kind": "synthetic", "seed": o.seed}, titles=titles,
+        min_rating=o.min_rating, **o.kcore(5), num_shards=o.num_shards or 4, shard_pairs=o.shard_pairs,
+        overwrite=o.overwrite,
+    )  # fmt: skip
+
+
+def _prepare_sasrec_text(dataset: str, out: Path, o: PrepareOptions) -> Path:
+    """A SASRec `user item` text file. Original MovieLens ids (for titles and for matching other
+    preparations) come from SASRec's id maps beside the file, `sas_to_original_items.txt` / `_users.txt`."""
+    if dataset == "sasrec-text" and not o.name:
+        raise ConfigError("sasrec-text needs --name NAME: the prepared folder's name (e.g. --name ml-1m-sasrec)")
+    name = o.name or dataset
+    if o.input_path is None:
+        raise DataError(f"{dataset} needs --input PATH: a SASRec-format `user item` text file (e.g. ml-1m.txt)")
+    input_path = Path(o.input_path)
+    interactions = read_sasrec_text(input_path)
+    item_map, user_map = input_path.parent / ITEM_MAP, input_path.parent / USER_MAP
+    original_items = read_id_map(item_map) if item_map.is_file() else None
+    titles_path = _find_titles(o.titles, input_path, dataset)
+    titles_table = None
+    if titles_path is not None:
+        if original_items is None:
+            if o.titles is not None:
+                raise DataError(
+                    f"--titles needs {item_map}: the map from SASRec item ids to MovieLens movieIds, without "
+                    "which titles cannot be matched (SASRec renumbers movies)"
+                )
+        else:
+            titles_table = _read_titles(titles_path, original_items)
+    if titles_table is None:
+        print(f"note: {name} has no titles (recommendations show ids); pass --titles with movies.dat/.csv and keep "
+              f"{ITEM_MAP} beside --input", file=sys.stderr)  # fmt: skip
+    source = {
+        "kind": "sasrec-text",
+        "path": str(input_path.resolve()),
+        "sha256": sha256_file(input_path),
+        "item_map": str(item_map) if original_items is not None else None,
+        "titles": str(titles_path) if titles_table is not None else None,
+    }
+    return write_dataset(
+        interactions, out, name, source=source, titles=titles_table, num_shards=o.num_shards,
+        shard_pairs=o.shard_pairs, overwrite=o.overwrite, original_item_ids=original_items,
+        original_user_ids=read_id_map(user_map) if user_map.is_file() else None, min_rating=o.min_rating,
+        **o.kcore(0),
+    )  # fmt: skip
+
+
+def _prepare_release(dataset: str, out: Path, o: PrepareOptions) -> Path:
+    from movierec.data.download import obtain_archive
+    from movierec.data.sources import ReleaseFiles, read_release
+
+    release = get_release(dataset)
+    if o.input_path is not None and o.archive is not None:
+        raise ConfigError("give either --input (an extracted folder) or --archive (a zip), not both")
+    source = {"kind": "movielens", "release": release.name}
+    if o.input_path is not None:
+        files = ReleaseFiles(release, folder=o.input_path)
+        ratings = files.require(release.ratings)
+        source.update({"input": str(Path(o.input_path).resolve()), "ratings_sha256": sha256_file(Path(ratings))})
+    else:
+        path, described = obtain_archive(
+            dataset, archive=o.archive, home=o.data_home, url=o.base_url, verify=o.verify, progress=o.progress
         )
-        return writer.finish(meta, items_table(split["original_items"].astype(np.int64), titles), users)
-    except BaseException:
-        writer.abort()
-        raise
+        files = ReleaseFiles(release, archive=path)
+        source.update(described)
+    with files:
+        interactions, titles = read_release(files)
+    return write_dataset(
+        interactions, out, dataset, source=source, titles=titles, min_rating=o.min_rating,
+        num_shards=o.num_shards, shard_pairs=o.shard_pairs, overwrite=o.overwrite, **o.kcore(MOVIELENS_KCORE),
+    )  # fmt: skip
+
+
+def _prepare_mlperf(dataset: str, out: Path, o: PrepareOptions) -> Path:
+    from movierec.data.download import data_home as resolve_home
+    from movierec.data.download import obtain_archive
+    from movierec.data.mlperf import extract_shards, prepare_mlperf
+
+    if o.input_path is not None and o.archive is not None:
+        raise ConfigError("give either --input (the extracted folder) or --archive (the tar), not both")
+    source: dict = {}
+    input_path, fraction, shards = o.input_path, o.fraction, o.shards
+    if input_path is None:
+        tar, source = obtain_archive(
+            dataset, archive=o.archive, home=o.data_home, url=o.base_url, verify=o.verify, progress=o.progress
+        )
+        input_path, shards = extract_shards(tar, resolve_home(o.data_home) / dataset, fraction=fraction, shards=shards)
+        fraction = None
+    return prepare_mlperf(
+        input_path, out, dataset, fraction=fraction, shards=shards, shard_pairs=o.shard_pairs, overwrite=o.overwrite,
+        source=source, holdout=o.holdout or "leave-one-out",
+    )  # fmt: skip
+
+
+def _sources() -> dict[str, Source]:
+    text = frozenset({"input_path", "titles", *FILTERS})
+    sources = {
+        "synthetic": Source(_prepare_synthetic, frozenset({"seed", *FILTERS}), "the embedded generator, no download"),
+        "sasrec-text": Source(_prepare_sasrec_text, text | {"name"}, "a SASRec `user item` file (--input, --name)"),
+        "ml-1m-sasrec": Source(_prepare_sasrec_text, text, "SASRec's ML-1M benchmark file (--input ml-1m.txt)"),
+    }
+    for name, release in RELEASES.items():
+        if release.format == FORMAT_MLPERF:
+            takes = frozenset({*DOWNLOADS, "fraction", "shards", "holdout"})
+            sources[name] = Source(_prepare_mlperf, takes, release.description)
+        else:
+            sources[name] = Source(_prepare_release, frozenset({*DOWNLOADS, *FILTERS}), release.description)
+    return sources
+
+
+SOURCES = _sources()
+
+
+def prepare(dataset: str, out: str | Path = "data", **options) -> Path:
+    """Prepare `dataset` into `out/<name>` and return that folder. `options` are PrepareOptions' fields; one
+    that the dataset's source does not take is a ConfigError naming its flag."""
+    source = SOURCES.get(dataset)
+    if source is None:
+        raise DataError(f"unknown dataset {dataset!r}; known: {', '.join(SOURCES)}")
+    try:
+        chosen = PrepareOptions(**options)
+    except TypeError as exc:
+        raise ConfigError(f"prepare: {exc}") from exc
+    defaults = PrepareOptions()
+    unused = [FLAGS[f.name] for f in fields(PrepareOptions) if f.name not in source.takes | EVERY_SOURCE
+              and getattr(chosen, f.name) != getattr(defaults, f.name)]  # fmt: skip
+    if unused:
+        takes = ", ".join(FLAGS[name] for name in sorted(source.takes)) or "none"
+        verb = "does" if len(unused) == 1 else "do"
+        raise ConfigError(f"{', '.join(unused)} {verb} not apply to {dataset} (its options: {takes})")
+    if chosen.shard_pairs < 1:
+        raise ConfigError(f"--shard-pairs must be positive, got {chosen.shard_pairs}")
+    if chosen.num_shards is not None and chosen.num_shards < 1:
+        raise ConfigError(f"--num-shards must be positive, got {chosen.num_shards}")
+    return source.prepare(dataset, Path(out), chosen)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from movierec.data.prepare import Interactions
+from movierec.data.split import Interactions
 from movierec.errors import DataError
 
 

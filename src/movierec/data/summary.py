@@ -18,7 +18,7 @@ def summary_rows(meta: dict) -> list[tuple[str, str]]:
         ("users", f"{meta['num_users']:,}"),
         ("items", f"{meta['num_items']:,}"),
         ("interactions", f"{meta.get('num_interactions', 0):,}"),
-        ("evaluated users", f"{meta.get('num_evaluated_users', 0):,}"),
+        ("tested users", f"{meta.get('num_evaluated_users', 0):,}"),
         ("shards", str(len(meta["shards"]))),
         ("training pairs", f"{counts.get('training', 0):,}"),
         ("validation pairs", f"{counts.get('validation', 0):,}"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from movierec.data.prepare import Interactions
+from movierec.data.split import Interactions
 
 GENRES = (
     "Action",

@@ -24,10 +24,9 @@ from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems, seeded_candidates
 from movierec.data.sequences import UserHistories, inputs_with_appended
 from movierec.errors import ConfigError
-from movierec.evaluation.metrics import metrics_from_ranks, rank_of_target
+from movierec.evaluation.metrics import bce_from_logits, metrics_from_ranks, rank_of_target
 from movierec.models.base import SequentialModel
 from movierec.models.catalog import CatalogScorer, SeenPairs, length_sorted_batches, row_item_pairs
-from movierec.models.sse_pt import bce_from_logits
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
 HELD_OUT = ("validation", "evaluation")  # the splits with one held-out pair per user
@@ -35,7 +34,16 @@ LOSS_STREAM = len(PROTOCOLS)  # hash stream of the one negative of the validatio
 SAMPLE_STREAM = 99  # hash stream of the max_users sample
 
 
-def evaluated_users(data: SequenceData, split: str, max_users: int | None = None, seed: int = 0) -> np.ndarray:
+def check_protocols(protocols: tuple[str, ...] | list[str], name: str = "protocol") -> tuple[str, ...]:
+    """`protocols` if each is known (and there is one), else a one-line ConfigError naming `name` (the option
+    or flag that gave them): the one check of protocol names, for configs, the CLI and the evaluator alike."""
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise ConfigError(f"{name}: unknown {unknown or 'none given'}; choose from {', '.join(PROTOCOLS)}")
+    return tuple(protocols)
+
+
+def held_out_users(data: SequenceData, split: str, max_users: int | None = None, seed: int = 0) -> np.ndarray:
     """The users with a held-out item in `split`, or a seeded, fixed sample of `max_users` of them (sorted)."""
     if split not in HELD_OUT:
         raise ConfigError(f"split must be one of {HELD_OUT}, got {split!r}")
@@ -62,12 +70,9 @@ class Evaluator:
         item_chunk: int = 32768,
         seen: SeenItems | None = None,
     ):
-        unknown = [p for p in protocols if p not in PROTOCOLS]
-        if unknown:
-            raise ConfigError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
-        self.data, self.split, self.protocols, self.ks = data, split, protocols, ks
+        self.data, self.split, self.protocols, self.ks = data, split, check_protocols(protocols), ks
         self.seed, self.batch_size, self.num_negatives, self.item_chunk = seed, batch_size, num_negatives, item_chunk
-        self.users = evaluated_users(data, split, max_users, seed)
+        self.users = held_out_users(data, split, max_users, seed)
         held_out = data.valid_item if split == "validation" else data.test_item
         self.targets = held_out[self.users].astype(np.int64)
         self.appended = data.valid_item[self.users] if split == "evaluation" else None

@@ -7,6 +7,8 @@ against the target, so a model that scores everything equally gets no credit).
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def rank_of_target(target_scores: np.ndarray, candidate_scores: np.ndarray) -> np.ndarray:
@@ -47,3 +49,9 @@ def print_metrics(title: str, metrics: dict) -> None:
     for name in names:
         table.add_row(name, *(f"{metrics.get(f'{p}/{name}', float('nan')):.4f}" for p in protocols))
     Console().print(table)
+
+
+def bce_from_logits(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Mean of -log σ(s_pos) - log(1 - σ(s_neg)): the paper's training objective (training.losses.BCE) and
+    the validation loss reported against one seeded negative per user, one formula for both."""
+    return (F.softplus(-positive) + F.softplus(negative)).mean()

@@ -22,7 +22,7 @@ from torch import nn
 
 
 @dataclass
-class Architecture:
+class ModelSection:
     """The model's hyper-parameters: the `model:` section of a run config (each kind reads what it needs)."""
 
     kind: str = "sse-pt"  # a registered kind: sse-pt, sasrec, ...
@@ -53,7 +53,7 @@ class Architecture:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(Architecture):
+class ModelConfig(ModelSection):
     """An architecture sized for a dataset, as its model kind resolves it (see `SequentialModel.resolve`)."""
 
     num_users: int
@@ -83,7 +83,7 @@ class SequentialModel(nn.Module, ABC):
     config: ModelConfig
 
     @classmethod
-    def resolve(cls, config: Architecture) -> None:
+    def resolve(cls, config: ModelSection) -> None:
         """Check `config` and set the values this kind forces (e.g. SASRec: no user embedding), in place,
         so that checkpoints and MLflow record what is actually trained. Raise ValueError when invalid."""
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from movierec.models.base import Architecture, ModelConfig, SequentialModel, register
+from movierec.models.base import ModelConfig, ModelSection, SequentialModel, register
 from movierec.models.layers import attention, attention_bias, fast_dropout
 
 
@@ -39,7 +39,7 @@ class BidirectionalBlock(nn.Module):
 @register("bert4rec")
 class BERT4Rec(SequentialModel):
     @classmethod
-    def resolve(cls, config: Architecture) -> None:
+    def resolve(cls, config: ModelSection) -> None:
         config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0  # no user embedding, no SSE
         if config.d_item % config.num_heads:
             raise ValueError(f"model.d_item = {config.d_item} must be divisible by num_heads={config.num_heads}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from movierec.models.base import Architecture, ModelConfig, SequentialModel, register
+from movierec.models.base import ModelConfig, ModelSection, SequentialModel, register
 from movierec.models.layers import attention, attention_bias, fast_dropout
 
 LN_EPS = 1e-8
@@ -64,7 +64,7 @@ class SSEPT(SequentialModel):
     """
 
     @classmethod
-    def resolve(cls, config: Architecture) -> None:
+    def resolve(cls, config: ModelSection) -> None:
         if config.kind == "sasrec":  # SASRec: no user embedding and no SSE
             config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0
         if config.kind == "sse-pt" and config.d_user <= 0:
@@ -185,11 +185,6 @@ class SSEPT(SequentialModel):
 
     def sparse_tables(self) -> list[nn.Embedding]:
         return [t for t in (self.item_emb, self.user_emb) if t is not None]
-
-
-def bce_from_logits(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """Mean of -log σ(s_pos) - log(1 - σ(s_neg)) over positions: the paper's objective."""
-    return (F.softplus(-positive) + F.softplus(negative)).mean()
 
 
 def _broadcast_user(user_vecs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 
 from movierec.errors import ConfigError
-from movierec.models.base import MODELS, Architecture, model_class
+from movierec.models.base import MODELS, ModelSection, model_class
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     path: str = "data/synthetic"
     fraction: float | None = None
     shards: str | None = None
@@ -129,8 +129,8 @@ class InitSection:
 
 @dataclass
 class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: Architecture = field(default_factory=Architecture)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -404,10 +404,12 @@ def check_limits(config: RunConfig) -> None:
 
 
 def validate(config: RunConfig) -> None:
-    from movierec.evaluation.evaluate import PROTOCOLS
+    from movierec.evaluation.evaluate import check_protocols
     from movierec.training.losses import LOSSES
 
     check_limits(config)
+    check_protocols([config.eval.protocol], "eval.protocol")
+    check_protocols(config.eval.protocols, "eval.protocols")
     t, m, e = config.train, config.model, config.eval
     checks = [
         (m.kind in MODELS, f"model.kind must be one of {', '.join(sorted(MODELS))}, got {m.kind!r}"),
@@ -432,8 +434,6 @@ def validate(config: RunConfig) -> None:
         (not (t.optimizer == "sparse-adam" and "ce" in (t.loss, t.start_loss)),
          "train.optimizer=sparse-adam cannot train loss ce (its softmax touches every item row); use adam or auto"),
         (not (t.optimizer == "sparse-adam" and t.weight_decay), "train.optimizer=sparse-adam has no weight decay"),
-        (e.protocol in PROTOCOLS, f"eval.protocol must be one of {', '.join(PROTOCOLS)}"),
-        (all(p in PROTOCOLS for p in e.protocols), f"eval.protocols must be among {', '.join(PROTOCOLS)}"),
         (t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant|cosine, got {t.lr_schedule!r}"),
         (e.metric == "mrr" or (e.metric.split("@")[0] in ("ndcg", "hr") and e.metric.split("@")[-1].isdigit()
                                and int(e.metric.split("@")[-1]) in e.ks),

@@ -22,8 +22,8 @@ from torch import nn
 
 from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems, draw_by_weight, sample_training_negatives
+from movierec.evaluation.metrics import bce_from_logits
 from movierec.models.base import SequentialModel
-from movierec.models.sse_pt import bce_from_logits
 
 
 class Objective(nn.Module):
