@@ -80,7 +80,7 @@ def test_missing_shard_file(path):
 
 def test_missing_split(path):
     edit_meta(path, lambda meta: meta["shards"][0]["files"].pop("evaluation"))
-    with pytest.raises(DataError, match="shard 0 has no evaluation file"):
+    with pytest.raises(DataError, match="shard 0 does not list a path, sha256 and pair count per split"):
         load_sequences(path)
 
 

@@ -220,3 +220,204 @@ def test_truncating_a_shard_while_serving_does_not_kill_the_server(trained_run, 
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- tracebacks that became one line
+
+
+@pytest.fixture(scope="module")
+def bad(trained_run, tmp_path_factory) -> dict[str, Path]:
+    """Inputs the second audit found crashing: files where folders belong, broken configs and meta.json."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("second-audit")
+    (root / "a-file").write_text("x")
+    (root / "a-folder.parquet").mkdir()
+    (root / "loop").symlink_to(root / "loop")
+    (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01" * 50)
+    (root / "deep.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000)
+    (root / "invalid.yaml").write_text("train:\n  lr: [1, 2\n  epochs: 3\n")
+    (root / "tagged.yaml").write_text("train: !!python/object/apply:os.system ['true']\n")
+    for name, edit in [
+        ("source-text", lambda m: m.update(source="x")),
+        ("interactions-text", lambda m: m.update(num_interactions="abc")),
+        ("interactions-null", lambda m: m.update(num_interactions=None)),
+        ("split-counts-list", lambda m: m.update(split_counts=[1, 2, 3])),
+        ("files-list", lambda m: m["shards"][0].update(files=[1])),
+        ("no-sha256", lambda m: m["shards"][0]["files"]["training"].pop("sha256")),
+        ("huge-users", lambda m: m.update(num_users=10**13)),
+    ]:
+        folder = root / name
+        shutil.copytree(trained_run.data_dir, folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        edit(meta)
+        (folder / "meta.json").write_text(json.dumps(meta))
+    strings = root / "string-ids"
+    shutil.copytree(trained_run.data_dir, strings)
+    items = pq.read_table(strings / "items.parquet")
+    column = pa.array([str(v) for v in items["movie_id"].to_pylist()])
+    pq.write_table(
+        items.set_column(items.column_names.index("movie_id"), "movie_id", column), strings / "items.parquet"
+    )
+    meta = json.loads((strings / "meta.json").read_text())
+    from movierec.data.layout import sha256_file
+
+    meta["files_sha256"]["items.parquet"] = sha256_file(strings / "items.parquet")  # a consistent edit
+    (strings / "meta.json").write_text(json.dumps(meta))
+    return {"root": root, "run": trained_run.run_dir, "data": trained_run.data_dir}
+
+
+TRAIN = ["train", "tracking.system_metrics=false", "--tracking-uri", "sqlite:///{root}/m.db"]
+SECOND_AUDIT = [
+    # output paths: a file where a folder belongs, a folder where a file belongs, a symlink loop
+    (
+        "evaluate-json-dir",
+        ["evaluate", "{run}", "--protocol", "full", "--json", "{root}/a-folder.parquet"],
+        "is a folder",
+    ),
+    ("export-recs-dir", ["export-recs", "{run}", "--out", "{root}/a-folder.parquet"], "is a folder"),
+    (
+        "evaluate-json-under-file",
+        ["evaluate", "{run}", "--protocol", "full", "--json", "{root}/a-file/m.json"],
+        "is a file, not a folder",
+    ),
+    ("train-run-dir-file", [*TRAIN, "--data", "{data}", "--run-dir", "{root}/a-file"], "a-file"),
+    ("prepare-out-file", ["prepare", "--dataset", "synthetic", "--out", "{root}/a-file"], "a-file"),
+    ("prepare-out-loop", ["prepare", "--dataset", "synthetic", "--out", "{root}/loop"], "loop"),
+    (
+        "download-home-file",
+        ["download", "ml-100k", "--data-home", "{root}/a-file", "--archive", "{root}/a-file"],
+        "a-file",
+    ),
+    ("quickstart-out-file", ["quickstart", "--out", "{root}/a-file"], "a-file"),
+    # values that pass a type check but are wrong
+    ("device-tpu", [*TRAIN, "--data", "{data}", "--run-dir", "{root}/r1", "--device", "tpu"], "train.device must be"),
+    ("device-meta", [*TRAIN, "--data", "{data}", "--run-dir", "{root}/r2", "--device", "meta"], "train.device must be"),
+    ("device-empty", [*TRAIN, "--data", "{data}", "--run-dir", "{root}/r3", "--device", ""], "train.device must be"),
+    ("evaluate-cuda", ["evaluate", "{run}", "--device", "cuda"], "CUDA is not available"),
+    ("min-rating-nan", ["prepare", "--dataset", "synthetic", "--out", "{root}/p", "--min-rating", "nan"], "finite"),
+    ("min-rating-inf", ["prepare", "--dataset", "synthetic", "--out", "{root}/p", "--min-rating", "inf"], "finite"),
+    ("quickstart-epochs-0", ["quickstart", "--out", "{root}/q0", "--epochs", "0"], "train.epochs (--epochs) must be"),
+    ("quickstart-epochs-neg", ["quickstart", "--out", "{root}/q1", "--epochs", "-2"], "train.epochs (--epochs) must"),
+    # config files
+    ("config-binary", [*TRAIN, "--config", "{root}/binary.yaml"], "is not a text file"),
+    ("config-deep", [*TRAIN, "--config", "{root}/deep.yaml"], "nested too deeply"),
+    ("config-invalid", [*TRAIN, "--config", "{root}/invalid.yaml"], "is not valid YAML"),
+    ("config-python-tag", [*TRAIN, "--config", "{root}/tagged.yaml"], "is not valid YAML"),
+    # paths and names
+    ("path-newline", ["info", "{root}/no\nsuch"], "no\\nsuch"),
+    (
+        "name-dot",
+        [
+            "prepare",
+            "--dataset",
+            "sasrec-text",
+            "--name",
+            ".",
+            "--input",
+            "{root}/a-file",
+            "--out",
+            "{root}/n",
+            "--overwrite",
+        ],
+        "must be a plain folder name",
+    ),
+    (
+        "name-dotdot",
+        [
+            "prepare",
+            "--dataset",
+            "sasrec-text",
+            "--name",
+            "..",
+            "--input",
+            "{root}/a-file",
+            "--out",
+            "{root}/n",
+            "--overwrite",
+        ],
+        "must be a plain folder name",
+    ),
+    (
+        "name-path",
+        [
+            "prepare",
+            "--dataset",
+            "sasrec-text",
+            "--name",
+            "../x",
+            "--input",
+            "{root}/a-file",
+            "--out",
+            "{root}/n",
+            "--overwrite",
+        ],
+        "must be a plain folder name",
+    ),
+    # meta.json of the wrong types, and a side table of the wrong type
+    *[
+        (
+            f"meta-{name}-{command}",
+            [command, "{root}/" + name, *(["--verify"] if command == "info" else [])],
+            "meta.json is damaged",
+        )
+        for name in (
+            "source-text",
+            "interactions-text",
+            "interactions-null",
+            "split-counts-list",
+            "files-list",
+            "no-sha256",
+            "huge-users",
+        )
+        for command in ("info",)
+    ],
+    ("meta-train", [*TRAIN, "--data", "{root}/files-list", "--run-dir", "{root}/r4"], "meta.json is damaged"),
+    ("items-string-ids", ["info", "{root}/string-ids", "--verify"], "1 of 8 files failed verification"),
+    ("items-string-ids-train", [*TRAIN, "--data", "{root}/string-ids", "--run-dir", "{root}/r5"], "not integer ids"),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), SECOND_AUDIT, ids=[c[0] for c in SECOND_AUDIT])
+def test_second_audit_inputs_are_one_line_and_exit_2(bad, capsys, name, argv, message):
+    args = [a.format(**bad) for a in argv]
+    assert main(args) == 2, name
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_shard_ranges_are_checked_before_they_are_built(bad, capsys):
+    args = ["evaluate", str(bad["run"]), "--protocol", "full", "--max-users", "5"]
+    from movierec.data.layout import select_shards
+    from movierec.errors import DataError
+
+    with pytest.raises(DataError, match="this dataset has shards 0-1"):
+        select_shards(2, shards="0-10000000000")
+    assert main(args) == 0
+    capsys.readouterr()
+
+
+def test_a_non_utf8_path_is_one_line(tmp_path, capsys):
+    target = os.fsdecode(bytes(tmp_path) + b"/out-\xff")
+    assert main(["prepare", "--dataset", "synthetic", "--out", target, "--num-shards", "1"]) in (0, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2  # one line (or a note and nothing else)
+
+
+def test_serve_that_cannot_bind_is_one_line(trained_run, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", str(trained_run.run_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
+    assert main(["serve", str(trained_run.run_dir), "--host", "no-such-host.invalid", "--port", "0"]) == 2
+    assert "cannot listen on no-such-host.invalid" in capsys.readouterr().err

@@ -52,6 +52,16 @@ class BagOfItems(SequentialModel):
         ("bert4rec", ["train.loss=ce", "model.num_heads=2"]),
         ("bert4rec", ["train.loss=bce"]),
         ("bert4rec", ["train.loss=ce", "model.head_transform=false", "model.mask_last=false"]),
+        (
+            "hstu",
+            [
+                "train.loss=sampled-softmax",
+                "train.num_negatives=32",
+                "train.temperature=0.05",
+                "model.num_heads=2",
+                "model.num_blocks=2",
+            ],
+        ),
     ],
 )
 def test_a_registered_model_goes_through_every_stage(trained_run, tmp_path, capsys, kind, extra):

@@ -54,7 +54,9 @@ def workspace(tmp_path_factory) -> dict:
 
 
 def tiny_config(ws: dict, run: str, *extra: str, epochs: int = 2):
-    config = load_config(None, [*TINY, *extra])
+    other_kind = any(e.startswith("model.kind=") and e != "model.kind=sse-pt" for e in extra)
+    base = [o for o in TINY if not (other_kind and o.startswith("model.d_user"))]  # only sse-pt has users
+    config = load_config(None, [*base, *extra])
     config.data.path = str(ws["data"])
     config.run_dir = str(ws["root"] / "runs" / run)
     config.tracking.uri = ws["uri"]

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from movierec.errors import ConfigError, DataError, MovierecError
 
-# a full, read-only or forbidden output location is the user's to fix: one line, not a traceback
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+MAX_LINE = 400  # a message longer than this (a path of 10 KB, say) is cut: one readable line
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -285,11 +284,17 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from movierec.device import resolve_device
     from movierec.errors import ConfigError
     from movierec.evaluation.evaluate import check_protocols, evaluate_checkpoint
     from movierec.evaluation.metrics import print_metrics
 
     protocols = check_protocols([p.strip() for p in args.protocol.split(",") if p.strip()], "--protocol")
+    device = str(resolve_device(args.device))
+    if args.json:
+        from movierec.files import check_output_file
+
+        check_output_file(args.json, "--json")
     try:
         ks = tuple(int(k) for k in args.k.split(","))
     except ValueError as exc:
@@ -299,7 +304,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.max_users is not None and args.max_users <= 0:
         raise ConfigError(f"--max-users must be > 0, got {args.max_users}")
     metrics = evaluate_checkpoint(
-        args.checkpoint, args.data, args.split, protocols, ks, args.seed, args.device, args.max_users
+        args.checkpoint, args.data, args.split, protocols, ks, args.seed, device, args.max_users
     )
     print_metrics(f"{args.split} split, {int(metrics['users']):,} users", metrics)
     if args.json:
@@ -348,6 +353,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.out is None and args.register is None:
         raise ConfigError("give --out FILE to export, --register NAME to register, or both")
+    if args.out is not None:
+        from movierec.files import check_output_file
+
+        check_output_file(args.out, "--out")
     source = load_source(args.model, args.tracking_uri)
     if args.out is not None:
         from movierec.serving.export import export_model, verify_export
@@ -454,6 +463,9 @@ def add_export_recs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=100, help="recommendations per user (default 100)")
     p.add_argument("--include-seen", action="store_true", help="also recommend movies already in the history")
     p.add_argument("--batch-size", type=int, default=256, help="users scored per batch (default 256)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--users", help="only these users (original userIds, comma-separated)")
+    who.add_argument("--shards", help="only the users of these dataset shards, e.g. 0-3,7")
 
 
 @command(
@@ -468,13 +480,23 @@ def cmd_export_recs(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out.suffix != ".parquet":
         raise ConfigError(f"--out {args.out}: give a .parquet file")
+    from movierec.files import check_output_file
+
+    check_output_file(args.out, "--out")
+    from movierec.progress import Progress
+
     recommender = _load_recommender(args)
     recommender.check_k(args.k)
     recommender.batch_size = args.batch_size
+    users = recommender.known_users
+    if args.users is not None:
+        users = recommender.users_of_ids(_parse_ids(args.users, "--users"))
+    elif args.shards is not None:
+        users = recommender.users_of_shards(args.shards)
     started = time.perf_counter()
-    rows = recommender.export_all(args.out, args.k, args.include_seen)
-    users = len(recommender.known_users)
-    print(f"{rows:,} rows for {users:,} users (k={args.k}) -> {args.out} in {time.perf_counter() - started:.1f}s")
+    with Progress("export-recs", len(users), "users") as progress:
+        rows = recommender.export_all(args.out, args.k, args.include_seen, users=users, progress=progress)
+    print(f"{rows:,} rows for {len(users):,} users (k={args.k}) -> {args.out} in {time.perf_counter() - started:.1f}s")
     return 0
 
 
@@ -483,19 +505,55 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="score requests arriving within this many ms of each other together (default 2; 0: only "
+                        "those already waiting)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=64, help="at most this many histories per batch (default 64)")
+    p.add_argument("--index", choices=["auto", "exact", "approximate"], default="auto",
+                   help="top-k by scoring every item (exact) or an approximate faiss index; auto: the index for "
+                        "catalogues of 200,000 items or more")  # fmt: skip
+    p.add_argument("--nprobe", type=int, default=32, help="approximate index: cells searched per query")
 
 
 @command("serve", "serve recommendations over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs", add_serve)
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from movierec.serving.approximate import APPROXIMATE_FROM_ITEMS
     from movierec.serving.http import create_app
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
-    app = create_app(_load_recommender(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    listener = bind(args.host, args.port)  # before the model loads: a taken port is one line, at once
+    if not (0 <= args.batch_window_ms <= 1000 and args.max_batch >= 1):
+        raise ConfigError("--batch-window-ms must be in [0, 1000] and --max-batch >= 1")
+    recommender = _load_recommender(args)
+    if args.index == "approximate" or (args.index == "auto" and recommender.num_items >= APPROXIMATE_FROM_ITEMS):
+        from movierec.serving.approximate import ApproximateIndex
+
+        recommender.use_index(ApproximateIndex(recommender.model, nprobe=args.nprobe))
+    app = create_app(recommender, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch)
+    host, port = listener.getsockname()[:2]
+    index = "approximate index" if recommender.index is not None else "exact scoring"
+    print(f"movierec serve: listening on http://{host}:{port} ({index}; Ctrl-C stops)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[listener])
     return 0
+
+
+def bind(host: str, port: int):
+    """A listening socket on host:port, or a one-line ConfigError (port in use, unknown host, privileged
+    port): uvicorn would print its own error in six log lines and exit 3."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return listener
 
 
 # --------------------------------------------------------------------------- entry point
@@ -526,17 +584,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except MovierecError as exc:
-        print(f"movierec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if exc.errno not in OUTPUT_ERRNOS:
-            raise
+        return fail(args.command, str(exc))
+    except OSError as exc:  # a path the user gave that the system refuses (full, read-only, not a folder, ...)
+        kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"movierec {args.command}: error: {exc.strerror}{where}; nothing was left half-written", file=sys.stderr)
-        return 2
+        return fail(args.command, f"{exc.strerror or exc} ({kind}){where}; nothing was left half-written")
+    except (UnicodeEncodeError, UnicodeDecodeError) as exc:  # a path with bytes that are not text
+        return fail(args.command, f"a path or value cannot be read as text ({exc.reason}); rename it")
     except KeyboardInterrupt:
         print(f"movierec {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def fail(command: str, message: str) -> int:
+    """Print `message` as one line (control characters and newlines shown escaped) and return exit status 2."""
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > MAX_LINE:
+        text = text[: MAX_LINE - 3] + "..."
+    print(f"movierec {command}: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

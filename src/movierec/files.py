@@ -64,6 +64,19 @@ def remove_left_over_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def check_output_file(out: str | Path, flag: str) -> Path:
+    """`out` as a file to write later, checked now (before hours of work): not a folder, and not under a file."""
+    out = Path(out)
+    if out.is_dir():
+        raise MovierecError(f"{flag} {out} is a folder; give a file name")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MovierecError(f"{flag} {out}: {parent} is a file, not a folder")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_path(out: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `out`; once the caller has written it, flush it to disk and rename it
@@ -80,6 +93,10 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, shared_mode())
         os.replace(tmp, out)
+    except OSError as exc:  # name the file the user asked for, not our temporary one
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -34,18 +34,17 @@ def quickstart(out: str | Path, config_path: str | Path | None = None, epochs: i
     console = Console()
     out = Path(out)
     data_dir = out / "data" / "synthetic"
+    # the config first, checked like any run's (--epochs 0 is one line now, not after the data is prepared)
+    length = {"train.epochs": epochs} if epochs is not None else {}
+    config = load_config(config_path or default_config_path(), flags={
+        "data.path": str(data_dir), "run_dir": str(out / "run"),
+        "tracking.uri": f"sqlite:///{(out / 'mlflow.db').resolve()}", **length})  # fmt: skip
     console.rule("1. prepare the synthetic dataset")
     if not (data_dir / META_FILE).is_file():
         prepare("synthetic", out=out / "data")
     print_summary(data_dir)
 
     console.rule("2. train SSE-PT (MLflow store: " + str(out / "mlflow.db") + ")")
-    config = load_config(config_path or default_config_path())
-    config.data.path = str(data_dir)
-    config.run_dir = str(out / "run")
-    config.tracking.uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    if epochs is not None:
-        config.train.epochs = epochs
     result = train(config, console=console)
 
     console.rule("3. evaluate the best checkpoint on the held-out last items")

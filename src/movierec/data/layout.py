@@ -39,6 +39,7 @@ from movierec.files import shared_mode
 FORMAT_VERSION = 1
 SPLITS = ("training", "validation", "evaluation")
 META_FILE = "meta.json"
+MAX_IDS = 2**31 - 1  # user and item ids are stored as int32 in the shards
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
 LEASE = ".writer.lock"  # in a writer's temporary folder, flock'ed while the writer lives
@@ -172,8 +173,43 @@ def read_meta(path: str | Path) -> dict:
     for key in ("name", "num_users", "num_items", "shards"):
         if key not in meta:
             raise DataError(f"{meta_path} lacks the field {key!r}; re-run `movierec prepare`")
+    _check_types(meta, meta_path)
     _check_counts(meta, meta_path)
     return meta
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_types(meta: dict, meta_path: Path) -> None:
+    """Each field meta.json's readers use has the type they expect: an edited file is one line here, not a
+    TypeError in `info`, `train` or `serve`."""
+    fix = "re-run `movierec prepare` (do not edit meta.json)"
+    problems = []
+    if not isinstance(meta["name"], str):
+        problems.append("name is not text")
+    for key in ("source", "options", "files_sha256"):
+        if key in meta and not isinstance(meta[key], dict):
+            problems.append(f"{key} is not a mapping")
+    for key in ("num_interactions", "num_evaluated_users"):
+        if key in meta and not _is_count(meta[key]):
+            problems.append(f"{key} is not a count")
+    counts = meta.get("split_counts", {})
+    if not isinstance(counts, dict) or not all(_is_count(counts.get(split)) for split in SPLITS):
+        problems.append("split_counts is not a count per split")
+    if (isinstance(meta["num_users"], int) and meta["num_users"] > MAX_IDS) or (isinstance(
+        meta["num_items"], int) and meta["num_items"] > MAX_IDS):  # fmt: skip
+        problems.append(f"num_users or num_items is over {MAX_IDS:,}")
+    for index, shard in enumerate(meta["shards"] if isinstance(meta["shards"], list) else []):
+        files = shard.get("files") if isinstance(shard, dict) else None
+        entries = [files.get(split) for split in SPLITS] if isinstance(files, dict) else []
+        if not all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+                   and _is_count(e.get("pairs")) for e in entries) or len(entries) != len(SPLITS):  # fmt: skip
+            problems.append(f"shard {index} does not list a path, sha256 and pair count per split")
+            break
+    if problems:
+        raise DataError(f"{meta_path} is damaged: {problems[0]}; {fix}")
 
 
 def _check_counts(meta: dict, meta_path: Path) -> None:
@@ -227,13 +263,12 @@ def select_shards(
             for part in shards.split(","):
                 part = part.strip()
                 try:
-                    if "-" in part:
-                        lo, hi = (int(x) for x in part.split("-", 1))
-                        chosen.extend(range(lo, hi + 1))
-                    else:
-                        chosen.append(int(part))
+                    lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part), int(part))
                 except ValueError as exc:
                     raise DataError(f"--shards {shards!r}: expected indices like '0-3,7'") from exc
+                if not 0 <= lo <= hi < num_shards:  # checked before the range is built: 0-10^10 is no list
+                    raise DataError(f"--shards {shards!r}: this dataset has shards 0-{num_shards - 1}")
+                chosen.extend(range(lo, hi + 1))
         else:
             chosen = [int(s) for s in shards]
         bad = [s for s in chosen if not 0 <= s < num_shards]
@@ -424,6 +459,9 @@ def _read_table(path: str | Path, name: str, id_column: str, key: str) -> pa.Tab
         raise DataError(f"{file} cannot be read ({exc}); re-run `movierec prepare`") from exc
     if id_column not in table.column_names or len(table) != int(meta[key]):
         raise DataError(f"{file} does not hold one {id_column} row per id 1..{meta[key]}; re-run `movierec prepare`")
+    if not pa.types.is_integer(table.schema.field(id_column).type):  # what train and serve read as ids
+        raise DataError(f"{file}: its {id_column} column holds {table.schema.field(id_column).type}, not integer "
+                        "ids; re-run `movierec prepare`")  # fmt: skip
     return table
 
 

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from movierec.data.layout import SPLITS, ShardWriter, select_shards, sha256_file
 from movierec.data.split import DEFAULT_SHARD_PAIRS, shard_boundaries
 from movierec.errors import ConfigError, DataError
+from movierec.progress import Progress
 
 TRAIN_FILE = "trainx16x32_{k}.npz"
 TEST_FILE = "testx16x32_{k}.npz"
@@ -348,23 +349,27 @@ def prepare_mlperf(
         next_user, max_item, extra_test, last_user = 1, -1, 0, -1
         original_users: list[np.ndarray] = []
         inputs = []
-        for k in chosen:
-            train_path, test_path = files.train[k], files.test[k]
-            part = convert_file_pair(_load_pairs(train_path), _load_pairs(test_path), train_path.name, held_out_as[k])
-            users = part["users"]
-            if len(users) and users[0] <= last_user:
-                raise DataError(
-                    f"{train_path}: its users overlap or precede those of the previous file; the converter needs "
-                    "each file to hold its own block of users, as MLPerf's files do"
+        with Progress(f"prepare {name}", len(chosen), "files") as progress:
+            for k in chosen:
+                train_path, test_path = files.train[k], files.test[k]
+                part = convert_file_pair(
+                    _load_pairs(train_path), _load_pairs(test_path), train_path.name, held_out_as[k]
                 )
-            extra_test += part["extra_test"]
-            max_item = max([max_item, *(int(part[s][:, 1].max()) for s in SPLITS if len(part[s]))])
-            _write_file_pair(writer, part, next_user, shard_pairs)
-            next_user += len(users)
-            original_users.append(users)
-            last_user = int(users[-1]) if len(users) else last_user
-            inputs.append({"shard": k, "train": train_path.name, "test": test_path.name,
-                           "train_sha256": sha256_file(train_path), "test_sha256": sha256_file(test_path)})  # fmt: skip
+                users = part["users"]
+                if len(users) and users[0] <= last_user:
+                    raise DataError(
+                        f"{train_path}: its users overlap or precede those of the previous file; the converter needs "
+                        "each file to hold its own block of users, as MLPerf's files do"
+                    )
+                extra_test += part["extra_test"]
+                max_item = max([max_item, *(int(part[s][:, 1].max()) for s in SPLITS if len(part[s]))])
+                _write_file_pair(writer, part, next_user, shard_pairs)
+                next_user += len(users)
+                original_users.append(users)
+                last_user = int(users[-1]) if len(users) else last_user
+                checksums = {"train_sha256": sha256_file(train_path), "test_sha256": sha256_file(test_path)}
+                inputs.append({"shard": k, "train": train_path.name, "test": test_path.name, **checksums})
+                progress.advance(1)
         if next_user == 1:
             raise DataError(f"{files.folder}: the chosen files hold no pairs")
         counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in SPLITS}

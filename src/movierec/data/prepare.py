@@ -10,6 +10,8 @@ and the shards are written by :mod:`movierec.data.split`.
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -137,6 +139,8 @@ def _prepare_sasrec_text(dataset: str, out: Path, o: PrepareOptions) -> Path:
     if dataset == "sasrec-text" and not o.name:
         raise ConfigError("sasrec-text needs --name NAME: the prepared folder's name (e.g. --name ml-1m-sasrec)")
     name = o.name or dataset
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in (".", ".."):
+        raise ConfigError(f"--name {name!r} must be a plain folder name (letters, digits, . _ -), not a path")
     if o.input_path is None:
         raise DataError(f"{dataset} needs --input PATH: a SASRec-format `user item` text file (e.g. ml-1m.txt)")
     input_path = Path(o.input_path)
@@ -255,6 +259,8 @@ def prepare(dataset: str, out: str | Path = "data", **options) -> Path:
         takes = ", ".join(FLAGS[name] for name in sorted(source.takes)) or "none"
         verb = "does" if len(unused) == 1 else "do"
         raise ConfigError(f"{', '.join(unused)} {verb} not apply to {dataset} (its options: {takes})")
+    if chosen.min_rating is not None and not math.isfinite(chosen.min_rating):
+        raise ConfigError(f"--min-rating must be a finite number, got {chosen.min_rating}")
     if chosen.shard_pairs < 1:
         raise ConfigError(f"--shard-pairs must be positive, got {chosen.shard_pairs}")
     if chosen.num_shards is not None and chosen.num_shards < 1:

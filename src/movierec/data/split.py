@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from movierec.data.layout import SPLITS, ShardWriter
 from movierec.errors import DataError
+from movierec.progress import Progress
 
 DEFAULT_SHARD_PAIRS = 2_000_000
 TIE_BREAK = "timestamp, then the row order of the source file"
@@ -214,14 +215,16 @@ def write_dataset(
         # users are sorted, so each shard is one contiguous slice of the arrays
         starts = np.searchsorted(split["users"], [lo for lo, _ in bounds], side="left")
         stops = np.searchsorted(split["users"], [hi for _, hi in bounds], side="left")
-        for (lo, hi), start, stop in zip(bounds, starts, stops, strict=True):
-            u, i = split["users"][start:stop], split["items"][start:stop]
-            t, lab = split["timestamps"][start:stop], split["label"][start:stop]
-            parts = {}
-            for code, split_name in enumerate(("training", "validation", "evaluation")):
-                rows = lab == code
-                parts[split_name] = (np.stack([u[rows], i[rows]], axis=1), t[rows])
-            writer.add_shard((lo, hi), parts)
+        with Progress(f"prepare {name}", len(bounds), "shards") as progress:
+            for (lo, hi), start, stop in zip(bounds, starts, stops, strict=True):
+                u, i = split["users"][start:stop], split["items"][start:stop]
+                t, lab = split["timestamps"][start:stop], split["label"][start:stop]
+                parts = {}
+                for code, split_name in enumerate(("training", "validation", "evaluation")):
+                    rows = lab == code
+                    parts[split_name] = (np.stack([u[rows], i[rows]], axis=1), t[rows])
+                writer.add_shard((lo, hi), parts)
+                progress.advance(1)
         counts = {s: sum(sh["files"][s]["pairs"] for sh in writer.shards) for s in SPLITS}
         meta = {
             "name": name,

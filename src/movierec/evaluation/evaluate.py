@@ -27,6 +27,7 @@ from movierec.errors import ConfigError
 from movierec.evaluation.metrics import bce_from_logits, metrics_from_ranks, rank_of_target
 from movierec.models.base import SequentialModel
 from movierec.models.catalog import CatalogScorer, SeenPairs, length_sorted_batches, row_item_pairs
+from movierec.progress import Progress
 
 PROTOCOLS = ("full", "sampled-uniform-100", "sampled-popularity-100")
 HELD_OUT = ("validation", "evaluation")  # the splits with one held-out pair per user
@@ -122,6 +123,7 @@ class Evaluator:
         loss: str = "bce",
         part: tuple[int, int] = (0, 1),
         all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+        progress: Progress | None = None,
     ) -> dict:
         """Metrics per protocol (`<protocol>/ndcg@10`, ...), `loss` (BCE vs one negative, or full CE), `users`.
 
@@ -135,6 +137,8 @@ class Evaluator:
         sums = np.zeros(2 + len(self.protocols) * (2 * len(self.ks) + 1), dtype=np.float64)  # loss, count, metrics
         try:
             for rows, seqs in self.batches(model.config.max_len, np.arange(rank, self.num_users, world)):
+                if progress is not None:
+                    progress.advance(len(rows))
                 ranks, batch_loss = self.batch_ranks(model, rows, seqs, device, autocast_dtype, loss)
                 sums[0] += batch_loss * len(rows)
                 sums[1] += len(rows)
@@ -215,6 +219,6 @@ def evaluate_checkpoint(
     path = verify_dataset(state, data_path)
     data = load_sequences(path, shards=state.dataset.shards)
     model = model_from_checkpoint(state, device)
-    return Evaluator(data, split, protocols, ks, seed, max_users=max_users).run(
-        model, device, loss=state.validation_loss
-    )
+    evaluator = Evaluator(data, split, protocols, ks, seed, max_users=max_users)
+    with Progress("evaluate", evaluator.num_users, "users") as progress:
+        return evaluator.run(model, device, loss=state.validation_loss, progress=progress)

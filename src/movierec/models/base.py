@@ -23,7 +23,8 @@ from torch import nn
 
 @dataclass
 class ModelSection:
-    """The model's hyper-parameters: the `model:` section of a run config (each kind reads what it needs)."""
+    """The model's hyper-parameters: the `model:` section of a run config. Each kind uses some of them (its
+    `options`); setting one it does not use is a configuration error."""
 
     kind: str = "sse-pt"  # a registered kind: sse-pt, sasrec, ...
     max_len: int = 200
@@ -66,13 +67,8 @@ class ModelConfig(ModelSection):
         return asdict(self)
 
     def train_flops_per_token(self) -> float:
-        """Multiply-add FLOPs of one training position (forward + backward = 3x forward), for throughput
-        figures in GFLOP/s: per block the three d x d attention projections and the two of the feed-forward
-        (10 d^2), attention scores and weighted values over max_len keys (4 d L), plus the logits of the
-        positive and the negative item (4 d). Attention is counted over the full window, as computed."""
-        d, length = self.d_model, self.max_len
-        forward = self.num_blocks * (10 * d * d + 4 * d * length) + 4 * d
-        return 3.0 * forward
+        """Multiply-add FLOPs of one training position (forward + backward), as its model kind counts them."""
+        return model_class(self.kind).flops_per_token(self)
 
 
 class SequentialModel(nn.Module, ABC):
@@ -86,6 +82,21 @@ class SequentialModel(nn.Module, ABC):
     def resolve(cls, config: ModelSection) -> None:
         """Check `config` and set the values this kind forces (e.g. SASRec: no user embedding), in place,
         so that checkpoints and MLflow record what is actually trained. Raise ValueError when invalid."""
+
+    @classmethod
+    def options(cls, kind: str) -> frozenset[str] | None:
+        """The `model:` options this kind uses: a run config that sets any other is refused (an option that
+        would be silently ignored, or silently replaced by what the kind forces). None: every option."""
+        return None
+
+    @classmethod
+    def flops_per_token(cls, config: ModelConfig) -> float:
+        """Multiply-add FLOPs of one training position (forward + backward = 3x forward), for throughput
+        figures in GFLOP/s. This default counts a Transformer block: the three d x d attention projections and
+        the two of the feed-forward (10 d^2), attention scores and weighted values over max_len keys (4 d L),
+        plus the logits of the positive and the negative item (4 d); attention over the full window."""
+        d, length = config.d_model, config.max_len
+        return 3.0 * (config.num_blocks * (10 * d * d + 4 * d * length) + 4 * d)
 
     @abstractmethod
     def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -39,6 +39,11 @@ class BidirectionalBlock(nn.Module):
 @register("bert4rec")
 class BERT4Rec(SequentialModel):
     @classmethod
+    def options(cls, kind: str) -> frozenset[str]:
+        return frozenset({"kind", "max_len", "d_item", "num_blocks", "num_heads", "dropout", "mask_prob",
+                          "head_transform", "mask_last"})  # fmt: skip
+
+    @classmethod
     def resolve(cls, config: ModelSection) -> None:
         config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0  # no user embedding, no SSE
         if config.d_item % config.num_heads:

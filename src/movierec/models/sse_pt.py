@@ -64,6 +64,13 @@ class SSEPT(SequentialModel):
     """
 
     @classmethod
+    def options(cls, kind: str) -> frozenset[str]:
+        common = {"kind", "max_len", "d_item", "num_blocks", "num_heads", "dropout"}
+        return frozenset(
+            common if kind == "sasrec" else {*common, "d_user", "keep_user", "keep_item", "zero_user_term"}
+        )
+
+    @classmethod
     def resolve(cls, config: ModelSection) -> None:
         if config.kind == "sasrec":  # SASRec: no user embedding and no SSE
             config.d_user, config.keep_user, config.keep_item = 0, 1.0, 1.0

@@ -148,6 +148,8 @@ def create_app(
     body_deadline: float = BODY_DEADLINE,
     max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
     max_concurrent_uploads: int = MAX_CONCURRENT_UPLOADS,
+    batch_window_ms: float | None = 2.0,
+    max_batch: int = 64,
 ) -> FastAPI:
     """The app serving `recommender` (already loaded: the model is loaded once, at start).
 
@@ -158,6 +160,11 @@ def create_app(
     received, gets 503 (`/health` is never refused).
     """
     check_limits(max_body_bytes, body_timeout, body_deadline, max_concurrent_requests, max_concurrent_uploads)
+    if batch_window_ms is not None:  # concurrent requests scored together (serving/batching.py); None: one by one
+        if not (0 <= batch_window_ms <= 1000 and max_batch >= 1):
+            raise ValueError(f"batching needs 0 <= batch_window_ms <= 1000 and max_batch >= 1, got {batch_window_ms}, "
+                             f"{max_batch}")  # fmt: skip
+        recommender.enable_batching(batch_window_ms / 1000, max_batch)
     app = FastAPI(
         title="movierec",
         version=__version__,

@@ -18,6 +18,9 @@ SASRec has no user embedding and needs nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,8 +36,11 @@ from movierec.data.sequences import UserHistories, left_padded
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
 from movierec.models.base import SequentialModel
-from movierec.models.catalog import NOTHING_SEEN, CatalogScorer, length_sorted_batches, row_item_pairs
+from movierec.models.catalog import NOTHING_SEEN, CatalogScorer, SeenPairs, length_sorted_batches, row_item_pairs
 from movierec.models.checkpoint import Checkpoint, model_from_checkpoint, verify_dataset
+from movierec.progress import Progress
+from movierec.serving.approximate import ApproximateIndex
+from movierec.serving.batching import MicroBatcher, Request
 
 
 class RecommendError(MovierecError):
@@ -101,6 +107,7 @@ class Recommender:
         dataset_name: str = "",
         batch_size: int = 256,
         item_chunk: int = 65536,
+        shard_ranges: Sequence[tuple[int, int]] = (),
     ):
         self.model = model.eval()
         self.config = model.config
@@ -117,6 +124,9 @@ class Recommender:
         self.genres = list(genres) if genres is not None else [None] * self.num_items
         self.histories = histories
         self.source, self.dataset_name, self.batch_size = source, dataset_name, batch_size
+        self.shard_ranges = list(shard_ranges)  # [lo, hi) of our user indices per dataset shard
+        self.batcher: MicroBatcher | None = None
+        self.index: ApproximateIndex | None = None
         self.scorer = CatalogScorer(self.model, item_chunk)
         self._item_of = {int(m): i + 1 for i, m in enumerate(self.item_movie_ids)}
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
@@ -164,6 +174,7 @@ class Recommender:
             genres=column("genres"),
             source=source or state.path,
             dataset_name=identity.name if identity.name != "?" else data_seq.meta.get("name", ""),
+            shard_ranges=[tuple(shard["users"]) for shard in data_seq.meta["shards"]],
         )
 
     # ------------------------------------------------------------------ look-ups
@@ -218,10 +229,50 @@ class Recommender:
         with self._lock, torch.inference_mode():
             for rows, sequences in batches:
                 seen = row_item_pairs(items, offsets[rows], lengths[rows]) if exclude_seen else NOTHING_SEEN
-                scores, indices = self.scorer.top_k(self.scorer.queries(sequences, users[rows]), k, seen)
+                if self.index is not None:
+                    scores, indices = self._top_k_approximate(sequences, users[rows], seen, k)
+                else:
+                    scores, indices = self.scorer.top_k(self.scorer.queries(sequences, users[rows]), k, seen)
                 top_items[rows] = indices.cpu().numpy()
                 top_scores[rows] = scores.cpu().numpy()
         return top_items, top_scores
+
+    def use_index(self, index: ApproximateIndex | None) -> None:
+        """Find top-k items with an approximate index (serving/approximate.py) instead of scoring them all;
+        None goes back to exact scoring."""
+        self.index = index
+
+    def _top_k_approximate(
+        self, sequences: np.ndarray, users: np.ndarray, seen: SeenPairs, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index's k best unseen items per row, scored exactly."""
+        queries = self.scorer.queries(sequences, users)
+        seen_rows, seen_items = seen
+        extra = int(np.bincount(seen_rows, minlength=len(users)).max()) if len(seen_rows) else 0
+        _, found = self.index.search(queries.cpu().numpy(), k + extra)
+        if len(seen_rows):  # (row, item) pairs of the found items that the row has seen: left out
+            width = self.num_items + 2
+            blocked = np.isin(np.arange(len(found))[:, None] * width + found, seen_rows * width + seen_items)
+            found = np.where(blocked, -1, found)
+        order = np.argsort(found <= 0, axis=1, kind="stable")[:, :k]  # found items first, in the index's order
+        chosen = np.take_along_axis(found, order, axis=1)
+        ids = torch.from_numpy(np.maximum(chosen, 1))
+        scores = self.model.score(queries, ids.to(queries.device)).float()
+        scores = scores.masked_fill(torch.from_numpy(chosen <= 0).to(scores.device), -torch.inf)
+        ranked = torch.argsort(scores, dim=1, descending=True, stable=True)
+        return scores.gather(1, ranked), ids.to(scores.device).gather(1, ranked)
+
+    def enable_batching(self, window_s: float = 0.002, max_rows: int = 64) -> None:
+        """Score concurrent requests together (serving/batching.py): what `serve` does."""
+        self.batcher = MicroBatcher(self._top_k, window_s, max_rows)
+
+    def _score(
+        self, offsets: np.ndarray, items: np.ndarray, users: np.ndarray, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`_top_k`, through the micro-batcher when batching is on."""
+        if self.batcher is None:
+            return self._top_k(offsets, items, users, k, exclude_seen)
+        return self.batcher.submit(Request(offsets, items, users, k, exclude_seen))
 
     def _to_recommendations(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         keep = np.isfinite(scores)
@@ -247,7 +298,7 @@ class Recommender:
             return {}
         users = np.asarray([self._user_of[u] for u in wanted], dtype=np.int64)
         offsets, items = self.histories.gather(users)
-        top_items, top_scores = self._top_k(offsets, items, users, k, not include_seen)
+        top_items, top_scores = self._score(offsets, items, users, k, not include_seen)
         return {u: self._to_recommendations(top_items[r], top_scores[r]) for r, u in enumerate(wanted)}
 
     def recommend_user(self, user_id: int, k: int = 10, include_seen: bool = False) -> list[Recommendation]:
@@ -270,41 +321,68 @@ class Recommender:
             shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             raise RecommendError(f"none of the history's movieIds is known to this model ({shown})")
         items = np.asarray(known, dtype=np.int64)
-        top_items, top_scores = self._top_k(
+        top_items, top_scores = self._score(
             np.asarray([0, len(items)]), items, np.zeros(1, dtype=np.int64), k, not include_seen
         )
         return HistoryResult(self._to_recommendations(top_items[0], top_scores[0]), unknown)
 
-    def export_all(self, path: str | Path, k: int = 100, include_seen: bool = False) -> int:
-        """Top-k for every known user into a parquet file (user_id, rank, movie_id, title, score), atomically.
+    def users_of_shards(self, shards: str) -> np.ndarray:
+        """Our indices of the known users in the dataset shards `shards` (e.g. "0-3,7")."""
+        from movierec.data.layout import select_shards
 
-        Returns the number of rows. Users with fewer than k unseen items get fewer rows.
-        """
+        chosen = select_shards(len(self.shard_ranges), shards=shards)
+        inside = np.zeros(len(self.user_ids) + 1, dtype=bool)
+        for index in chosen:
+            lo, hi = self.shard_ranges[index]
+            inside[lo:hi] = True
+        return self.known_users[inside[self.known_users]]
+
+    def users_of_ids(self, user_ids: Iterable[int]) -> np.ndarray:
+        """Our indices of original userIds, each known to the model (else UnknownUserError)."""
+        wanted = list(dict.fromkeys(int(u) for u in user_ids))
+        unknown = [u for u in wanted if not self.has_user(u)]
+        if unknown:
+            raise UnknownUserError(f"unknown users {', '.join(map(str, unknown[:10]))}: not users of this model's data")
+        return np.asarray([self._user_of[u] for u in wanted], dtype=np.int64)
+
+    def export_all(
+        self, path: str | Path, k: int = 100, include_seen: bool = False, users: np.ndarray | None = None,
+        progress: Progress | None = None, pass_users: int = EXPORT_USERS_PER_PASS,
+    ) -> int:  # fmt: skip
+        """Top-k for every known user (or `users`, our indices) into a parquet file (user_id, rank, movie_id,
+        title, score), in passes of `pass_users` users: memory is bounded by one pass whatever the
+        number of users. Each finished pass is kept in `<path>.parts/`, so a killed export resumes with the
+        passes left (the same request only: k, seen items, model, users); the file is then written
+        atomically from the parts, one row group each, and the parts removed. Returns the number of rows."""
         k = self.check_k(k)
         path = Path(path)
-        users = self.known_users
-        top_items = np.zeros((len(users), k), dtype=np.int64)
-        top_scores = np.zeros((len(users), k), dtype=np.float32)
-        for start in range(0, len(users), EXPORT_USERS_PER_PASS):  # bounded memory on millions of users
-            part = slice(start, start + EXPORT_USERS_PER_PASS)
-            offsets, items = self.histories.gather(users[part])
-            top_items[part], top_scores[part] = self._top_k(offsets, items, users[part], k, not include_seen)
+        users = self.known_users if users is None else np.asarray(users, dtype=np.int64)
+        parts = ExportParts(path, {"k": k, "include_seen": include_seen, "source": self.source,
+                                   "users": len(users), "users_sha256": sha256_of(users)})  # fmt: skip
+        passes = range(0, len(users), pass_users)
+        for number, start in enumerate(passes):
+            chunk = users[start : start + pass_users]
+            if not parts.done(number):
+                offsets, items = self.histories.gather(chunk)
+                parts.write(number, self._recommendation_table(chunk, *self._top_k(offsets, items, chunk, k,
+                                                                                  not include_seen)))  # fmt: skip
+            if progress is not None:
+                progress.advance(len(chunk))
+        return parts.combine(len(passes))
+
+    def _recommendation_table(self, users: np.ndarray, top_items: np.ndarray, top_scores: np.ndarray) -> pa.Table:
         keep = np.isfinite(top_scores)
-        ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), top_items.shape)
+        ranks = np.broadcast_to(np.arange(1, top_items.shape[1] + 1, dtype=np.int32), top_items.shape)
         chosen = top_items[keep]
-        titles = pa.array(self.titles, type=pa.string()).take(pa.array(chosen - 1))
-        table = pa.table(
+        return pa.table(
             {
                 "user_id": np.broadcast_to(self.user_ids[users - 1][:, None], top_items.shape)[keep],
                 "rank": ranks[keep],
                 "movie_id": self.item_movie_ids[chosen - 1],
-                "title": titles,
+                "title": pa.array(self.titles, type=pa.string()).take(pa.array(chosen - 1)),
                 "score": top_scores[keep],
             }
         )
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        return table.num_rows
 
     def describe(self) -> dict:
         return {
@@ -314,3 +392,54 @@ class Recommender:
             "num_items": int(self.num_items),
             "max_len": int(self.config.max_len),
         }
+
+
+def sha256_of(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+class ExportParts:
+    """The finished passes of an export, beside its output: `<out>.parts/part-NNNNN.parquet` and a manifest of
+    the request they answer. A manifest of another request means its parts are stale: they are removed."""
+
+    def __init__(self, out: Path, request: dict):
+        self.out, self.folder = out, out.with_name(out.name + ".parts")
+        manifest = self.folder / "manifest.json"
+        if self.folder.is_dir():
+            try:
+                same = json.loads(manifest.read_text()) == request
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not manifest.is_file():
+            with atomic_path(manifest) as tmp:
+                tmp.write_text(json.dumps(request))
+
+    def path(self, number: int) -> Path:
+        return self.folder / f"part-{number:05d}.parquet"
+
+    def done(self, number: int) -> bool:
+        return self.path(number).is_file()
+
+    def write(self, number: int, table: pa.Table) -> None:
+        with atomic_path(self.path(number)) as tmp:
+            pq.write_table(table, tmp)
+
+    def combine(self, count: int) -> int:
+        """The parts, in order, as one file written atomically (one part in memory at a time)."""
+        rows = 0
+        with atomic_path(self.out) as tmp:
+            writer = None
+            for number in range(count):
+                table = pq.read_table(self.path(number))
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+            if writer is None:  # no users: an empty file with the columns
+                pq.write_table(pa.table({"user_id": pa.array([], pa.int64())}), tmp)
+            else:
+                writer.close()
+        shutil.rmtree(self.folder)
+        return rows

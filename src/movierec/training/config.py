@@ -51,6 +51,9 @@ class TrainSection:
     num_negatives: int = 256  # sampled-softmax: per batch; gbce: per sequence
     gbce_t: float = 0.75  # gbce calibration: 0 is plain BCE over the negatives, 1 fully calibrated (gSASRec's 0.75)
     negative_sampling: str = "uniform"  # sampled-softmax: uniform | popularity (with log-Q correction)
+    # softmax losses (sampled-softmax, ce): logits divided by this (null: 1); with a model that scores by cosine
+    # similarity (hstu) it is what makes the softmax sharp (the HSTU recipe: 0.05)
+    temperature: float | None = None
     precision: str = "auto"  # fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
@@ -157,7 +160,8 @@ REPLACED = {  # keys of older configs, for the error message; checkpoints that h
 }
 
 
-def _merge(target: Any, values: dict[str, Any], where: str) -> None:
+def _merge(target: Any, values: dict[str, Any], where: str, given: set[str] | None = None) -> None:
+    """Set `values` into the config dataclass `target`, type-checked; the dotted keys set are added to `given`."""
     for key, value in values.items():
         if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
             known = ", ".join(f.name for f in dataclasses.fields(target))
@@ -168,9 +172,11 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config section {where}{key} must be a mapping, got {value!r}")
-            _merge(current, value, f"{where}{key}.")
+            _merge(current, value, f"{where}{key}.", given)
         else:
             setattr(target, key, _coerce(value, typing.get_type_hints(type(target))[key], f"{where}{key}"))
+            if given is not None:
+                given.add(f"{where}{key}")
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
@@ -226,6 +232,22 @@ def _number(value: Any, kind: type, name: str) -> int | float:
         raise ConfigError(f"{name} must be {article}, got {value!r}") from exc
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, or a one-line ConfigError: not text, not YAML (its first problem and where),
+    nested beyond reason, or a tag asking for a Python object (safe_load refuses it; nothing runs)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a text file (byte {exc.start} is not UTF-8); give a YAML config") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path} is nested too deeply to be a run config") from exc
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from exc
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """`train.lr=0.01` -> {"train": {"lr": 0.01}}; the value is parsed as YAML."""
     if "=" not in text:
@@ -233,8 +255,9 @@ def parse_override(text: str) -> dict[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"override {text!r}: cannot parse value ({problem})") from exc
     nested: dict[str, Any] = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -252,26 +275,24 @@ def load_config(
     None = not given). Every layer goes through the same type checks; the result is validated, with the
     values the model kind forces already set."""
     config = base or RunConfig()
+    given: set[str] = set()  # the keys the file, overrides and flags set (not the base's)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (shipped configs are in configs/)")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        values = read_yaml(path)
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections")
-        _merge(config, values, "")
+        _merge(config, values, "", given)
     for override in overrides:
-        _merge(config, parse_override(override), "")
+        _merge(config, parse_override(override), "", given)
     for key, value in (flags or {}).items():
         if value is not None:
             nested: Any = value
             for part in reversed(key.split(".")):
                 nested = {part: nested}
-            _merge(config, nested, "")
-    validate(config)
+            _merge(config, nested, "", given)
+    validate(config, given)
     return config
 
 
@@ -341,6 +362,7 @@ LIMITS: dict[str, Limit] = {
     "train.weight_decay": Limit(0, 10),
     "train.start_loss_steps": Limit(0, 10**12),
     "train.num_negatives": Limit(1, 65_536),
+    "train.temperature": Limit(0, 100, low_open=True, null="1: logits as the model scores them"),
     "train.gbce_t": Limit(0, 1),
     "train.seed": SEEDS,
     "train.bucket_batches": Limit(0, 10**6),
@@ -403,7 +425,20 @@ def check_limits(config: RunConfig) -> None:
                 raise ConfigError(f"{name} must be {limit.describe()}, got {element!r}")
 
 
-def validate(config: RunConfig) -> None:
+def check_model_options(config: RunConfig, given: set[str]) -> None:
+    """An option of the `model:` section that the chosen kind does not use is an error, never ignored."""
+    options = model_class(config.model.kind).options(config.model.kind)
+    if options is None:  # a kind that reads every option
+        return
+    unused = sorted(key for key in given if key.startswith("model.") and key.removeprefix("model.") not in options)
+    if unused:
+        raise ConfigError(
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to model.kind "
+            f"{config.model.kind} (its options: {', '.join(sorted(options))})"
+        )
+
+
+def validate(config: RunConfig, given: set[str] = frozenset()) -> None:
     from movierec.evaluation.evaluate import check_protocols
     from movierec.training.losses import LOSSES
 
@@ -442,6 +477,7 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_model_options(config, set(given))
     try:  # what the kind forces (SASRec: d_user 0, no SSE) is set here, so config.yaml and MLflow show it
         model_class(m.kind).resolve(m)
     except ValueError as exc:

@@ -21,6 +21,7 @@ import torch
 
 from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems
+from movierec.device import resolve_device, resolve_precision
 from movierec.errors import ConfigError
 from movierec.models.base import ModelConfig, SequentialModel, build_model
 from movierec.models.checkpoint import TrainState
@@ -29,33 +30,6 @@ from movierec.training.batches import TrainBatches
 from movierec.training.config import RunConfig
 from movierec.training.distributed import Distributed
 from movierec.training.optim import build_optimizers, clip_grad_norm, resolve_optimizer
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r} (movierec trains on those)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether to use a GradScaler)."""
-    if name == "auto":
-        name = "fp16" if device.type == "cuda" else "fp32"
-    if name == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
-        return torch.float16, True
-    if name == "bf16":
-        return torch.bfloat16, False
-    return None, False
 
 
 def keep_freed_memory_on_cpu() -> None:

@@ -94,14 +94,14 @@ class SampledSoftmax(Objective):
         return rng.integers(1, self.data.num_items + 1, size=self.train_config.num_negatives)
 
     def loss(self, queries, targets, negatives):
-        return sampled_softmax_loss(self.model, queries, targets, negatives, self.log_q)
+        return sampled_softmax_loss(self.model, queries, targets, negatives, self.log_q, self.train_config.temperature)
 
 
 class FullSoftmax(Objective):
     validation_loss = "ce"
 
     def loss(self, queries, targets, negatives):
-        return full_softmax_loss(self.model, queries, targets)
+        return full_softmax_loss(self.model, queries, targets, self.train_config.temperature)
 
 
 class StagedObjective(Objective):
@@ -168,12 +168,14 @@ def sampled_softmax_loss(
     targets: torch.Tensor,
     negatives: torch.Tensor,
     log_q: torch.Tensor | None = None,
+    temperature: float | None = None,
 ) -> torch.Tensor:
-    """Softmax over [target, shared negatives]; `log_q` (num_items + 1,) is the sampling log-probability."""
+    """Softmax over [target, shared negatives]: the model's scores divided by `temperature`, then corrected by
+    `log_q` (num_items + 1,), the sampling log-probability; a negative that is the target is left out."""
     mask = targets != 0
     q = queries[mask]
-    pos = model.score(q, targets[mask].unsqueeze(-1))  # (N, 1)
-    neg = model.score_shared(q, negatives)  # (N, K)
+    pos = model.score(q, targets[mask].unsqueeze(-1)) / (temperature or 1.0)  # (N, 1)
+    neg = model.score_shared(q, negatives) / (temperature or 1.0)  # (N, K)
     if log_q is not None:
         pos = pos - log_q[targets[mask]].unsqueeze(-1)
         neg = neg - log_q[negatives].unsqueeze(0)
@@ -182,10 +184,12 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def full_softmax_loss(model: SequentialModel, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over items 1..num_items."""
+def full_softmax_loss(
+    model: SequentialModel, queries: torch.Tensor, targets: torch.Tensor, temperature: float | None = None
+) -> torch.Tensor:
+    """Cross-entropy over items 1..num_items, the model's scores divided by `temperature`."""
     mask = targets != 0
-    logits = model.score_shared(queries[mask], slice(1, model.config.num_items + 1))
+    logits = model.score_shared(queries[mask], slice(1, model.config.num_items + 1)) / (temperature or 1.0)
     return F.cross_entropy(logits, targets[mask] - 1)
 
 

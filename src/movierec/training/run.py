@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from movierec.data.layout import META_FILE, SequenceData, load_sequences, read_items, read_users, sha256_file
 from movierec.data.negatives import SeenItems
+from movierec.device import resolve_device, resolve_precision
 from movierec.errors import CheckpointError, ConfigError
 from movierec.evaluation.evaluate import Evaluator
 from movierec.files import FolderLock, atomic_path
@@ -39,7 +40,7 @@ from movierec.training import batch_size, distributed
 from movierec.training.batch_size import BatchSizeChoice, choose_batch_size, memory_budget_bytes
 from movierec.training.batches import TrainBatches
 from movierec.training.config import RunConfig, dump_config, resolve_schedule, run_length
-from movierec.training.engine import Engine, keep_freed_memory_on_cpu, resolve_device, resolve_precision
+from movierec.training.engine import Engine, keep_freed_memory_on_cpu
 from movierec.training.init_from import InitRow, init_model, read_init_map, read_pretrained
 
 

@@ -1,0 +1,120 @@
+"""HSTU: one block against a hand-written reference of the paper's equations, causality, cosine scoring, the
+temperature softmax against its formula, and the options it refuses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from movierec.errors import ConfigError
+from movierec.models.base import ModelConfig, build_model
+from movierec.models.hstu import HSTUBlock
+from movierec.training.config import load_config
+from movierec.training.losses import sampled_softmax_loss
+
+
+def reference_block(block: HSTUBlock, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The block written out position by position, head by head, for left-padded rows of the given lengths."""
+    batch, length, d = x.shape
+    w = block.uvqk.weight.t()  # (d, 4d): U, V, Q, K
+    h, hd = block.heads, block.head_dim
+    out = x.clone()
+    for b in range(batch):
+        first = length - lengths[b]
+        for i in range(first, length):
+
+            def project(t):
+                return F.silu(F.layer_norm(t, (d,), eps=1e-6) @ w)
+
+            ui, _, qi, _ = project(x[b, i]).split(d)
+            attended = torch.zeros(d)
+            for head in range(h):
+                sl = slice(head * hd, (head + 1) * hd)
+                for j in range(first, i + 1):
+                    _, vj, _, kj = project(x[b, j]).split(d)
+                    a = F.silu(qi[sl] @ kj[sl] + block.relative_bias[i - j]) / block.max_len
+                    attended[sl] += a * vj[sl]
+            mixed = F.layer_norm(attended, (d,), eps=1e-6) * ui
+            out[b, i] = x[b, i] + block.out(mixed)
+    return out
+
+
+def test_an_hstu_block_computes_the_papers_equations():
+    torch.manual_seed(0)
+    block = HSTUBlock(d=6, heads=2, dropout=0.0, max_len=8).eval()
+    with torch.no_grad():
+        block.relative_bias.normal_(std=0.5)
+    lengths = [5, 2]
+    x = torch.randn(2, 5, 6)
+    allowed = torch.zeros(2, 5, 5)
+    for b, n in enumerate(lengths):
+        for i in range(5 - n, 5):
+            allowed[b, i, 5 - n : i + 1] = 1
+    got = block(x, allowed)
+    expected = reference_block(block, x, lengths)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, 5 - n :], expected[b, 5 - n :], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(block(x, allowed, last_only=True)[:, 0], got[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def hstu(**overrides) -> torch.nn.Module:
+    values = {"kind": "hstu", "num_users": 5, "num_items": 30, "max_len": 8, "d_item": 8, "num_blocks": 2,
+              "num_heads": 2, "dropout": 0.0, **overrides}  # fmt: skip
+    torch.manual_seed(1)
+    return build_model(ModelConfig(**values)).eval()
+
+
+def test_a_later_item_never_changes_an_earlier_query():
+    model = hstu()
+    sequences = torch.tensor([[0, 0, 3, 7, 9, 4, 2, 11]])
+    changed = sequences.clone()
+    changed[0, -1] = 29
+    with torch.no_grad():
+        a, b = model.queries(sequences, torch.zeros(1)), model.queries(changed, torch.zeros(1))
+    torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_outputs_and_items_are_unit_length_and_scores_are_cosines():
+    model = hstu()
+    with torch.no_grad():
+        queries = model.queries(torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8]]), torch.zeros(2), last_only=True)
+        assert torch.allclose(queries.norm(dim=-1), torch.ones(2), atol=1e-5)
+        scores = model.score_shared(queries, slice(1, 31))
+        table = F.normalize(model.item_emb.weight[1:31], dim=-1)
+        torch.testing.assert_close(scores, queries @ table.t())
+        assert scores.abs().max() <= 1 + 1e-5
+        dynamic = model.queries(torch.tensor([[1, 2, 3]]), torch.zeros(1), last_only=True)
+        padded = model.queries(torch.tensor([[0, 0, 1, 2, 3]]), torch.zeros(1), last_only=True)
+        torch.testing.assert_close(dynamic, padded, rtol=1e-5, atol=1e-6)  # padding width does not matter
+
+
+def test_the_temperature_softmax_is_the_formula():
+    model = hstu()
+    torch.manual_seed(2)
+    queries = F.normalize(torch.randn(2, 3, 8), dim=-1)
+    targets = torch.tensor([[0, 4, 5], [6, 7, 8]])
+    negatives = torch.tensor([1, 2, 5, 9])
+    loss = sampled_softmax_loss(model, queries, targets, negatives, temperature=0.05)
+    table = F.normalize(model.item_emb.weight, dim=-1)
+    terms = []
+    for q, t in zip(queries[targets != 0], targets[targets != 0], strict=True):
+        logits = torch.cat([(q @ table[t]).view(1), q @ table[negatives].t()]) / 0.05
+        logits[1:][negatives == t] = -math.inf  # a negative that is the target does not compete
+        terms.append(-(logits[0] - torch.logsumexp(logits, 0)))
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+
+
+def test_options_hstu_does_not_use_are_errors():
+    for option in ("model.d_user=50", "model.keep_item=0.5", "model.mask_prob=0.3", "model.zero_user_term=false"):
+        with pytest.raises(ConfigError, match=r"does not apply to model\.kind hstu"):
+            load_config(None, ["model.kind=hstu", option])
+    with pytest.raises(ConfigError, match=r"does not apply to model\.kind sse-pt"):
+        load_config(None, ["model.mask_prob=0.3"])
+    with pytest.raises(ConfigError, match=r"model\.d_user does not apply to model\.kind bert4rec"):
+        load_config(None, ["model.kind=bert4rec", "model.d_user=50"])
+    with pytest.raises(ConfigError, match=r"train\.temperature must be in"):
+        load_config(None, ["train.temperature=0"])
