@@ -6,7 +6,13 @@ Endpoints (the OpenAPI schema at ``/openapi.json`` and the docs at ``/docs`` are
 - ``GET /v1/users/{user_id}/recommendations?k=10&include_seen=false``: top-k for a known user;
 - ``POST /v1/recommendations`` ``{"history": [movieIds...], "k": 10}``: top-k for a new person;
 - ``POST /v1/users/recommendations`` ``{"user_ids": [...], "k": 10}``: many users in one batched pass;
-- ``GET /v1/items/{movie_id}``: a movie's title, year and genres.
+- ``GET /v1/items/{movie_id}``: a movie's title, year and genres;
+- ``GET /v1/items?query=toy 1995&limit=10``: title search (case, accents and punctuation ignored, year included);
+- ``GET /v1/users/{user_id}/history?limit=5000``: a known user's movies, oldest first;
+- ``GET /v1/genres``: the genres of the catalogue;
+- ``POST /v1/recommendations/explained`` ``{"history": [...], "k": 10, "genre": "Comedy"}``: top-k of a genre
+  (or all), each with the history movie that contributed most to it;
+- ``GET /``: a page to try the recommender (``serving/page/``, every asset bundled; not part of the API).
 
 Every error is JSON ``{"detail": "<what is wrong>"}`` (the ``ErrorOut`` schema, declared in the OpenAPI
 document for every status each route can answer): 404 for an unknown user or movie; 422 for a request
@@ -14,24 +20,27 @@ that fails validation (bad k, empty or too long history, all movieIds unknown, w
 is not UTF-8 JSON); and, from :class:`~movierec.serving.limits.RequestLimits` before the app runs, 400
 for ambiguous framing (``Transfer-Encoding`` with ``Content-Length``), 411 for a body without
 ``Content-Length``, 413 for a body over 1 MiB (counted as it arrives), 408 for a body that stalls and 503
-when too many requests are in progress. Requests carry only ids and numbers: nothing a client sends names
-a file, and ids are looked up in in-memory tables only.
+when too many requests are in progress. Requests carry only ids, numbers and short texts (a search query, a
+genre): nothing a client sends names a file, and everything is looked up in in-memory tables only.
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from typing import Annotated
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from movierec import __version__
 from movierec.serving.limits import RequestLimits, check_limits
 from movierec.serving.recommender import (
+    ExplainedRecommendation,
+    Item,
     Recommendation,
     Recommender,
     RecommendError,
@@ -48,8 +57,33 @@ BODY_TIMEOUT = 10.0  # seconds a request body may go without a byte arriving
 BODY_DEADLINE = 60.0  # seconds a whole request body may take
 MAX_CONCURRENT_REQUESTS = 128  # requests being served (body read) before 503s
 MAX_CONCURRENT_UPLOADS = 128  # request bodies being received before 503s, a budget of its own
+MAX_QUERY = 200  # characters of a title search
+MAX_SEARCH_RESULTS = 100
+MAX_GENRE = 100  # characters of a genre name
+
+# the page at `/`: its files, bundled in the package, by the name they are requested by; nothing else is served
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+# the page loads nothing from elsewhere (no CDN): the browser is told to refuse anything that is not ours
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+SearchQuery = Annotated[
+    str,
+    Query(
+        min_length=1,
+        max_length=MAX_QUERY,
+        description="words of the title or its year, any case or accents, in any order: `toy 1995`, `amelie`",
+    ),
+]
 K = Annotated[StrictInt, Field(ge=1, le=MAX_K, description="number of recommendations (at most the item count)")]
 
 
@@ -100,6 +134,72 @@ class ItemOut(BaseModel):
     title: str | None
     year: int | None
     genres: str | None
+
+    @classmethod
+    def of(cls, item: Item) -> ItemOut:
+        return cls(movieId=item.movie_id, title=item.title, year=item.year, genres=item.genres)
+
+
+class ItemsOut(BaseModel):
+    items: list[ItemOut] = Field(description="the best matches first")
+
+
+class UserHistoryOut(BaseModel):
+    userId: int
+    items: list[ItemOut] = Field(description="the user's movies, oldest first (the last `limit` of them)")
+
+
+class GenresOut(BaseModel):
+    genres: list[str] = Field(description="every genre of the catalogue, sorted")
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    history: list[Id] = Field(
+        min_length=1, max_length=MAX_HISTORY, description="movieIds in the order they were watched, oldest first"
+    )
+    k: K = 10
+    genre: Annotated[StrictStr, Field(min_length=1, max_length=MAX_GENRE)] | None = Field(
+        None, description="only movies of this genre (one of GET /v1/genres); all genres when absent"
+    )
+
+
+class BecauseOut(BaseModel):
+    movieId: int
+    title: str | None
+    scoreDrop: float | None = Field(
+        description="how much the recommendation's score falls when this movie is left out of the history (the "
+        "largest fall of any history movie); null when the history holds no other movie"
+    )
+
+
+class ExplainedOut(BaseModel):
+    rank: int
+    movieId: int
+    title: str | None
+    year: int | None
+    genres: str | None
+    score: float
+    because: BecauseOut = Field(description="the history movie that contributed most to this recommendation")
+
+    @classmethod
+    def of(cls, explained: ExplainedRecommendation) -> ExplainedOut:
+        r, item, why = explained.recommendation, explained.item, explained.because
+        because = BecauseOut(movieId=why.movie_id, title=why.title, scoreDrop=why.score_drop)
+        return cls(
+            rank=r.rank,
+            movieId=r.movie_id,
+            title=r.title,
+            year=item.year,
+            genres=item.genres,
+            score=r.score,
+            because=because,
+        )
+
+
+class ExplainedResponse(BaseModel):
+    recommendations: list[ExplainedOut]
+    unknownMovieIds: list[int] = Field(description="movieIds of the history the model does not know (ignored)")
 
 
 class Health(BaseModel):
@@ -274,7 +374,54 @@ def create_app(
 
     @app.get("/v1/items/{movie_id}", response_model=ItemOut, responses=errors(404, 422), tags=["items"])
     def item(movie_id: Annotated[int, Path(ge=0, le=MAX_ID, description="original MovieLens movieId")]) -> ItemOut:
-        found = recommender.item(movie_id)
-        return ItemOut(movieId=found.movie_id, title=found.title, year=found.year, genres=found.genres)
+        return ItemOut.of(recommender.item(movie_id))
+
+    @app.get("/v1/items", response_model=ItemsOut, responses=errors(422), tags=["items"])
+    def search_items(
+        query: SearchQuery,
+        limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 10,
+    ) -> ItemsOut:
+        """Movies whose title (or year) holds every word of the query: the ones the query's words start first,
+        then the most watched."""
+        return ItemsOut(items=[ItemOut.of(found) for found in recommender.search(query, limit)])
+
+    @app.get("/v1/genres", response_model=GenresOut, responses=errors(), tags=["items"])
+    def genres() -> GenresOut:
+        return GenresOut(genres=recommender.genre_names)
+
+    @app.get("/v1/users/{user_id}/history", response_model=UserHistoryOut, responses=errors(404, 422), tags=["users"])
+    def user_history(
+        user_id: Annotated[int, Path(ge=0, le=MAX_ID, description="original MovieLens userId")],
+        limit: Annotated[int, Query(ge=1, le=MAX_HISTORY, description="the last `limit` movies")] = MAX_HISTORY,
+    ) -> UserHistoryOut:
+        """A known user's movies, oldest first (at most the `POST /v1/recommendations` history limit)."""
+        return UserHistoryOut(userId=user_id, items=[ItemOut.of(i) for i in recommender.history_items(user_id, limit)])
+
+    @app.post(
+        "/v1/recommendations/explained",
+        response_model=ExplainedResponse,
+        responses=errors(411, 422),
+        tags=["recommendations"],
+    )
+    def explained_recommendations(request: ExplainRequest) -> ExplainedResponse:
+        """Top-k for a new person, as `POST /v1/recommendations` (only movies of `genre` when given), each naming
+        the history movie whose leaving-out lowers its score most."""
+        result = recommender.recommend_explained(request.history, request.k, request.genre)
+        return ExplainedResponse(
+            recommendations=[ExplainedOut.of(r) for r in result.recommendations],
+            unknownMovieIds=result.unknown_movie_ids,
+        )
+
+    page = {name: (files("movierec.serving") / "page" / name).read_bytes() for name in PAGE_FILES}
+
+    @app.get("/", include_in_schema=False)
+    def front_page() -> Response:
+        return Response(page["index.html"], media_type=PAGE_FILES["index.html"], headers=PAGE_HEADERS)
+
+    @app.get("/page/{name}", include_in_schema=False)
+    def page_file(name: str) -> Response:
+        if name not in page:  # a name, never a path: only the bundled files are served
+            raise StarletteHTTPException(404, f"no page file {name!r}")
+        return Response(page[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     return app

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from movierec.data.layout import load_sequences, read_items
+from movierec.data.mapped import ConcatenatedColumn
 from movierec.data.sequences import UserHistories, left_padded
 from movierec.errors import DataError, MovierecError
 from movierec.files import atomic_path
@@ -41,6 +42,7 @@ from movierec.models.checkpoint import Checkpoint, model_from_checkpoint, verify
 from movierec.progress import Progress
 from movierec.serving.approximate import ApproximateIndex
 from movierec.serving.batching import MicroBatcher, Request
+from movierec.serving.search import TitleIndex
 
 
 class RecommendError(MovierecError):
@@ -79,6 +81,31 @@ class HistoryResult:
     """Recommendations for a new person's history, and the movieIds of that history we did not know."""
 
     recommendations: list[Recommendation]
+    unknown_movie_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Because:
+    """The history movie that contributed most to a recommendation: the one whose leaving-out lowers the
+    recommendation's score most, and by how much (None when the history holds no other movie)."""
+
+    movie_id: int
+    title: str | None
+    score_drop: float | None
+
+
+@dataclass(frozen=True)
+class ExplainedRecommendation:
+    recommendation: Recommendation
+    item: Item
+    because: Because
+
+
+@dataclass
+class ExplainedResult:
+    """What the page shows: explained recommendations, and the movieIds of the history we did not know."""
+
+    recommendations: list[ExplainedRecommendation]
     unknown_movie_ids: list[int]
 
 
@@ -132,6 +159,26 @@ class Recommender:
         self._user_of = {int(u): i + 1 for i, u in enumerate(self.user_ids)}
         self._lock = threading.Lock()  # one scoring call at a time: the CPU's cores go to one batch
         self.known_users = np.flatnonzero(histories.lengths > 0)  # our indices, not userIds
+        self.title_index = TitleIndex(self.titles, self.years, self._popularity())
+        self._genre_items = self._items_by_genre()  # genre -> (num_items + 1,) bool, True for its items
+
+    def _popularity(self) -> np.ndarray:
+        """How many times each item (index 1..num_items) occurs in the users' histories: search ranks the
+        movies most people watched first."""
+        items = self.histories.items
+        parts = items.parts if isinstance(items, ConcatenatedColumn) else [np.asarray(items)]
+        counts = np.zeros(self.num_items + 1, dtype=np.int64)
+        for part in [*parts, *self.histories.appended]:
+            counts += np.bincount(np.asarray(part, dtype=np.int64), minlength=self.num_items + 1)[: self.num_items + 1]
+        return counts
+
+    def _items_by_genre(self) -> dict[str, np.ndarray]:
+        genres: dict[str, np.ndarray] = {}
+        for item, listed in enumerate(self.genres, start=1):
+            for genre in (listed or "").split("|"):
+                if genre:
+                    genres.setdefault(genre, np.zeros(self.num_items + 1, dtype=bool))[item] = True
+        return dict(sorted(genres.items()))
 
     # ------------------------------------------------------------------ construction
 
@@ -197,12 +244,28 @@ class Recommender:
         index = self._item_of.get(int(movie_id))
         if index is None:
             raise UnknownItemError(f"unknown movieId {movie_id}: not an item of this model")
-        return Item(int(movie_id), self.titles[index - 1], self.years[index - 1], self.genres[index - 1])
+        return self._item_of_index(index)
 
     def history_of(self, user_id: int) -> list[int]:
         """The user's history as original movieIds, oldest first."""
         u = self.user_index(user_id)
         return self.item_movie_ids[self.histories.gather(np.array([u]))[1] - 1].tolist()
+
+    def history_items(self, user_id: int, limit: int) -> list[Item]:
+        """The user's last `limit` movies, oldest first, with their titles: where the page starts from."""
+        return [self.item(movie_id) for movie_id in self.history_of(user_id)[-limit:]]
+
+    def search(self, query: str, limit: int = 10) -> list[Item]:
+        """The movies whose title (or year) holds every word of `query`, best first (serving/search.py)."""
+        return [self._item_of_index(int(i)) for i in self.title_index.search(query, limit)]
+
+    @property
+    def genre_names(self) -> list[str]:
+        return list(self._genre_items)
+
+    def _item_of_index(self, index: int) -> Item:
+        i = index - 1
+        return Item(int(self.item_movie_ids[i]), self.titles[i], self.years[i], self.genres[i])
 
     def check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.num_items:
@@ -312,6 +375,15 @@ class Recommender:
         SSE-PT uses the mean user vector (see the module docstring); the given movies are excluded.
         """
         k = self.check_k(k)
+        items, unknown = self._known_history(movie_ids)
+        top_items, top_scores = self._score(
+            np.asarray([0, len(items)]), items, np.zeros(1, dtype=np.int64), k, not include_seen
+        )
+        return HistoryResult(self._to_recommendations(top_items[0], top_scores[0]), unknown)
+
+    def _known_history(self, movie_ids: Iterable[int]) -> tuple[np.ndarray, list[int]]:
+        """(our item ids of the known movieIds, in order; the unknown movieIds); an empty or all-unknown history
+        is a RecommendError."""
         given = [int(m) for m in movie_ids]
         if not given:
             raise RecommendError("the history is empty; give at least one movieId the model knows")
@@ -320,11 +392,64 @@ class Recommender:
         if not known:
             shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             raise RecommendError(f"none of the history's movieIds is known to this model ({shown})")
-        items = np.asarray(known, dtype=np.int64)
-        top_items, top_scores = self._score(
-            np.asarray([0, len(items)]), items, np.zeros(1, dtype=np.int64), k, not include_seen
-        )
-        return HistoryResult(self._to_recommendations(top_items[0], top_scores[0]), unknown)
+        return np.asarray(known, dtype=np.int64), unknown
+
+    def recommend_explained(self, movie_ids: Iterable[int], k: int = 10, genre: str | None = None) -> ExplainedResult:
+        """Top-k for a new person, as :meth:`recommend_history` (only movies of `genre` when given), each with the
+        history movie that contributed most to it (:meth:`explain`)."""
+        movie_ids = list(movie_ids)
+        history, unknown = self._known_history(movie_ids)
+        if genre is None:
+            recommendations = self.recommend_history(movie_ids, k).recommendations
+        else:
+            recommendations = self._recommend_in_genre(history, self.check_k(k), genre)
+        items = np.asarray([self._item_of[r.movie_id] for r in recommendations], dtype=np.int64)
+        reasons = self.explain(history, items)
+        pairs = zip(recommendations, reasons, strict=True)
+        return ExplainedResult([ExplainedRecommendation(r, self.item(r.movie_id), why) for r, why in pairs], unknown)
+
+    def _recommend_in_genre(self, history: np.ndarray, k: int, genre: str) -> list[Recommendation]:
+        """The k best unseen movies of `genre`: scored like :meth:`recommend_history` (exactly, whatever the
+        index), with every movie outside the genre left out as the seen ones are."""
+        in_genre = self._genre_items.get(genre)
+        if in_genre is None:
+            raise RecommendError(f"unknown genre {genre!r}; the genres are {', '.join(self._genre_items) or 'none'}")
+        left_out = np.union1d(history, np.flatnonzero(~in_genre[1:]) + 1)
+        width = min(len(history), self.config.max_len)
+        sequence = left_padded(history, np.asarray([len(history)]), np.zeros(1, dtype=np.int64), width)[0]
+        with self._lock, torch.inference_mode():
+            queries = self.scorer.queries(sequence, np.zeros(1, dtype=np.int64))
+            scores, items = self.scorer.top_k(queries, k, (np.zeros(len(left_out), dtype=np.int64), left_out))
+        return self._to_recommendations(items[0].cpu().numpy(), scores[0].cpu().numpy())
+
+    def explain(self, history: np.ndarray, recommended: np.ndarray) -> list[Because]:
+        """For each recommended item (our ids), the item of `history` whose leaving-out lowers its score most.
+
+        Leave-one-out over the model's window, the last `max_len` items (leaving out an older one changes
+        nothing the model reads; leaving out one of the window lets the item before it in): the history and
+        each history-minus-one-item are scored as a new person, in one batch.
+        """
+        if len(recommended) == 0:
+            return []
+        if len(history) == 1:  # nothing to compare with: the one movie is the reason
+            return [self._because(history[0], None)] * len(recommended)
+        width = min(len(history), self.config.max_len)
+        tail = history[-(width + 1) :]  # the window, and the item that enters it when one of the window leaves
+        rows = np.zeros((width + 1, width), dtype=np.int64)
+        rows[0] = tail[-width:]
+        for row, left_out in enumerate(range(len(tail) - width, len(tail)), start=1):
+            kept = np.delete(tail, left_out)[-width:]
+            rows[row, width - len(kept) :] = kept
+        with self._lock, torch.inference_mode():
+            queries = self.scorer.queries(rows, np.zeros(len(rows), dtype=np.int64))
+            candidates = torch.from_numpy(recommended).to(queries.device).expand(len(rows), -1)
+            scores = self.model.score(queries, candidates).float().cpu().numpy()
+        drops = scores[0] - scores[1:]  # (position in the window, recommendation)
+        window, strongest = tail[-width:], drops.argmax(axis=0)
+        return [self._because(window[p], float(drops[p, column])) for column, p in enumerate(strongest)]
+
+    def _because(self, item: int, score_drop: float | None) -> Because:
+        return Because(int(self.item_movie_ids[item - 1]), self.titles[item - 1], score_drop)
 
     def users_of_shards(self, shards: str) -> np.ndarray:
         """Our indices of the known users in the dataset shards `shards` (e.g. "0-3,7")."""
