@@ -421,3 +421,26 @@ def test_serve_that_cannot_bind_is_one_line(trained_run, capsys):
     assert "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
     assert main(["serve", str(trained_run.run_dir), "--host", "no-such-host.invalid", "--port", "0"]) == 2
     assert "cannot listen on no-such-host.invalid" in capsys.readouterr().err
+
+
+def test_a_utf16_json_body_is_422_as_documented(trained_run):
+    from fastapi.testclient import TestClient
+
+    from movierec.serving.http import create_app
+
+    with TestClient(create_app(load_model_for_http(trained_run))) as client:
+        body = '{"history": [13, 23], "k": 3}'
+        for encoding in ("utf-16", "utf-32"):
+            answer = client.post("/v1/recommendations", content=body.encode(encoding),
+                                 headers={"content-type": "application/json"})  # fmt: skip
+            assert answer.status_code == 422 and "must be UTF-8" in answer.json()["detail"]
+        ok = client.post(
+            "/v1/recommendations", content=body.encode("utf-8"), headers={"content-type": "application/json"}
+        )
+        assert ok.status_code == 200
+
+
+def load_model_for_http(trained_run):
+    from movierec.serving.loader import load_model
+
+    return load_model(trained_run.run_dir)

@@ -65,8 +65,23 @@ async def send_error(
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     if close:
         raw.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:
+        return
+
+
+def is_json_but_not_utf8(scope: Scope, body: bytes) -> bool:
+    """A JSON body in another encoding (UTF-16, UTF-32): Python's json would accept it, the docs promise 422."""
+    types = [v for n, v in scope.get("headers", ()) if n.lower() == b"content-type"]
+    if not body or not types or b"json" not in types[0].lower():
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 class RequestLimits:
@@ -130,6 +145,9 @@ class RequestLimits:
                 self._leave("uploads")
         if body is None:
             return  # answered already, or the client went away
+        if is_json_but_not_utf8(scope, body):
+            await send_error(send, 422, "body: JSON must be UTF-8 encoded (RFC 8259)", close=False)
+            return
         if not exempt and not self._enter("requests"):
             await self._busy(send, "requests")
             return
