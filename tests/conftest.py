@@ -39,7 +39,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
 
     Original ids are remapped (movieId = 10 * i + 3, userId = 7 * u + 1000) so that code which confuses our
     indices with MovieLens ids fails. MLflow store: a SQLite file beside the data; the model itself is not
-    logged with mlflow.pytorch (tracking.log_model=false) to keep the fixture fast.
+    logged as an MLflow pyfunc model (tracking.log_model=false) to keep the fixture fast.
     """
     import pyarrow as pa
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -100,14 +101,20 @@ def test_training_is_tracked_in_mlflow(workspace):
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"checkpoints", "config.yaml", "curves.png", "history.json"} <= artifacts
     assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
-    # the logged model loads back by run id and scores like the checkpoint
-    logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    # the logged pyfunc model loads back by run id and recommends like the checkpoint
+    logged = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     state = load_checkpoint(Path(config.run_dir) / "best.ckpt")
     seqs, users = torch.tensor([[0, 3, 4, 5]]), torch.tensor([2])
     from movierec.models.checkpoint import model_from_checkpoint
+    from movierec.serving.loader import load_model
 
     expected = model_from_checkpoint(state).queries(seqs, users, last_only=True)
-    torch.testing.assert_close(logged.eval().queries(seqs, users, last_only=True), expected)
+    network = logged.unwrap_python_model().recommender.model
+    torch.testing.assert_close(network.queries(seqs, users, last_only=True), expected)
+    rec = load_model(Path(config.run_dir))
+    history = rec.item_movie_ids[[2, 3, 4]].tolist()
+    top = logged.predict(pd.DataFrame({"history": [history], "k": [5]}))
+    assert top["movieIds"][0] == [r.movie_id for r in rec.recommend_history(history, 5).recommendations]
     assert state.finished and state.train_state.epoch == 2 and state.mlflow_run_id == result.run_id
 
 

@@ -207,22 +207,29 @@ class Recommender:
         held_out = (data_seq.valid_item, data_seq.test_item)
         # private copies, not the mapped shards: replacing a shard while serving must not crash the server
         histories = UserHistories(data_seq.train_offsets, data_seq.train_items.in_memory(), held_out)
-
-        def column(name: str) -> list | None:
-            return items_table[name].to_pylist() if name in items_table.column_names else None
-
         return cls(
             model,
             movie_ids,
             np.asarray(user_ids),
-            column("title") or [None] * len(movie_ids),
+            _column(items_table, "title") or [None] * len(movie_ids),
             histories,
-            years=column("year"),
-            genres=column("genres"),
+            years=_column(items_table, "year"),
+            genres=_column(items_table, "genres"),
             source=source or state.path,
             dataset_name=identity.name if identity.name != "?" else data_seq.meta.get("name", ""),
             shard_ranges=[tuple(shard["users"]) for shard in data_seq.meta["shards"]],
         )
+
+    @classmethod
+    def for_new_people(cls, model: SequentialModel, items: pa.Table, source: str = "") -> Recommender:
+        """A recommender of histories alone, with no known user and no dataset folder (what the MLflow pyfunc
+        model serves): `items` holds movie_id, and title, year, genres when known, in our item order."""
+        movie_ids = items["movie_id"].to_numpy().astype(np.int64)
+        num_users = model.config.num_users
+        nobody = UserHistories(np.zeros(num_users + 2, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        titles = _column(items, "title") or [None] * len(movie_ids)
+        return cls(model, movie_ids, np.zeros(num_users, dtype=np.int64), titles, nobody,  # no userId is known
+                   years=_column(items, "year"), genres=_column(items, "genres"), source=source)  # fmt: skip
 
     # ------------------------------------------------------------------ look-ups
 
@@ -381,6 +388,24 @@ class Recommender:
         )
         return HistoryResult(self._to_recommendations(top_items[0], top_scores[0]), unknown)
 
+    def recommend_histories(self, histories: Sequence[Iterable[int]], k: int = 10) -> list[HistoryResult]:
+        """:meth:`recommend_history` for many new people, scored in one batched pass (a batched product may
+        round a score's last bits differently than scoring alone, as micro-batching does)."""
+        k = self.check_k(k)
+        known = []
+        for row, movie_ids in enumerate(histories):
+            try:
+                known.append(self._known_history(movie_ids))
+            except RecommendError as exc:
+                raise RecommendError(f"history {row}: {exc}") from exc
+        if not known:
+            return []
+        offsets = np.concatenate([[0], np.cumsum([len(items) for items, _ in known])]).astype(np.int64)
+        items = np.concatenate([items for items, _ in known])
+        top_items, top_scores = self._score(offsets, items, np.zeros(len(known), dtype=np.int64), k, True)
+        return [HistoryResult(self._to_recommendations(top_items[row], top_scores[row]), unknown)
+                for row, (_, unknown) in enumerate(known)]  # fmt: skip
+
     def _known_history(self, movie_ids: Iterable[int]) -> tuple[np.ndarray, list[int]]:
         """(our item ids of the known movieIds, in order; the unknown movieIds); an empty or all-unknown history
         is a RecommendError."""
@@ -517,6 +542,10 @@ class Recommender:
             "num_items": int(self.num_items),
             "max_len": int(self.config.max_len),
         }
+
+
+def _column(table: pa.Table, name: str) -> list | None:
+    return table[name].to_pylist() if name in table.column_names else None
 
 
 def sha256_of(array: np.ndarray) -> str:

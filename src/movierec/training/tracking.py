@@ -466,11 +466,10 @@ class MlflowRecorder(Recorder):
         if state.history:
             mlflow.log_artifact(str(plot_curves(state.history, run_dir / "curves.png", run.metric_name)))
         if self.config.tracking.log_model:
-            import mlflow.pytorch
-
             from movierec.models.base import build_model
+            from movierec.serving.pyfunc import log_pyfunc_model
 
             model = build_model(run.engine.model_config)  # plain tables (no sparse gradients), on the CPU
             model.load_state_dict({k: v.cpu() for k, v in run.engine.model.state_dict().items()})
-            mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle")
+            log_pyfunc_model(model.eval(), self.config.data.path)
         self.final_logged = True
