@@ -271,6 +271,7 @@ def bad(trained_run, tmp_path_factory) -> dict[str, Path]:
 
 
 TRAIN = ["train", "tracking.system_metrics=false", "--tracking-uri", "sqlite:///{root}/m.db"]
+SASREC_TEXT = ["prepare", "--dataset", "sasrec-text", "--input", "{root}/a-file", "--out", "{root}/n", "--overwrite"]
 SECOND_AUDIT = [
     # output paths: a file where a folder belongs, a folder where a file belongs, a symlink loop
     (
@@ -309,54 +310,10 @@ SECOND_AUDIT = [
     ("config-python-tag", [*TRAIN, "--config", "{root}/tagged.yaml"], "is not valid YAML"),
     # paths and names
     ("path-newline", ["info", "{root}/no\nsuch"], "no\\nsuch"),
-    (
-        "name-dot",
-        [
-            "prepare",
-            "--dataset",
-            "sasrec-text",
-            "--name",
-            ".",
-            "--input",
-            "{root}/a-file",
-            "--out",
-            "{root}/n",
-            "--overwrite",
-        ],
-        "must be a plain folder name",
-    ),
-    (
-        "name-dotdot",
-        [
-            "prepare",
-            "--dataset",
-            "sasrec-text",
-            "--name",
-            "..",
-            "--input",
-            "{root}/a-file",
-            "--out",
-            "{root}/n",
-            "--overwrite",
-        ],
-        "must be a plain folder name",
-    ),
-    (
-        "name-path",
-        [
-            "prepare",
-            "--dataset",
-            "sasrec-text",
-            "--name",
-            "../x",
-            "--input",
-            "{root}/a-file",
-            "--out",
-            "{root}/n",
-            "--overwrite",
-        ],
-        "must be a plain folder name",
-    ),
+    *[
+        (f"name-{label}", [*SASREC_TEXT, "--name", name], "must be a plain folder name")
+        for label, name in (("dot", "."), ("dotdot", ".."), ("path", "../x"))
+    ],
     # meta.json of the wrong types, and a side table of the wrong type
     *[
         (
