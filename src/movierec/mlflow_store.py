@@ -23,8 +23,6 @@ HTTP_CLIENT_DEFAULTS = {
 }
 for _name, _value in HTTP_CLIENT_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
-# we log the model with pickle on purpose (it is our own class) and pin torch ourselves
-logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
 logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
 # creating a fresh SQLite store logs INFO lines on stderr, which would break the CLI's one-line errors
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)

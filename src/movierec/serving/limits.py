@@ -146,7 +146,9 @@ class RequestLimits:
         if body is None:
             return  # answered already, or the client went away
         if is_json_but_not_utf8(scope, body):
-            await send_error(send, 422, "body: JSON must be UTF-8 encoded (RFC 8259)", close=False)
+            await send_error(
+                send, 422, "body: JSON decode error: the body is not UTF-8 (JSON must be UTF-8)", close=False
+            )
             return
         if not exempt and not self._enter("requests"):
             await self._busy(send, "requests")
