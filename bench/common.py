@@ -57,7 +57,7 @@ class Recipe:
 RECIPES = {  # by short name
     recipe.short: recipe
     for recipe in (
-        Recipe("sasrec (d 50)", "sasrec", ("model.kind=sasrec", "model.d_item=50", "model.d_user=0", *PAPER_LOSS)),
+        Recipe("sasrec (d 50)", "sasrec", ("model.kind=sasrec", "model.d_item=50", *PAPER_LOSS)),
         Recipe("sse-pt (100+50)", "sse-pt", ("model.kind=sse-pt", "model.d_item=100", "model.d_user=50", *PAPER_LOSS)),
     )
 }

@@ -26,7 +26,7 @@ def bench(script: str, *args: str) -> str:
 
 def test_time_to_quality_trains_both_configs_and_draws_the_curve(trained_run, tmp_path):
     out = bench("time_to_quality.py", "--data", str(trained_run.data_dir), "--out", str(tmp_path),
-                "--thresholds", "0.0,2.0", "--set", *TINY, "model.d_user=8")  # fmt: skip
+                "--thresholds", "0.0,2.0", "--set", *TINY)  # fmt: skip
     lines = out.splitlines()
     for model in ("sse-pt", "sasrec"):
         history = json.loads((tmp_path / model / "history.json").read_text())

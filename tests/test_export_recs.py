@@ -4,6 +4,7 @@ and ends with the rows of an uninterrupted one, subsets of users, and progress l
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -86,7 +87,7 @@ def test_progress_lines_without_a_terminal(trained_run, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "movierec", "export-recs", str(trained_run.run_dir), "--out",
          str(tmp_path / "r.parquet"), "--k", "3"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MOVIEREC_PROGRESS_SECONDS": "0"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "export-recs: " in done.stderr and " users in " in done.stderr and "\x1b" not in done.stderr

@@ -118,3 +118,18 @@ def test_options_hstu_does_not_use_are_errors():
         load_config(None, ["model.kind=bert4rec", "model.d_user=50"])
     with pytest.raises(ConfigError, match=r"train\.temperature must be in"):
         load_config(None, ["train.temperature=0"])
+
+
+def test_a_recipe_for_another_kind_is_ablated_by_naming_the_kind(tmp_path):
+    """`--config ml-1m-sse-pt.yaml model.kind=sasrec` is the paper's ablation: the file's SSE-PT-only options
+    go back to their defaults (what SASRec forces); the same options given on the command line are still errors."""
+    recipe = tmp_path / "sse-pt.yaml"
+    recipe.write_text("model: {kind: sse-pt, d_item: 40, d_user: 24, keep_user: 0.5}\n")
+    ablation = load_config(recipe, ["model.kind=sasrec"])
+    assert (ablation.model.kind, ablation.model.d_item) == ("sasrec", 40)
+    assert ablation.model == load_config(None, ["model.kind=sasrec", "model.d_item=40"]).model  # nothing of SSE-PT left
+    with pytest.raises(ConfigError, match=r"model\.d_user does not apply to model\.kind sasrec"):
+        load_config(recipe, ["model.kind=sasrec", "model.d_user=8"])
+    (tmp_path / "sasrec.yaml").write_text("model: {kind: sasrec, d_user: 24}\n")
+    with pytest.raises(ConfigError, match=r"model\.d_user does not apply to model\.kind sasrec"):
+        load_config(tmp_path / "sasrec.yaml")

@@ -186,6 +186,80 @@ def test_a_hung_server_or_a_closed_port_fails_fast_with_one_line(data, tmp_path)
         hung.close()
 
 
+def test_a_server_that_trickles_bytes_is_given_a_total_deadline(monkeypatch):
+    """A server that sends one byte a second never times out a read; the probe's deadline is for the whole answer."""
+    from movierec import mlflow_store
+
+    monkeypatch.setattr(mlflow_store, "PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(mlflow_store, "PROBE_PAUSES_S", (0.1,))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                continue
+            conn.recv(4096)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60:
+                if stop.wait(0.2):
+                    break
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    break
+            conn.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(TrackingError, match=r"not answering \(no answer within 1 s; 2 tries") as caught:
+            mlflow_store.check_server(uri)
+        assert time.monotonic() - started < 5
+        assert uri in str(caught.value) and "\n" not in str(caught.value)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("http://", "names no host"),
+        ("http://127.0.0.1:99999", "is not a valid URL"),
+        ("sqlite:///{tmp}", "is a folder, not a SQLite store file"),
+        ("sqlite:///{tmp}/notes.txt", "is not a SQLite database"),
+        ("postgresql://u@127.0.0.1/db", "needs the database driver psycopg2"),
+    ],
+)
+def test_malformed_tracking_uris_are_one_line(tmp_path, uri, message):
+    from movierec.mlflow_store import check_server
+
+    (tmp_path / "notes.txt").write_text("not a database")
+    uri = uri.format(tmp=tmp_path)
+    if message.startswith("needs") and importlib.util.find_spec("psycopg2") is not None:
+        pytest.skip("psycopg2 is installed here")
+    with pytest.raises(TrackingError, match=message) as caught:
+        check_server(uri)
+    assert "\n" not in str(caught.value)
+
+
+def test_serving_from_a_server_that_is_down_is_one_line_within_seconds(tmp_path, capsys):
+    started = time.monotonic()
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert main(["recommend", "runs:/0123456789abcdef", "--user", "1", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and uri in err and "connection refused" in err, err
+    assert time.monotonic() - started < 30
+
+
 # --------------------------------------------------------------------------- a real server over HTTP
 
 

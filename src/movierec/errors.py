@@ -24,3 +24,9 @@ class CheckpointError(MovierecError):
 
 class TrackingError(MovierecError):
     """The MLflow tracking store (a server or a local store) cannot be reached or refuses a request."""
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An exception's message on one line, at most `limit` characters, for error messages and warnings."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -4,10 +4,21 @@ serving and export (which read `runs:/` and `models:/` references), so that none
 from __future__ import annotations
 
 import contextlib
+import http.client
+import importlib.util
 import logging
 import os
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from movierec.errors import TrackingError, one_line
 
 DEFAULT_DB = "mlflow.db"
 # MLflow's usage telemetry would try to reach the internet; a training run has no business doing that.
@@ -66,3 +77,99 @@ def sqlite_store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+PROBE_TIMEOUT_S = 5.0  # per try of `check_server`, for the whole answer (not per read: a trickle is no answer)
+PROBE_PAUSES_S = (1.0, 2.0)  # between its tries: 3 tries, at most about 18 s in all
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_uri(uri: str) -> None:
+    """A tracking URI MLflow can use, or a one-line TrackingError: an http(s) URL that parses, a SQLite
+    store that is a database file (or none yet), a database URI whose driver is installed."""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        try:
+            parsed = urllib.parse.urlsplit(uri)
+            parsed.port  # noqa: B018 (raises on a bad port)
+        except ValueError as exc:
+            raise TrackingError(f"tracking URI {uri} is not a valid URL ({exc})") from exc
+        if not parsed.hostname:
+            raise TrackingError(f"tracking URI {uri} names no host")
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+        if path.is_dir():
+            raise TrackingError(f"tracking URI {uri}: {path} is a folder, not a SQLite store file")
+        if path.is_file() and path.stat().st_size and path.open("rb").read(16) != SQLITE_HEADER:
+            raise TrackingError(f"tracking URI {uri}: {path} is not a SQLite database")
+    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        driver = {"postgresql": "psycopg2", "mysql": "pymysql", "mssql": "pyodbc"}[scheme.split("+")[0]]
+        if "+" not in scheme and importlib.util.find_spec(driver) is None:
+            raise TrackingError(f"tracking URI {uri} needs the database driver {driver}: pip install {driver}")
+
+
+def _probe(url: str) -> BaseException | None:
+    """One GET of `url`, the whole answer within PROBE_TIMEOUT_S (on a thread, so that a server sending a byte
+    at a time cannot hold it longer); None when it answered, else why not."""
+    outcome: list = []
+
+    def fetch() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as answer:
+                answer.read(1 << 16)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return outcome[0] if outcome else TimeoutError()
+
+
+def check_server(uri: str, experiment: str = "Default") -> None:
+    """Fail fast, with one line naming `uri`, when an http(s) tracking server does not answer.
+
+    Called before training starts: three tries of `PROBE_TIMEOUT_S` each (so about 3 s for a closed port,
+    18 s for a server that accepts connections but never answers), instead of MLflow's own minutes of retries.
+    Any HTTP answer below 500 counts as answering (404: no such experiment yet; 401/403: MLflow's request will
+    carry the credentials), as does a TLS error (MLflow has its own TLS settings); other URIs are not probed.
+    """
+    check_uri(uri)
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
+    started, reason = time.monotonic(), ""
+    for pause in (*PROBE_PAUSES_S, None):
+        exc = _probe(url)
+        if exc is None:
+            return
+        if isinstance(exc, urllib.error.HTTPError):
+            if exc.code < 500:
+                return
+            reason = f"it answered HTTP {exc.code} {exc.reason}"
+        elif isinstance(exc, urllib.error.URLError):
+            if isinstance(exc.reason, ssl.SSLError):
+                return
+            reason = _describe(exc.reason)
+        else:
+            reason = _describe(exc)
+        if pause is not None:
+            time.sleep(pause)
+    tries = len(PROBE_PAUSES_S) + 1
+    raise TrackingError(
+        f"MLflow tracking server {uri} is not answering ({reason}; {tries} tries in "
+        f"{time.monotonic() - started:.0f} s): start it, or point --tracking-uri / MLFLOW_TRACKING_URI at one "
+        "that runs (or at a local store, e.g. sqlite:///mlflow.db)"
+    )
+
+
+def _describe(exc: BaseException | str) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "it closed the connection without answering"
+    return one_line(exc)

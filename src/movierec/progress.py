@@ -4,13 +4,17 @@
 estimate of the time left. A job that prints nothing for minutes cannot be told from a hang; one that writes
 a progress bar into a log file fills it with control characters. So on a terminal it draws a rich bar, and
 otherwise it writes one plain line every `every_s` seconds (and one at the end, for a job that took longer).
+`MOVIEREC_PROGRESS_SECONDS` sets that period for every command (0: a line at every step and at the end).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
+
+from movierec.errors import ConfigError
 
 
 def duration(seconds: float) -> str:
@@ -20,10 +24,24 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+def progress_period() -> float:
+    """Seconds between plain progress lines: `MOVIEREC_PROGRESS_SECONDS`, else 10."""
+    text = os.environ.get("MOVIEREC_PROGRESS_SECONDS", "").strip()
+    try:
+        seconds = float(text) if text else 10.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"MOVIEREC_PROGRESS_SECONDS must be a number of seconds >= 0, got {text!r}")
+    return seconds
+
+
 class Progress:
     """`with Progress("export-recs", total, "users") as progress: ... progress.advance(n)`."""
 
-    def __init__(self, what: str, total: int, unit: str, stream: TextIO | None = None, every_s: float = 10.0):
+    def __init__(self, what: str, total: int, unit: str, stream: TextIO | None = None, every_s: float | None = None):
+        if every_s is None:
+            every_s = progress_period()
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.stream = stream or sys.stderr
         self.done = 0

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from movierec.data.layout import META_FILE, read_meta, sha256_file
-from movierec.errors import CheckpointError, DataError
+from movierec.errors import CheckpointError, DataError, one_line
 from movierec.files import GuardedWriter, atomic_path
 from movierec.models.base import ModelConfig, SequentialModel, build_model
 
@@ -228,11 +228,6 @@ def load_checkpoint(path: str | Path, prefer: str = LAST) -> Checkpoint:
     checkpoint = _typed(_from_v1(raw) if version == FORMAT_V1 else raw, file)
     check_finite(checkpoint.model, file)
     return checkpoint
-
-
-def one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> SequentialModel:

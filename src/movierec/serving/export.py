@@ -270,6 +270,7 @@ def register(run_id: str | None, name: str, tracking_uri: str | None) -> tuple[s
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from movierec.mlflow_store import check_server
     from movierec.mlflow_store import tracking_uri as resolve_uri
 
     if not run_id:
@@ -279,6 +280,7 @@ def register(run_id: str | None, name: str, tracking_uri: str | None) -> tuple[s
     uri = resolve_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"no MLflow store at {uri}; pass --tracking-uri of the store run {run_id} was logged to")
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     logging.getLogger("mlflow.tracking._model_registry.fluent").setLevel(logging.ERROR)
     try:

@@ -76,6 +76,7 @@ def _registered_run_id(name_version: str, tracking_uri: str, ref: str) -> str:
 
 def load_state(ref: str | Path, tracking_uri: str | None = None) -> Checkpoint:
     """The checkpoint dict behind a MODEL reference (see the module docstring)."""
+    from movierec.mlflow_store import check_server
     from movierec.mlflow_store import tracking_uri as resolve_uri
 
     text = str(ref)
@@ -85,6 +86,7 @@ def load_state(ref: str | Path, tracking_uri: str | None = None) -> Checkpoint:
             store = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0])
             if not store.is_file():
                 raise CheckpointError(f"cannot load {text}: no MLflow store at {store}; pass --tracking-uri")
+        check_server(tracking_uri)  # seconds, not MLflow's minutes of retries, to learn that a server is down
     if text.startswith("runs:/"):
         run_id, _, artifact = text.removeprefix("runs:/").partition("/")
         if not run_id:

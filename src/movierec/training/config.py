@@ -284,16 +284,35 @@ def load_config(
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections")
         _merge(config, values, "", given)
+    from_file, file_kind, command_line = set(given), config.model.kind, set()
     for override in overrides:
-        _merge(config, parse_override(override), "", given)
+        _merge(config, parse_override(override), "", command_line)
     for key, value in (flags or {}).items():
         if value is not None:
             nested: Any = value
             for part in reversed(key.split(".")):
                 nested = {part: nested}
-            _merge(config, nested, "", given)
+            _merge(config, nested, "", command_line)
+    if config.model.kind != file_kind:  # `--config ml-1m-sse-pt.yaml model.kind=sasrec`: the ablation of a recipe
+        from_file -= drop_model_options_of_another_kind(config, from_file - command_line)
+    given = from_file | command_line
     validate(config, given)
     return config
+
+
+def drop_model_options_of_another_kind(config: RunConfig, keys: set[str]) -> set[str]:
+    """Reset to their defaults the model options among `keys` (set by a config file written for another
+    kind) that the kind chosen on the command line does not use; returns the keys reset. Options the command
+    line itself sets are still checked."""
+    options = model_class(config.model.kind).options(config.model.kind)
+    if options is None:
+        return set()
+    defaults = ModelSection()
+    dropped = {key for key in keys if key.startswith("model.") and key.removeprefix("model.") not in options}
+    for key in dropped:
+        name = key.removeprefix("model.")
+        setattr(config.model, name, getattr(defaults, name))
+    return dropped
 
 
 # keys renamed since checkpoints were first written: (section, old) -> new

@@ -3,18 +3,12 @@ lifecycle of a training run."""
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,16 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 
-from movierec.errors import TrackingError
-from movierec.mlflow_store import sqlite_store_lock
+from movierec.errors import TrackingError, one_line
+from movierec.mlflow_store import check_server, sqlite_store_lock
 from movierec.training.config import RunConfig
 from movierec.training.run import Recorder
 
 if TYPE_CHECKING:
     from movierec.training.run import Run
 
-PROBE_TIMEOUT_S = 5.0  # per try of `check_server`
-PROBE_PAUSES_S = (1.0, 2.0)  # between its tries: 3 tries, at most about 18 s in all
 # tags of every training run: which process trains it, so that a later run can tell that it was killed
 HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "movierec.host", "movierec.pid", "movierec.process_started"
 
@@ -99,61 +91,6 @@ class ExperimentInBackground:
         if self._error is not None:
             raise self._error
         return str(self._experiment_id)
-
-
-def check_server(uri: str, experiment: str) -> None:
-    """Fail fast, with one line naming `uri`, when an http(s) tracking server does not answer.
-
-    Called before training starts: three tries of `PROBE_TIMEOUT_S` each (so about 3 s for a closed port,
-    18 s for a server that accepts connections but never answers), instead of MLflow's own minutes of retries.
-    Any HTTP answer below 500 counts as answering (404: no such experiment yet; 401/403: MLflow's request will
-    carry the credentials), as does a TLS error (MLflow has its own TLS settings); other URIs are not probed.
-    """
-    if not uri.lower().startswith(("http://", "https://")):
-        return
-    query = urllib.parse.urlencode({"experiment_name": experiment})
-    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
-    started, reason = time.monotonic(), ""
-    for pause in (*PROBE_PAUSES_S, None):
-        try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
-                return
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                return
-            reason = f"it answered HTTP {exc.code} {exc.reason}"
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ssl.SSLError):
-                return
-            reason = _describe(exc.reason)
-        except ValueError:  # a URL urllib cannot parse: leave it to MLflow
-            return
-        except (OSError, http.client.HTTPException) as exc:
-            reason = _describe(exc)
-        if pause is not None:
-            time.sleep(pause)
-    tries = len(PROBE_PAUSES_S) + 1
-    raise TrackingError(
-        f"MLflow tracking server {uri} is not answering ({reason}; {tries} tries in "
-        f"{time.monotonic() - started:.0f} s): start it, or point --tracking-uri / MLFLOW_TRACKING_URI at one "
-        "that runs (or at a local store, e.g. sqlite:///mlflow.db)"
-    )
-
-
-def _describe(exc: BaseException | str) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "it closed the connection without answering"
-    return one_line(exc)
-
-
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    """An exception's message on one line, at most `limit` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_tracking_failure(exc: BaseException) -> bool:
