@@ -304,6 +304,8 @@ def drop_model_options_of_another_kind(config: RunConfig, keys: set[str]) -> set
     """Reset to their defaults the model options among `keys` (set by a config file written for another
     kind) that the kind chosen on the command line does not use; returns the keys reset. Options the command
     line itself sets are still checked."""
+    if config.model.kind not in MODELS:  # validate names the kinds there are
+        return set()
     options = model_class(config.model.kind).options(config.model.kind)
     if options is None:
         return set()
