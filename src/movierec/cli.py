@@ -521,6 +521,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from movierec.serving.approximate import APPROXIMATE_FROM_ITEMS
     from movierec.serving.http import create_app
+    from movierec.serving.limits import PARSER_HEADER_BUFFER
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
@@ -536,7 +537,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = listener.getsockname()[:2]
     index = "approximate index" if recommender.index is not None else "exact scoring"
     print(f"movierec serve: listening on http://{host}:{port} ({index}; Ctrl-C stops)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[listener])
+    # h11 pinned (not httptools if installed): its refusals are the ones docs/serving.md lists
+    config = uvicorn.Config(
+        app, log_level=args.log_level, http="h11", h11_max_incomplete_event_size=PARSER_HEADER_BUFFER
+    )
+    uvicorn.Server(config).run(sockets=[listener])
     return 0
 
 

@@ -19,9 +19,10 @@ document for every status each route can answer): 404 for an unknown user or mov
 that fails validation (bad k, empty or too long history, all movieIds unknown, wrong types, a body that
 is not UTF-8 JSON); and, from :class:`~movierec.serving.limits.RequestLimits` before the app runs, 400
 for ambiguous framing (``Transfer-Encoding`` with ``Content-Length``), 411 for a body without
-``Content-Length``, 413 for a body over 1 MiB (counted as it arrives), 408 for a body that stalls and 503
-when too many requests are in progress. Requests carry only ids, numbers and short texts (a search query, a
-genre): nothing a client sends names a file, and everything is looked up in in-memory tables only.
+``Content-Length``, 413 for a body over 1 MiB (counted as it arrives), 431 for over 16 KiB of request line
+and headers, 408 for a body that stalls and 503 when too many requests are in progress. Requests carry only
+ids, numbers and short texts (a search query, a genre): nothing a client sends names a file, and everything
+is looked up in in-memory tables only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from movierec import __version__
-from movierec.serving.limits import RequestLimits, check_limits
+from movierec.serving.limits import MAX_HEADER_BYTES, RequestLimits, check_limits
 from movierec.serving.recommender import (
     ExplainedRecommendation,
     Item,
@@ -288,6 +289,7 @@ def create_app(
         411: "a request body without Content-Length",
         413: f"a request body over {max_body_bytes} bytes",
         422: "the request is invalid (a parameter, the JSON body or its encoding); `detail` says why",
+        431: f"the request line and headers over {MAX_HEADER_BYTES} bytes",
         503: f"{max_concurrent_requests} requests already in progress, or {max_concurrent_uploads} request bodies "
         "being received; retry later (see Retry-After)",
     }
@@ -295,7 +297,7 @@ def create_app(
     def errors(*statuses: int, exempt: bool = False) -> dict:
         """The OpenAPI `responses` of a route: the statuses every route can answer, and `statuses`; a route
         exempt from the request budgets (`/health`) is never refused with 503, nor reads a body (408)."""
-        every = {400, 413, *statuses} | (set() if exempt else {408, 503})
+        every = {400, 413, 431, *statuses} | (set() if exempt else {408, 503})
         return {s: {"model": ErrorOut, "description": described[s]} for s in sorted(every)}
 
     @app.exception_handler(RequestValidationError)

@@ -4,6 +4,9 @@
 request exactly as the server hands it over and answers a bad one itself, with the same JSON error body
 as the app (``{"detail": "<what is wrong>"}``):
 
+- **431** when the request line and headers take more than ``MAX_HEADER_BYTES`` (16 KiB), counted as
+  :func:`header_bytes` does; the server's parser must be told to pass on at least that much (``movierec
+  serve`` gives h11 ``PARSER_HEADER_BUFFER``), or its own refusal comes first;
 - **400** when the framing is ambiguous: both ``Transfer-Encoding`` and ``Content-Length`` (a server and
   a proxy in front of it could disagree on where the body ends: request smuggling), more than one
   ``Content-Length``, or one that is not a decimal number;
@@ -18,7 +21,7 @@ as the app (``{"detail": "<what is wrong>"}``):
   uploads open (stalled or slow) cannot take the slots of GET requests, and ``/health`` (``EXEMPT``) is
   never counted: a health check answers whatever the load.
 
-Answers that leave request bytes unread (400, 408, 411, 413, 503) carry ``Connection: close``, so the
+Answers that leave request bytes unread (400, 408, 411, 413, 431, 503) carry ``Connection: close``, so the
 server closes the connection instead of reading (and discarding) the rest of the body. A request that
 passes is handed to the app with its body already read (at most ``max_body_bytes``), in one message.
 """
@@ -40,6 +43,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 MAX_CONTENT_LENGTH_DIGITS = 18  # any longer number is over every sensible limit (and int() of it is cheap)
+MAX_HEADER_BYTES = 16 * 1024  # the request line and headers, as header_bytes() counts them
+# what `movierec serve` lets h11 buffer of an incomplete header block: every block up to it reaches this
+# middleware (431 JSON), a bigger one may get h11's own 400 text/plain instead, depending on how it arrives
+PARSER_HEADER_BUFFER = 64 * 1024
 
 
 EXEMPT = frozenset({"/health"})  # answered whatever the load: a probe must tell "busy" from "down"
@@ -70,6 +77,15 @@ async def send_error(
         await send({"type": "http.response.body", "body": body, "more_body": False})
     except Exception:
         return
+
+
+def header_bytes(scope: Scope) -> int:
+    """The request line and headers as `METHOD target HTTP/v`, `name: value` lines and CRLFs: what the client
+    sent less any optional whitespace (the parser drops it), so a limit on it never depends on segmentation."""
+    query = scope.get("query_string") or b""
+    target = (scope.get("raw_path") or scope.get("path", "").encode()) + (b"?" + query if query else b"")
+    line = f"{scope.get('method', '')}  HTTP/{scope.get('http_version', '')}\r\n"  # the target goes between
+    return len(line) + len(target) + sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ())) + 2
 
 
 def is_json_but_not_utf8(scope: Scope, body: bytes) -> bool:
@@ -169,6 +185,8 @@ class RequestLimits:
                 self._leave("requests")
 
     def _check_headers(self, scope: Scope) -> tuple[int, str] | None:
+        if header_bytes(scope) > MAX_HEADER_BYTES:
+            return 431, f"request line and headers over {MAX_HEADER_BYTES} bytes"
         lengths, encodings = [], []
         for name, value in scope.get("headers", ()):
             name = name.lower()
