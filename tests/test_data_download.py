@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from movierec.errors import DataError
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves `server.files`; `server.behaviour[path]` picks a failure: 500, 404, 'cut-once', 'no-range'."""
+    """Serves `server.files`; `server.behaviour[path]` picks a failure: 500, 404, 'cut-once', 'no-range',
+    'trickle' (100 bytes of the body, then a byte every 0.1 s) or 'trickle-headers' (the status line a byte
+    every 0.1 s)."""
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
@@ -29,6 +33,9 @@ class Handler(BaseHTTPRequestHandler):
         server.requests.append((self.path, self.headers.get("Range")))
         behaviour = server.behaviour.get(self.path)
         data = server.files.get(self.path)
+        if behaviour == "trickle-headers":
+            self.trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            return
         if behaviour in (500, 404) or data is None:
             self.send_error(behaviour if isinstance(behaviour, int) else 404)
             return
@@ -54,17 +61,33 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if behaviour == "trickle":
+            self.wfile.write(body[:100])
+            self.trickle(body[100:])
+            return
         self.wfile.write(body)
+
+    def trickle(self, data: bytes) -> None:
+        for byte in data:
+            if self.server.stop.wait(0.1):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
 
 
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.behaviour, httpd.requests, httpd.cut_done = {}, {}, [], False
+    httpd.stop = threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield httpd
+    httpd.stop.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -167,6 +190,50 @@ def test_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(dl.time, "sleep", lambda s: None)
     with pytest.raises(DataError, match="--archive"):
         dl.download("ml-100k", home=tmp_path, url="http://127.0.0.1:9", progress=False, timeout=2)
+
+
+@pytest.mark.parametrize("behaviour", ["trickle", "trickle-headers"])
+def test_a_trickling_mirror_fails_within_its_deadlines_and_keeps_what_arrived(
+    server, ml100k_zip, tmp_path, monkeypatch, behaviour
+):
+    pin(monkeypatch, "ml-100k", md5(ml100k_zip))
+    monkeypatch.setattr(dl, "STALL_S", 1.0)
+    monkeypatch.setattr(dl, "STALL_MIN_BYTES", 50)
+    assert len(ml100k_zip) > 200, "the archive must outlast the fast first 100 bytes"
+    started = time.monotonic()
+    with pytest.raises(DataError) as err:
+        dl.download("ml-100k", home=tmp_path, url=serve(server, ml100k_zip, behaviour=behaviour),
+                    progress=False, timeout=1, retries=1)  # fmt: skip
+    message = str(err.value)
+    assert time.monotonic() - started < 10 and "\n" not in message and "--archive" in message
+    if behaviour == "trickle":  # resumable: the bytes that came are kept, the final name is not used
+        assert "stalled" in message and (tmp_path / "ml-100k.zip.part").stat().st_size >= 100
+    else:
+        assert "no answer within 1 s" in message
+    assert not (tmp_path / "ml-100k.zip").exists() and len(server.requests) == 2
+
+
+def test_a_black_hole_mirror_fails_after_its_tries(tmp_path, monkeypatch):
+    hole = socket.socket()  # the kernel completes connections; nothing ever answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DataError, match=r"no answer within 1 s"):
+            dl.download("ml-100k", home=tmp_path, url=f"http://127.0.0.1:{hole.getsockname()[1]}",
+                        progress=False, timeout=1, retries=2)  # fmt: skip
+        assert time.monotonic() - started < 6
+    finally:
+        hole.close()
+
+
+def test_progress_is_plain_lines_without_a_terminal(server, ml100k_zip, tmp_path, monkeypatch, capsys):
+    pin(monkeypatch, "ml-100k", md5(ml100k_zip))
+    monkeypatch.setenv("MOVIEREC_PROGRESS_SECONDS", "0")
+    dl.download("ml-100k", home=tmp_path, url=serve(server, ml100k_zip), progress=True)
+    err = capsys.readouterr().err
+    assert f"download ml-100k.zip: {len(ml100k_zip):,} bytes in " in err and "\x1b" not in err
 
 
 def test_environment_variables_choose_cache_and_mirror(server, ml100k_zip, tmp_path, monkeypatch):

@@ -8,6 +8,10 @@
 - Verified: the MD5 of every release that has a published one is checked; a mismatch names the URL and
   both checksums and deletes the bad bytes. A verified file gets a `<file>.md5` note (checksum, size, mtime)
   so that later runs need not hash it again while it is unchanged.
+- Deadlines: the answer's headers must arrive within `timeout` seconds in all (connect included), and a body
+  that delivers less than STALL_MIN_BYTES in any STALL_S seconds counts as a dropped connection (retried,
+  resuming), so neither a black-hole mirror nor one that trickles a byte at a time can hang a download.
+- Progress: a bar on a terminal, else a plain line every 10 s (`MOVIEREC_PROGRESS_SECONDS`).
 - Offline: `--archive PATH` uses an archive you already have (verified the same way; `--no-verify` skips
   the check) and `--base-url` / MOVIEREC_BASE_URL points at a mirror holding the same file names.
 """
@@ -22,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +38,8 @@ from movierec.errors import DataError
 ENV_DATA_HOME = "MOVIEREC_DATA_HOME"
 ENV_BASE_URL = "MOVIEREC_BASE_URL"
 CHUNK = 1 << 20
+STALL_S = 30.0  # a body that delivers less than STALL_MIN_BYTES in this many seconds has stalled
+STALL_MIN_BYTES = 64 << 10
 
 
 def data_home(path: str | Path | None = None) -> Path:
@@ -85,27 +92,65 @@ def cached_md5(path: Path, remember: bool = True) -> str:
     return md5
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+class _ByteProgress:
+    """Bytes received: a rich download bar on a terminal, plain `Progress` lines otherwise, nothing if off."""
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
+    def __init__(self, label: str, total: int | None, done: int, enabled: bool):
+        from movierec.progress import Progress
+
+        self.bar = self.lines = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import Progress as Bar
+
+            columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            self.bar = Bar(*columns, console=Console(stderr=True))
+            self.task = self.bar.add_task(label, total=total, completed=done)
+        elif enabled:
+            self.lines = Progress(f"download {label}", total or 0, "bytes")
+            self.lines.done = done
+
+    def __enter__(self) -> _ByteProgress:
+        for shown in (self.bar, self.lines):
+            if shown is not None:
+                shown.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for shown in (self.bar, self.lines):
+            if shown is not None:
+                shown.__exit__(*exc_info)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+        if self.lines is not None:
+            self.lines.advance(n)
+
+
+def _open(request: urllib.request.Request, timeout: float):
+    """`urlopen(request)` whose status line and headers arrive within `timeout` seconds in all (on a thread,
+    so that a server trickling its headers cannot hold it longer; socket reads time out after `timeout`)."""
+    outcome: list = []
+
+    def open_it() -> None:
+        try:
+            outcome.append(urllib.request.urlopen(request, timeout=timeout))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    failure = outcome[0] if outcome else TimeoutError()
+    if isinstance(getattr(failure, "reason", None), TimeoutError):  # urllib's wrapping of a connect timeout
+        failure = failure.reason
+    if isinstance(failure, TimeoutError):
+        raise TimeoutError(f"no answer within {timeout:g} s") from None
+    if isinstance(failure, BaseException):
+        raise failure
+    return failure
 
 
 def _hint(release: Release | None) -> str:
@@ -132,13 +177,14 @@ def fetch(
     release: Release | None = None,
     progress: bool = True,
     retries: int = 2,
-    timeout: float = 60.0,
+    timeout: float = 20.0,
     retry_wait: float = 1.0,
 ) -> Path:
     """Download `url` to `dest` through `dest.part`, resuming a previous partial download.
 
-    A dropped connection is retried `retries` times, each time resuming where it stopped. The file is
-    renamed to `dest` only when it is complete and, if `md5` is given, matches it.
+    A dropped, silent or stalled connection is retried `retries` times, each time resuming where it stopped
+    (a black-hole mirror fails after about (retries + 1) * timeout seconds). The file is renamed to `dest`
+    only when it is complete and, if `md5` is given, matches it.
     """
     from movierec import __version__
 
@@ -193,7 +239,7 @@ def fetch(
 
 def _fetch_once(request, part: Path, offset: int, progress: bool, timeout: float, label: str) -> str | None:
     """One HTTP request appending to `part`; returns None when complete, else why it stopped early."""
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with _open(request, timeout) as response:
         status = response.status
         length = response.headers.get("Content-Length")
         total: int | None = None
@@ -208,13 +254,18 @@ def _fetch_once(request, part: Path, offset: int, progress: bool, timeout: float
         if total is None and length is not None and length.isdigit():
             total = offset + int(length)
         received = offset
-        with open(part, mode) as handle, _progress(progress) as bar:
-            task = bar.add_task(f"{label}", total=total, completed=offset)
+        window_start, window_bytes = time.monotonic(), 0
+        with open(part, mode) as handle, _ByteProgress(label, total, offset, progress) as shown:
             try:
-                while block := response.read(CHUNK):
+                while block := response.read1(CHUNK):  # what has arrived, so that the stall check runs
                     handle.write(block)
                     received += len(block)
-                    bar.update(task, completed=received)
+                    window_bytes += len(block)
+                    shown.advance(len(block))
+                    if time.monotonic() - window_start >= STALL_S:
+                        if window_bytes < STALL_MIN_BYTES:
+                            return f"stalled: {window_bytes:,} bytes in {STALL_S:.0f} s after {received:,} bytes"
+                        window_start, window_bytes = time.monotonic(), 0
             except (http.client.IncompleteRead, ConnectionError, TimeoutError) as exc:
                 return f"{type(exc).__name__} after {received:,} bytes"
     if total is not None and received < total:
@@ -245,7 +296,7 @@ def download(
     verify: bool = True,
     progress: bool = True,
     retries: int = 2,
-    timeout: float = 60.0,
+    timeout: float = 20.0,
 ) -> Path:
     """Make sure release `name` is in the cache and return its path.
 
