@@ -1,35 +1,107 @@
-"""Latency and throughput of single-user recommendations from `movierec serve` on 127.0.0.1.
+"""Requests/s and latency of `movierec serve` under concurrent clients, per top-k index, on 127.0.0.1.
 
-    python bench/serve_latency.py [MODEL] [--requests 500] [--concurrency 4] [--k 10] [--threads N]
+    python bench/serve_latency.py [MODEL] [--clients 1,8,32,128] [--seconds 20] [--index exact,approximate]
+    python bench/serve_latency.py --mlperf --index exact,approximate      # issue 26's table, ~10-15 minutes
+    python bench/serve_latency.py --mlperf tiny --index exact,approximate --clients 1,8 --seconds 2  # smoke run
 
-MODEL is anything `movierec serve` takes (checkpoint, run folder, runs:/..., models:/...). Without it,
-the tiny synthetic model is trained into a temporary folder first (1 epoch of configs/synthetic.yaml on
-the default synthetic dataset, 3,000 users x 1,500 items, max_len 50).
+Models. MODEL is anything `movierec serve` takes (checkpoint, run folder, runs:/..., models:/...). Without it
+the tiny synthetic model is trained into a temporary folder first (1 epoch of configs/synthetic.yaml on the
+default synthetic dataset, 3,000 users x 1,500 items, max_len 50). `--mlperf` serves SSE-PT on file 0 of
+ml-20mx16x32 (137,327 users, 855,776 items), generated and prepared by bench/scale.py's helpers and trained
+for `--steps` optimizer steps of configs/ml-20mx16x32-sse-pt.yaml (`train --max-steps`, 100 evaluation
+users): data and run folder are cached under `--cache` ($TMPDIR/movierec-bench by default), so only the first
+call trains (a few minutes); delete `CACHE/runs` to retrain. `--mlperf tiny` is scale.py's --tiny shape
+(138 users, 100,000 items): the same path in seconds.
 
-The server runs in its own process (`python -m movierec.cli serve MODEL --port P`). The client sends
-`GET /v1/users/{id}/recommendations?k=K` for users drawn at random (seeded) from the model's users:
-`--warmup` requests first (not timed), then `--requests` one after another over one keep-alive
-connection (latency), then `--requests` from `--concurrency` threads (throughput). Every response must
-be 200. Prints p50/p99/mean latency and requests/s per phase as a table.
+Measurement. One server process per `--index` (`movierec serve MODEL --index I`, one after the other),
+warmed with `--warmup` requests, then one phase per `--clients` count: each client thread opens its own
+keep-alive connection (http.client), sends one untimed request, and then, from a common start, sends
+`GET /v1/users/{id}/recommendations?k=K` for users drawn at random (seeded) one after another for
+`--seconds`. requests/s is the phase's 200 answers over its wall time (start to the last answer); p50/p99 are
+the client's latency, request sent to body read; errors counts other answers and broken connections.
+
+Recall. Each server also answers the same `--recall-users` users (a seeded sample), one by one, after its
+phases; the recall@K of an approximate server is the mean share of the exact server's top-K movieIds that it
+also returns (movierec.serving.approximate.recall_at_k), both as served over HTTP with seen items left out.
+It needs `exact` in --index.
+
+Prints the machine, the model, each server's start time and peak RSS, then one markdown table; `--json`
+writes the same. Exits 1 when any request failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import http.client
 import json
 import os
-import socket
-import statistics
+import re
 import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
-from common import ROOT, cli, log, run_child
+from common import ROOT, cli, log, machine, machine_line, run_child
+
+INDEXES = ("exact", "approximate")
+MLPERF_CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
+# a bounded run: validation and test of 100 users instead of the config's 10,000 (the weights do not matter)
+MLPERF_OVERRIDES = ("eval.max_users=100", "tracking.log_model=false", "tracking.system_metrics=false")
+SERVE_MODE = re.compile(r"listening on \S+ \((exact scoring|approximate index);")
+SERVER_START_LIMIT_S = 900  # the approximate index of 855,776 items is built before the server answers
+
+
+# --------------------------------------------------------------------------- the model (also bench/export_recs.py's)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model: MODEL, --mlperf, or the tiny synthetic one."""
+    parser.add_argument("model", nargs="?", help="MODEL for `movierec serve` (default: train the tiny synthetic one)")
+    parser.add_argument(
+        "--mlperf", nargs="?", const="full", choices=("full", "tiny"),
+        help="SSE-PT on ml-20mx16x32 file 0 (full; tiny: scale.py's --tiny shape), trained and cached",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=20, help="--mlperf: training steps (train --max-steps)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "movierec-bench",
+                        help="--mlperf: where its data and run are kept (default $TMPDIR/movierec-bench)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the measured command (--threads)")
+    parser.add_argument("--data", default=None, help="--data of the measured command")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="--tracking-uri of the measured command (runs:/, models:/)"
+    )
+
+
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.model is not None and args.mlperf is not None:
+        parser.error("give MODEL or --mlperf, not both")
+    if args.steps < 1:
+        parser.error("--steps must be positive")
+
+
+def model_flags(args: argparse.Namespace) -> list[str]:
+    """The --threads, --data and --tracking-uri given, for a `movierec` command that loads the model."""
+    flags = []
+    for flag, value in (("--threads", args.threads), ("--data", args.data), ("--tracking-uri", args.tracking_uri)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def resolve_model(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
+    """(MODEL, a label for tables): the one given, the cached ml-20mx16x32 run, or the tiny model trained
+    into `scratch` (which the caller removes)."""
+    if args.model is not None:
+        return args.model, args.model
+    if args.mlperf is not None:
+        shape = "file 0" if args.mlperf == "full" else "file 0, --tiny shape"
+        return str(mlperf_run(args.mlperf == "tiny", args.steps, args.cache)), f"ml-20mx16x32 {shape}"
+    log("training the tiny synthetic model (1 epoch) ...")
+    return str(train_tiny(scratch)), "synthetic (tiny)"
 
 
 def train_tiny(root: Path) -> Path:
@@ -47,7 +119,39 @@ def train_tiny(root: Path) -> Path:
     return root / "run"
 
 
+def mlperf_run(tiny: bool, steps: int, cache: Path) -> Path:
+    """The run folder of SSE-PT trained `steps` steps on ml-20mx16x32 file 0 (scale.py's `file` dataset, its
+    --tiny shape if `tiny`): generated, prepared and trained unless cached under `cache`. Training writes to
+    a `.partial` folder renamed at the end, so an interrupted one is never served."""
+    import scale  # bench/scale.py: the dataset's shape, generator call and cached prepare
+
+    dataset = scale.datasets(argparse.Namespace(datasets=["file"], tiny=tiny, cache=cache))[0]
+    run = cache / "runs" / f"{dataset.prepared.parent.name}-sse-pt-{steps}-steps"
+    if run.is_dir():
+        log(f"using the cached run {run}")
+        return run
+    scale.make_input(dataset, argparse.Namespace(tiny=tiny))
+    scale.ensure_prepared(dataset)
+    partial = run.with_name(run.name + ".partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    log(f"training {MLPERF_CONFIG.name} for {steps} steps into {run} ...")
+    command = cli(
+        "train", "--config", str(MLPERF_CONFIG), "--data", str(dataset.prepared), "--max-steps", str(steps),
+        "--run-dir", str(partial), "--tracking-uri", f"sqlite:///{run.parent / 'mlflow.db'}",
+        *MLPERF_OVERRIDES, *(scale.TINY_OVERRIDES if tiny else ()),
+    )  # fmt: skip
+    finished = run_child(command, echo=True)
+    if not finished.ok:
+        raise SystemExit(f"training the ml-20mx16x32 model failed: {finished.why()}")
+    partial.rename(run)
+    return run
+
+
 def model_users(model: str, tracking_uri: str | None) -> np.ndarray:
+    """The userIds with a training history (the ones the server knows)."""
     from movierec.data.layout import load_sequences
     from movierec.serving.loader import load_state
 
@@ -57,140 +161,261 @@ def model_users(model: str, tracking_uri: str | None) -> np.ndarray:
     return np.asarray(dataset.user_ids)[data.users - 1]
 
 
+# --------------------------------------------------------------------------- the server
+
+
+@dataclasses.dataclass
+class Server:
+    """One `movierec serve` process: its port, how long it took to answer /health, and its peak RSS."""
+
+    index: str
+    port: int
+    startup_s: float = 0.0
+    health: dict = dataclasses.field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+
+
+def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
 def free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int, log: Path) -> tuple[subprocess.Popen, float]:
-    argv = cli("serve", args.model, "--port", str(port), "--log-level", "warning")
-    for flag, value in (("--threads", args.threads), ("--data", args.data), ("--tracking-uri", args.tracking_uri)):
+@contextlib.contextmanager
+def running(args: argparse.Namespace, model: str, index: str, log_file: Path) -> Iterator[Server]:
+    """A server of `model` with `index`, answering /health; stopped (SIGTERM) on exit, its peak RSS read then."""
+    server = Server(index, free_port())
+    argv = cli("serve", model, "--port", str(server.port), "--log-level", "warning", "--index", index)
+    argv += model_flags(args)
+    for flag, value in (("--batch-window-ms", args.batch_window_ms), ("--max-batch", args.max_batch),
+                        ("--nprobe", args.nprobe)):  # fmt: skip
         if value is not None:
             argv += [flag, str(value)]
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        if time.perf_counter() - started > 300:
-            proc.terminate()
-            raise SystemExit("the server did not answer /health within 300 s")
-        time.sleep(0.1)
+    with log_file.open("wb") as output:
+        proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the {index} server exited:\n{log_file.read_text()[-3000:]}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                with contextlib.closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)) as probe:
+                    status, body = get(probe, "/health")
+                if status == 200:
+                    server.health = json.loads(body)
+                    break
+            if time.perf_counter() - started > SERVER_START_LIMIT_S:
+                raise SystemExit(f"the {index} server did not answer /health within {SERVER_START_LIMIT_S} s")
+            time.sleep(0.1)
+        server.startup_s = time.perf_counter() - started
+        mode = SERVE_MODE.search(log_file.read_text())
+        if mode is None or mode.group(1).split()[0] != index:
+            raise SystemExit(f"asked for --index {index}, the server says: {mode and mode.group(1)}")
+        yield server
+    finally:
+        server.peak_rss_mib = stop(proc)
 
 
-def timed(client: httpx.Client, url: str) -> float:
-    started = time.perf_counter()
-    response = client.get(url)
-    elapsed = time.perf_counter() - started
-    if response.status_code != 200:
-        raise SystemExit(f"GET {url}: {response.status_code} {response.text}")
-    return elapsed
+def stop(proc: subprocess.Popen) -> float:
+    """SIGTERM (SIGKILL after 60 s) and reap: the process's peak RSS in MiB (os.wait4; Popen.wait drops it)."""
+    if proc.poll() is not None:
+        return 0.0
+    proc.terminate()
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def summary(phase: str, concurrency: int, latencies: list[float], wall: float) -> dict:
-    ms = np.asarray(latencies) * 1000
+# --------------------------------------------------------------------------- the clients
+
+
+@dataclasses.dataclass
+class ClientLog:
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    errors: int = 0
+    last: float = 0.0  # perf_counter of its last answer
+
+
+def phase(port: int, users: np.ndarray, clients: int, seconds: float, k: int, seed: int) -> dict:
+    """`clients` threads, each over its own keep-alive connection, asking for random users' top-k one after
+    another for `seconds` from a common start: requests/s, p50/p99 ms and errors."""
+    logs = [ClientLog() for _ in range(clients)]
+    clock: dict[str, float] = {}
+    gate = threading.Barrier(clients, action=lambda: clock.update(start=time.perf_counter()))
+
+    def client(number: int) -> None:
+        rng = np.random.default_rng([seed, clients, number])
+        record = logs[number]
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+        def path() -> str:
+            return f"/v1/users/{int(users[rng.integers(len(users))])}/recommendations?k={k}"
+
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            get(connection, path())  # untimed: opens the connection
+        gate.wait()
+        deadline = clock["start"] + seconds
+        while (sent := time.perf_counter()) < deadline:
+            try:
+                status, _ = get(connection, path())
+            except (OSError, http.client.HTTPException):
+                record.errors += 1
+                connection.close()  # the next request reconnects
+                continue
+            record.last = time.perf_counter()
+            if status == 200:
+                record.latencies.append(record.last - sent)
+            else:
+                record.errors += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ms = np.concatenate([r.latencies for r in logs]) * 1000 if any(r.latencies for r in logs) else np.array([np.nan])
+    wall = max(max(r.last for r in logs) - clock["start"], 1e-9)
+    answered = sum(len(r.latencies) for r in logs)
     return {
-        "phase": phase,
-        "concurrency": concurrency,
-        "requests": len(ms),
+        "clients": clients,
+        "requests": answered,
+        "errors": sum(r.errors for r in logs),
+        "requests_per_s": answered / wall,
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
-        "mean_ms": float(statistics.fmean(ms)),
-        "requests_per_s": len(ms) / wall,
+        "wall_s": wall,
     }
 
 
-def main() -> None:
+def top_k_ids(port: int, users: np.ndarray, k: int) -> np.ndarray:
+    """(users, k) movieIds of each user's answer, best first, 0 where it holds fewer than k."""
+    out = np.zeros((len(users), k), dtype=np.int64)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for row, user in enumerate(users):
+        status, body = get(connection, f"/v1/users/{int(user)}/recommendations?k={k}")
+        if status != 200:
+            raise SystemExit(f"user {user}: {status} {body[:300]!r}")
+        ids = [r["movieId"] for r in json.loads(body)["recommendations"]]
+        out[row, : len(ids)] = ids
+    connection.close()
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_list(text: str, kind: type) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", help="MODEL for `movierec serve` (default: train the tiny synthetic one)")
-    parser.add_argument("--requests", type=int, default=500, help="timed requests per phase (default 500)")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--concurrency", type=int, default=4, help="client threads of the throughput phase")
+    add_model_options(parser)
+    parser.add_argument("--index", default="exact", help=f"comma-separated subset of {', '.join(INDEXES)}")
+    parser.add_argument("--clients", default="1,8,32,128", help="client counts, a phase each (default 1,8,32,128)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed requests before the first phase")
+    parser.add_argument("--recall-users", type=int, default=300, help="users whose top-k recall@k compares")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (--threads)")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--batch-window-ms", type=float, default=None, help="serve --batch-window-ms")
+    parser.add_argument("--max-batch", type=int, default=None, help="serve --max-batch")
+    parser.add_argument("--nprobe", type=int, default=None, help="serve --nprobe (approximate index)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
-    if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 64:
-        parser.error("--requests must be 1..100000 and --concurrency 1..64")
+    check_model_options(parser, args)
+    args.index = parse_list(args.index, str)
+    try:
+        args.clients = parse_list(args.clients, int)
+    except ValueError:
+        parser.error(f"--clients {args.clients!r}: give counts separated by commas, like 1,8,32")
+    if unknown := sorted(set(args.index) - set(INDEXES)):
+        parser.error(f"--index: unknown {', '.join(unknown)}; known: {', '.join(INDEXES)}")
+    if not args.index or not args.clients or not all(1 <= c <= 1024 for c in args.clients):
+        parser.error("--index needs an index and --clients counts of 1..1024")
+    if args.seconds <= 0 or args.warmup < 0 or args.recall_users < 0:
+        parser.error("--seconds must be positive, --warmup and --recall-users not negative")
+    return args
 
+
+def main() -> None:
+    from movierec.serving.approximate import recall_at_k
+
+    args = parse_args()
+    servers: list[Server] = []
+    rows: list[dict] = []
+    answers: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="movierec-serve-bench-") as tmp:
-        root = Path(tmp)
-        if args.model is None:
-            log("training the tiny synthetic model (1 epoch) ...")
-            args.model = str(train_tiny(root))
-        users = model_users(args.model, args.tracking_uri)
+        model, label = resolve_model(args, Path(tmp))
+        users = model_users(model, args.tracking_uri)
         rng = np.random.default_rng(args.seed)
-        picks = rng.choice(users, size=args.warmup + 2 * args.requests)
-        port = free_port()
-        proc, startup = start_server(args, port, root / "server.log")
-        base = f"http://127.0.0.1:{port}"
-        try:
-            health = httpx.get(f"{base}/health").json()
-            urls = [f"{base}/v1/users/{int(u)}/recommendations?k={args.k}" for u in picks]
-            warm, sequential, concurrent = (
-                urls[: args.warmup],
-                urls[args.warmup : args.warmup + args.requests],
-                urls[args.warmup + args.requests :],
-            )
-            with httpx.Client(timeout=60) as client:
-                for url in warm:
-                    timed(client, url)
-                started = time.perf_counter()
-                latencies = [timed(client, url) for url in sequential]
-                results = [summary("sequential", 1, latencies, time.perf_counter() - started)]
-
-            local = threading.local()
-
-            def one(url: str) -> float:
-                if not hasattr(local, "client"):
-                    local.client = httpx.Client(timeout=60)
-                return timed(local.client, url)
-
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                started = time.perf_counter()
-                latencies = list(pool.map(one, concurrent))
-                results.append(summary("concurrent", args.concurrency, latencies, time.perf_counter() - started))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-    print_table(args, health, startup, results)
-    if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "health": health, "results": results}, indent=2))
+        compared = min(args.recall_users, len(users)) if {"exact", "approximate"} <= set(args.index) else 0
+        recall_users = rng.choice(users, size=compared, replace=False)
+        for index in args.index:
+            log(f"starting the {index} server ...")
+            with running(args, model, index, Path(tmp) / f"server-{index}.log") as server:
+                log(f"{index}: answering after {server.startup_s:.1f} s")
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+                for user in rng.choice(users, size=args.warmup):
+                    get(connection, f"/v1/users/{int(user)}/recommendations?k={args.k}")
+                connection.close()
+                for clients in args.clients:
+                    log(f"{index}: {clients} client(s) for {args.seconds:g} s ...")
+                    rows.append({"index": index, **phase(server.port, users, clients, args.seconds, args.k, args.seed)})
+                if len(recall_users):
+                    answers[index] = top_k_ids(server.port, recall_users, args.k)
+            servers.append(server)
+    recall = {index: recall_at_k(found, answers["exact"]) for index, found in answers.items() if index != "exact"}
+    for row in rows:
+        row["recall"] = recall.get(row["index"])
+    report(args, model, label, servers, rows, len(recall_users))
+    if any(row["errors"] for row in rows):
+        raise SystemExit(1)
 
 
-def print_table(args: argparse.Namespace, health: dict, startup: float, results: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    title = (
-        f"GET /v1/users/{{id}}/recommendations?k={args.k}: {health['model']} on {health['dataset']} "
-        f"({health['num_users']:,} users, {health['num_items']:,} items, max_len {health['max_len']}); "
-        f"server threads {args.threads or 'default'}, started in {startup:.1f} s"
-    )
-    table = Table(title=title)
-    for column in ("phase", "clients", "requests", "p50 ms", "p99 ms", "mean ms", "requests/s"):
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    for r in results:
-        table.add_row(
-            r["phase"],
-            str(r["concurrency"]),
-            str(r["requests"]),
-            f"{r['p50_ms']:.1f}",
-            f"{r['p99_ms']:.1f}",
-            f"{r['mean_ms']:.1f}",
-            f"{r['requests_per_s']:.0f}",
+def report(
+    args: argparse.Namespace, model: str, label: str, servers: list[Server], rows: list[dict], recall_users: int
+) -> None:
+    health = servers[0].health
+    dataset = f"{health['dataset']} ({health['num_users']:,} users, {health['num_items']:,} items)"
+    options = {"threads": args.threads, "batch-window-ms": args.batch_window_ms, "max-batch": args.max_batch,
+               "nprobe": args.nprobe}  # fmt: skip
+    given = ", ".join(f"--{name} {value}" for name, value in options.items() if value is not None) or "defaults"
+    recall = f"recall@{args.k} over {recall_users} users against the exact server"
+    info = machine(with_gpus=False)
+    lines = [
+        f"machine: {machine_line(info)}",
+        f"model: {health['model']}, max_len {health['max_len']}, on {dataset}; MODEL {model}",
+        f"serve options: {given}; phases of {args.seconds:g} s; k {args.k}; seed {args.seed}; "
+        f"{recall if recall_users else 'no recall (it needs both exact and approximate in --index)'}",
+        *(f"{s.index} server: /health after {s.startup_s:.1f} s, peak RSS {s.peak_rss_mib:,.0f} MiB" for s in servers),
+        "",
+        f"| dataset | index | clients | requests | errors | requests/s | p50 ms | p99 ms | recall@{args.k} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        recall_cell = "" if r["recall"] is None else f"{r['recall']:.3f}"
+        lines.append(
+            f"| {label} ({health['num_items']:,} items) | {r['index']} | {r['clients']} | {r['requests']:,} | "
+            f"{r['errors']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {recall_cell} |"
         )
-    Console().print(table)
+    print("\n".join(lines))
+    if args.json:
+        servers_out = [dataclasses.asdict(s) for s in servers]
+        args.json.write_text(json.dumps({"machine": info, "model": model, "label": label, "servers": servers_out,
+                                         "rows": rows}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
