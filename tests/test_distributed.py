@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from movierec.data.split import write_dataset
 from movierec.data.synthetic import generate_synthetic
 from movierec.models.checkpoint import load_checkpoint
+from movierec.training import distributed
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TINY = [
@@ -122,3 +123,59 @@ def test_sigkill_of_one_rank_then_resume_is_bit_identical(workspace):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "was trained by 2 process(es), this run has 1" in done.stdout
     assert load_checkpoint(other_world).train_state.epoch == epochs
+
+
+@pytest.mark.parametrize("lost", [1, 0])
+def test_a_killed_rank_is_one_line_naming_it_and_the_resume_command(workspace, lost, tmp_path):
+    """SIGKILL of one rank mid-training: the survivor says which rank it lost and how to resume (no gloo
+    traceback), the MLflow run ends KILLED (by rank 0, or by the survivor when rank 0 is the one killed),
+    and `movierec train --resume` finishes the run."""
+    name = f"lost-rank{lost}"
+    run_dir = workspace["root"] / name
+    command = torchrun("-m", "movierec", "train", "--data", workspace["data"], "--run-dir", str(run_dir),
+                       "--tracking-uri", workspace["uri"], "--experiment", name, *TINY, "train.epochs=40")  # fmt: skip
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        launcher = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None and not (run_dir / "last.ckpt").is_file():
+        time.sleep(0.05)
+    workers = {
+        int(p.environ()["RANK"]): p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "movierec" in p.cmdline() and "RANK" in p.environ()
+    }
+    assert sorted(workers) == [0, 1], (tmp_path / "stderr").read_text()
+    workers[lost].send_signal(signal.SIGKILL)
+    assert launcher.wait(timeout=60) != 0
+    err = (tmp_path / "stderr").read_text()
+    killed_at = load_checkpoint(run_dir).train_state.epoch
+    assert killed_at < 40, "the job should be killed mid-way"
+    errors = [line for line in err.splitlines() if "movierec train: error: " in line]
+    assert len(errors) == 1, err
+    assert f"error: lost rank {lost} of 2 " in errors[0] and f"-m movierec train --resume {run_dir}`" in errors[0]
+    assert "Connection closed" not in err and "DistBackendError" not in err, err
+    client = MlflowClient(workspace["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == "KILLED"
+    if lost == 0:
+        assert errors[0].endswith(f"; MLflow run {run.info.run_id} ended KILLED")
+
+    # one more epoch, in one process: what matters is that the killed run's folder and MLflow run resume
+    resume = [sys.executable, "-m", "movierec", "train", "--resume", str(run_dir), "--epochs", str(killed_at + 1)]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert load_checkpoint(run_dir).finished
+
+
+def test_only_a_collective_failing_for_a_lost_peer_is_a_peer_failure(monkeypatch):
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33512")
+    assert not distributed.is_peer_failure(gloo), "not under torchrun"
+    alive = distributed.Process.this()
+    monkeypatch.setattr(distributed, "_joined", distributed.Distributed(0, 2, processes=(alive, alive)))
+    assert distributed.is_peer_failure(gloo)
+    assert not distributed.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")), "a bug"
+    assert not distributed.is_peer_failure(SystemExit(143)), "a stop while every peer runs"
+    gone = distributed.Process(alive.host, alive.pid, alive.started - 60)  # its pid now names another process
+    monkeypatch.setattr(distributed, "_joined", distributed.Distributed(0, 2, processes=(alive, gone)))
+    assert distributed.is_peer_failure(SystemExit(143)) and distributed.joined().lost_peers() == [1]

@@ -387,6 +387,7 @@ class Run:
         with ExitStack() as stack:
             for recorder in self.recorders:
                 stack.enter_context(recorder.recording(self))
+            self.run_id = self.dist.from_main(self.run_id)  # so a survivor of rank 0 can end its MLflow run
             world = f", {self.dist.world_size} processes ({self.dist.backend})" if self.dist.enabled else ""
             self.console.print(
                 f"[bold]run {self.run_id}[/] on {self.device} ({c.train.precision}{world}); {self.data.meta['name']}: "
@@ -503,14 +504,41 @@ class Run:
 
 
 def train(config: RunConfig, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
-    """Train (or resume) a model as configured; returns the MLflow run id and test metrics of the best model."""
+    """Train (or resume) a model as configured; returns the MLflow run id and test metrics of the best model.
+    Under torchrun, the loss of a peer process is one PeerLostError (see `peer_lost`)."""
     # the run folder is rank 0's: a second run on it is refused at once, before any setup or MLflow call
     is_main = int(os.environ.get("RANK", "0")) == 0
-    with FolderLock(config.run_dir, "train") if is_main else nullcontext():
-        finished = False
+    lock = FolderLock(config.run_dir, "train") if is_main else nullcontext()
+    with lock, distributed.sigterm_raises_system_exit():
+        finished, run = False, None
         try:
-            result = Run(config, resume=resume, console=console).fit()
+            run = Run(config, resume=resume, console=console)
+            result = run.fit()
             finished = True
             return result
+        except (Exception, SystemExit) as exc:
+            if not distributed.is_peer_failure(exc):
+                raise
+            raise peer_lost(config, run) from exc
         finally:
             distributed.teardown(finished)
+
+
+def peer_lost(config: RunConfig, run: Run | None) -> distributed.PeerLostError:
+    """The one line of a survivor: the rank lost, how to resume. A survivor of rank 0, which cannot end its
+    MLflow run any more, ends it KILLED (rank 0 itself ends it KILLED when it survives: MlflowRecorder)."""
+    group = distributed.joined()
+    lost = group.lost_peers()
+    run_dir = Path(config.run_dir)
+    if (run_dir / LAST).is_file():
+        resume = f"torchrun <same options> -m movierec train --resume {run_dir}"
+        hint = f"the last checkpoint is kept: resume with `{resume}`"
+    else:
+        hint = "no checkpoint was written yet, so a new run starts over"
+    message = f"{group.describe_lost(lost)} (its process ended or stopped answering); {hint}"
+    if 0 in lost and run is not None and run.run_id:
+        from movierec.mlflow_store import tracking_uri
+        from movierec.training.tracking import end_killed
+
+        message += f"; {end_killed(tracking_uri(config.tracking.uri), run.run_id)}"
+    return distributed.PeerLostError(message)

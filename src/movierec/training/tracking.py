@@ -18,6 +18,7 @@ from rich.console import Console
 
 from movierec.errors import TrackingError, one_line
 from movierec.mlflow_store import check_server, sqlite_store_lock
+from movierec.training import distributed
 from movierec.training.config import RunConfig
 from movierec.training.run import Recorder
 
@@ -155,6 +156,31 @@ def end_dead_runs(uri: str, experiment_id: str) -> list[str]:
     return ended
 
 
+def end_killed(uri: str, run_id: str, timeout_s: float = 10.0) -> str:
+    """End MLflow run `run_id` KILLED for its process, which died (rank 0 of a torchrun job: a survivor does it,
+    rather than leave it RUNNING until the next run on that host). On a thread, so that a store that does not
+    answer costs `timeout_s`, not MLflow's minutes of retries. Returns what became of the run, for the user."""
+    outcome: list[str] = []
+
+    def end() -> None:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            status = client.get_run(run_id).info.status
+            if status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                status = "KILLED"
+            outcome.append(f"MLflow run {run_id} ended {status}")
+        except Exception as exc:
+            outcome.append(f"MLflow run {run_id} could not be ended KILLED ({one_line(exc, 120)})")
+
+    thread = threading.Thread(target=end, name="mlflow-end-killed", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"MLflow run {run_id} could not be ended KILLED (no answer in {timeout_s:g} s)"
+
+
 @contextmanager
 def sigterm_raises_system_exit():
     """While inside, SIGTERM raises SystemExit(143) in the main thread instead of ending the process at once.
@@ -285,13 +311,14 @@ class MlflowRecorder(Recorder):
                     self._log_params()
                 yield
             except Exception as exc:
-                self._end("FAILED")
+                self._end("KILLED" if distributed.is_peer_failure(exc) else "FAILED")  # a peer was killed
                 raise self._error(exc, f"at epoch {run.engine.state.epoch}") from exc
-            except BaseException:  # KeyboardInterrupt, SystemExit (SIGTERM)
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit (SIGTERM)
                 self._end("KILLED")
-                self.console.print(
-                    f"stopped: MLflow run {run.run_id} ended KILLED{self._resume_hint()}", soft_wrap=True
-                )
+                if not distributed.is_peer_failure(exc):  # else training.run.peer_lost says it, in one line
+                    self.console.print(
+                        f"stopped: MLflow run {run.run_id} ended KILLED{self._resume_hint()}", soft_wrap=True
+                    )
                 raise
         try:
             mlflow.end_run("FINISHED")
