@@ -59,6 +59,21 @@ def test_sampled_softmax_with_log_q_and_the_target_among_the_negatives(setup):
     torch.testing.assert_close(got, torch.stack(rows).mean())
 
 
+def test_sampled_softmax_with_negatives_per_sequence(setup):
+    """`train.negatives_per: sequence`: row b's positions compete with row b's negatives only."""
+    model, queries, _, targets, _ = setup
+    negatives = torch.tensor([[4, 10, 11], [1, 6, 12]])  # 4 and 6 are targets of their own rows
+    log_q = torch.log(torch.linspace(0.01, 0.2, 13))
+    rows = []
+    for row, col in zip(*torch.nonzero(targets, as_tuple=True), strict=True):
+        target = int(targets[row, col])
+        pos = logit(model, queries, row, col, target) - log_q[target]
+        negs = [logit(model, queries, row, col, int(n)) - log_q[n] for n in negatives[row] if int(n) != target]
+        rows.append(-F.log_softmax(torch.stack([pos, *negs]), dim=0)[0])
+    got = sampled_softmax_loss(model, queries, targets, negatives, log_q)
+    torch.testing.assert_close(got, torch.stack(rows).mean())
+
+
 def test_full_softmax_is_cross_entropy_over_every_item(setup):
     model, queries, _, targets, _ = setup
     rows = []

@@ -404,6 +404,83 @@ def test_a_store_failing_mid_run_loses_nothing(server, data, tmp_path, monkeypat
     assert status(server, state.mlflow_run_id) == "FINISHED"
 
 
+def test_a_store_that_stops_answering_mid_run_is_given_a_total_deadline(server, data, tmp_path, monkeypatch, capsys):
+    """A request that neither answers nor times out (a server trickling bytes keeps every read alive) is cut
+    at its total deadline: one line with the resume command, the checkpoints kept."""
+    import mlflow
+
+    original = mlflow.log_metrics
+
+    def log_metrics(metrics, step=None, **kwargs):
+        if step == 2 and "train_loss" in metrics:
+            time.sleep(600)  # what a trickled answer looks like from here
+        return original(metrics, step=step, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", log_metrics)
+    for name, value in {"TIMEOUT": "1", "MAX_RETRIES": "0", "BACKOFF_FACTOR": "0"}.items():
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", value)  # a total deadline of 1 + 5 s
+    run_dir = tmp_path / "hung"
+    started = time.monotonic()
+    assert main(train_args(data, run_dir, server, "hung", 3)) == 2
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not finish logging epoch 2 within 6 s" in err, err
+    assert f"movierec train --resume {run_dir}" in err
+    assert load_checkpoint(run_dir / "last.ckpt").train_state.epoch == 2
+
+
+def test_a_server_that_answers_the_check_and_then_trickles_fails_in_seconds(data, tmp_path):
+    """The pre-check gets an answer; every later request gets a byte every 0.3 s, which no per-read timeout
+    ends. The run is cut at its total deadline before training starts."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop, answered = threading.Event(), []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            if not answered:  # the pre-check: a quick 404 (no such experiment yet) counts as answering
+                answered.append(True)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if stop.wait(0.3):
+                    return
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    return
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # fmt: skip
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "movierec.cli", *train_args(data, tmp_path / "run", uri, "trickled", 1)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "did not finish creating the run within 6 s" in proc.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
 def test_a_failure_in_the_final_logging_leaves_the_run_resumable(server, data, tmp_path, monkeypatch):
     import mlflow
 

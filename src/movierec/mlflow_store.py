@@ -8,6 +8,7 @@ import http.client
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -173,3 +174,48 @@ def _describe(exc: BaseException | str) -> str:
     if isinstance(exc, http.client.RemoteDisconnected):
         return "it closed the connection without answering"
     return one_line(exc)
+
+
+class _DeadlinePassed(BaseException):
+    """Raised by SIGALRM inside MLflow's client; a BaseException, so that no `except Exception` in a library
+    on the way can swallow it and go on waiting."""
+
+
+def request_deadline_s(extra_bytes: int = 0) -> float:
+    """The most a request to the tracking server may take in all: MLflow's HTTP client settings' worst case
+    (every try timing out, plus the backoff between tries) and 5 s, plus a second per MB uploaded."""
+    try:
+        timeout = float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        retries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        backoff = float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    except (KeyError, ValueError) as exc:
+        raise TrackingError(f"MLflow HTTP client settings are not numbers: {one_line(exc)}") from exc
+    return timeout * (retries + 1) + sum(backoff * 2**i for i in range(retries)) + 5 + extra_bytes / 1e6
+
+
+@contextlib.contextmanager
+def request_deadline(uri: str, what: str, seconds: float | None = None) -> Iterator[None]:
+    """Fail `what` with a one-line TrackingError when an http(s) tracking server has not finished it within
+    `seconds` (default `request_deadline_s()`) in all.
+
+    MLflow's timeout is per socket read, so a server that trickles bytes, or answers each retry just in time,
+    can hold a call for ever. A timer signal interrupts the blocked call instead; it needs the main thread
+    (the CLI's), so elsewhere (and for local stores) MLflow's own timeouts are all there is.
+    """
+    if not uri.lower().startswith(("http://", "https://")) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seconds = request_deadline_s() if seconds is None else seconds
+
+    def expire(signum, frame) -> None:
+        raise _DeadlinePassed
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _DeadlinePassed:
+        raise TrackingError(f"MLflow tracking server {uri} did not finish {what} within {seconds:.0f} s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -48,9 +48,12 @@ class TrainSection:
     # BCE leaves the popularity plateau that gbce and the softmax losses sit on for their first epochs
     start_loss: str | None = None
     start_loss_steps: int | str = 0  # steps, or "N%" of the run's steps (as warmup_steps, eval.*_steps)
-    num_negatives: int = 256  # sampled-softmax: per batch; gbce: per sequence
+    num_negatives: int = 256  # sampled-softmax: per batch or sequence (negatives_per); gbce: per sequence
     gbce_t: float = 0.75  # gbce calibration: 0 is plain BCE over the negatives, 1 fully calibrated (gSASRec's 0.75)
     negative_sampling: str = "uniform"  # sampled-softmax: uniform | popularity (with log-Q correction)
+    # sampled-softmax: one draw of num_negatives for the whole batch (one matrix product), or one per sequence
+    # (a batch sees batch_size times as many distinct negatives, at the same cost in products)
+    negatives_per: str = "batch"  # batch | sequence
     # softmax losses (sampled-softmax, ce): logits divided by this (null: 1); with a model that scores by cosine
     # similarity (hstu) it is what makes the softmax sharp (the HSTU recipe: 0.05)
     temperature: float | None = None
@@ -481,6 +484,7 @@ def validate(config: RunConfig, given: set[str] = frozenset()) -> None:
             f"train.precision must be fp32|fp16|bf16|auto, got {t.precision!r}",
         ),
         (t.negative_sampling in ("uniform", "popularity"), "train.negative_sampling must be uniform or popularity"),
+        (t.negatives_per in ("batch", "sequence"), "train.negatives_per must be batch or sequence"),
         (t.lr_scaling in LR_SCALINGS, f"train.lr_scaling must be one of {LR_SCALINGS}, got {t.lr_scaling!r}"),
         (t.batch_size == "auto" or isinstance(t.batch_size, int), "train.batch_size must be a whole number or auto"),
         ((t.epochs is None) != (t.steps is None),

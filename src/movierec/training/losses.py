@@ -6,7 +6,8 @@ queries, and which validation loss the evaluator reports for it.
   drawn once per sequence and shared by its positions, with the calibrated generalised BCE: the positive's
   log-sigmoid is weighted by beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = num_negatives / (items - 1),
   t = `gbce_t`, which undoes the over-confidence that many negatives give BCE.
-- `sampled-softmax`: the next item against N negatives shared by the batch, softmax cross-entropy; with
+- `sampled-softmax`: the next item against N negatives shared by the batch (or, with `train.negatives_per:
+  sequence`, drawn for each sequence and shared by its positions), softmax cross-entropy; with
   popularity sampling the logits are corrected by log Q (Yi et al., RecSys 2019) so the estimate is unbiased.
 - `ce`: softmax over all items ("SASRec+", Klenitskiy & Vasilev, RecSys 2023).
 
@@ -89,9 +90,15 @@ class SampledSoftmax(Objective):
         self.register_buffer("log_q", log_q, persistent=False)
 
     def negatives(self, rng, users, targets, step=0):
+        """(K,) ids shared by the batch, or (B, K) with `train.negatives_per: sequence`."""
+        count = self.train_config.num_negatives
+        if self.train_config.negatives_per == "sequence":
+            count = len(users) * count
         if self.sample_cdf is not None:
-            return draw_by_weight(rng, self.sample_cdf, self.train_config.num_negatives)
-        return rng.integers(1, self.data.num_items + 1, size=self.train_config.num_negatives)
+            drawn = draw_by_weight(rng, self.sample_cdf, count)
+        else:
+            drawn = rng.integers(1, self.data.num_items + 1, size=count)
+        return drawn.reshape(len(users), -1) if self.train_config.negatives_per == "sequence" else drawn
 
     def loss(self, queries, targets, negatives):
         return sampled_softmax_loss(self.model, queries, targets, negatives, self.log_q, self.train_config.temperature)
@@ -170,16 +177,24 @@ def sampled_softmax_loss(
     log_q: torch.Tensor | None = None,
     temperature: float | None = None,
 ) -> torch.Tensor:
-    """Softmax over [target, shared negatives]: the model's scores divided by `temperature`, then corrected by
-    `log_q` (num_items + 1,), the sampling log-probability; a negative that is the target is left out."""
+    """Softmax over [target, negatives]: the model's scores divided by `temperature`, then corrected by
+    `log_q` (num_items + 1,), the sampling log-probability; a negative that is the target is left out.
+    `negatives` is (K,), shared by every position of the batch, or (B, K), shared by the positions of a
+    sequence."""
     mask = targets != 0
     q = queries[mask]
     pos = model.score(q, targets[mask].unsqueeze(-1)) / (temperature or 1.0)  # (N, 1)
-    neg = model.score_shared(q, negatives) / (temperature or 1.0)  # (N, K)
+    if negatives.dim() == 1:
+        neg = model.score_shared(q, negatives)  # (N, K)
+        per_position = negatives.unsqueeze(0).expand(len(q), -1)
+    else:  # one product per sequence, (B, L, K), then the positions with a target
+        neg = torch.stack([model.score_shared(qs, ns) for qs, ns in zip(queries, negatives, strict=True)])[mask]
+        per_position = negatives.unsqueeze(1).expand(-1, targets.shape[1], -1)[mask]
+    neg = neg / (temperature or 1.0)
     if log_q is not None:
         pos = pos - log_q[targets[mask]].unsqueeze(-1)
-        neg = neg - log_q[negatives].unsqueeze(0)
-    neg = neg.masked_fill(negatives.unsqueeze(0) == targets[mask].unsqueeze(-1), float("-inf"))
+        neg = neg - log_q[per_position]
+    neg = neg.masked_fill(per_position == targets[mask].unsqueeze(-1), float("-inf"))
     logits = torch.cat([pos, neg], dim=-1)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from movierec.errors import TrackingError, one_line
-from movierec.mlflow_store import check_server, sqlite_store_lock
+from movierec.mlflow_store import check_server, request_deadline, request_deadline_s, sqlite_store_lock
 from movierec.training import distributed
 from movierec.training.config import RunConfig
 from movierec.training.run import Recorder
@@ -292,7 +292,8 @@ class MlflowRecorder(Recorder):
         self.run = run
         resumed = run.run_id is not None
         try:
-            mlflow_run = self._start(resumed)
+            with self._deadline("opening the run" if resumed else "creating the run"):
+                mlflow_run = self._start(resumed)
         except Exception as exc:
             raise self._error(exc, "opening the run" if resumed else "creating the run") from exc
         for run_id in self.experiment.ended:
@@ -305,10 +306,12 @@ class MlflowRecorder(Recorder):
         with sigterm_raises_system_exit():
             try:
                 if resumed:
-                    self._log_missing_epochs()
+                    with self._deadline("logging the epochs it missed"):
+                        self._log_missing_epochs()
                 else:
                     run.run_id = mlflow_run.info.run_id
-                    self._log_params()
+                    with self._deadline("logging the run's parameters"):
+                        self._log_params()
                 yield
             except Exception as exc:
                 self._end("KILLED" if distributed.is_peer_failure(exc) else "FAILED")  # a peer was killed
@@ -321,7 +324,8 @@ class MlflowRecorder(Recorder):
                     )
                 raise
         try:
-            mlflow.end_run("FINISHED")
+            with self._deadline("marking the run FINISHED"):
+                mlflow.end_run("FINISHED")
         except Exception as exc:
             raise self._error(exc, "marking the finished run FINISHED (all else is logged)") from exc
 
@@ -374,8 +378,15 @@ class MlflowRecorder(Recorder):
 
             mlflow.log_text(report_table(run.init_report, self.console), "init_from.tsv")
 
+    def _deadline(self, what: str, upload_bytes: int = 0):
+        """A total deadline for one step of logging (see `request_deadline`), scaled for uploads."""
+        return request_deadline(self.experiment.uri, what, request_deadline_s(upload_bytes))
+
     def _error(self, exc: BaseException, when: str) -> BaseException:
-        """`exc` as a one-line TrackingError naming the store if it is an MLflow failure, else `exc` itself."""
+        """`exc` as a one-line TrackingError naming the store if it is an MLflow failure (with the resume
+        command when there is something to resume), else `exc` itself."""
+        if isinstance(exc, TrackingError):
+            return TrackingError(f"{exc}{self._resume_hint()}")
         if not is_tracking_failure(exc):
             return exc
         return TrackingError(
@@ -397,7 +408,8 @@ class MlflowRecorder(Recorder):
         import mlflow
 
         try:
-            mlflow.end_run(status)
+            with request_deadline(self.experiment.uri, f"marking the run {status}", 15.0):
+                mlflow.end_run(status)
         except Exception as exc:
             self.console.print(f"warning: could not mark MLflow run {self.run.run_id} {status}: {one_line(exc)}")
 
@@ -405,7 +417,8 @@ class MlflowRecorder(Recorder):
         import mlflow
 
         metrics = {mlflow_key(k): v for k, v in record.items() if k != "epoch"}
-        mlflow.log_metrics(metrics, step=record["epoch"])
+        with self._deadline(f"logging epoch {record['epoch']}"):
+            mlflow.log_metrics(metrics, step=record["epoch"])
 
     def _log_missing_epochs(self) -> None:
         """On resume: log the epochs of the checkpoint's history that never reached MLflow (its store failed,
@@ -422,18 +435,23 @@ class MlflowRecorder(Recorder):
         import mlflow
 
         run_dir, state = Path(self.config.run_dir), run.engine.state
-        mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=state.best_epoch)
-        mlflow.log_metric("best_epoch", state.best_epoch)
-        mlflow.log_artifact(str(run_dir / "best.ckpt"), artifact_path="checkpoints")
-        mlflow.log_artifact(str(run_dir / "config.yaml"))
-        mlflow.log_artifact(str(run_dir / "history.json"))
+        with self._deadline("logging the test metrics"):
+            mlflow.log_metrics({mlflow_key(k): v for k, v in test_metrics.items()}, step=state.best_epoch)
+            mlflow.log_metric("best_epoch", state.best_epoch)
+        artifacts = [(run_dir / "best.ckpt", "checkpoints"), (run_dir / "config.yaml", None)]
+        artifacts.append((run_dir / "history.json", None))
         if state.history:
-            mlflow.log_artifact(str(plot_curves(state.history, run_dir / "curves.png", run.metric_name)))
+            artifacts.append((plot_curves(state.history, run_dir / "curves.png", run.metric_name), None))
+        for path, folder in artifacts:
+            with self._deadline(f"uploading {path.name}", path.stat().st_size):
+                mlflow.log_artifact(str(path), artifact_path=folder)
         if self.config.tracking.log_model:
             from movierec.models.base import build_model
             from movierec.serving.pyfunc import log_pyfunc_model
 
             model = build_model(run.engine.model_config)  # plain tables (no sparse gradients), on the CPU
             model.load_state_dict({k: v.cpu() for k, v in run.engine.model.state_dict().items()})
-            log_pyfunc_model(model.eval(), self.config.data.path)
+            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            with self._deadline("logging the model", 2 * size):  # weights and the items table, a few requests
+                log_pyfunc_model(model.eval(), self.config.data.path)
         self.final_logged = True
