@@ -335,6 +335,11 @@ SECOND_AUDIT = [
     ("meta-train", [*TRAIN, "--data", "{root}/files-list", "--run-dir", "{root}/r4"], "meta.json is damaged"),
     ("items-string-ids", ["info", "{root}/string-ids", "--verify"], "1 of 8 files failed verification"),
     ("items-string-ids-train", [*TRAIN, "--data", "{root}/string-ids", "--run-dir", "{root}/r5"], "not integer ids"),
+    (
+        "model-over-memory",  # 1.2 T parameters: refused from the meta device, before any allocation
+        [*TRAIN, "--data", "{data}", "--run-dir", "{root}/r6", "model.d_item=60000", "model.num_blocks=64"],
+        "GiB for its weights, gradients and optimizer state",
+    ),
 ]
 
 

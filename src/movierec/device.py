@@ -32,3 +32,12 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
     if name == "bf16":
         return torch.bfloat16, False
     return None, False
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation can take on `device`: free GPU memory, or the OS's estimate of available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)

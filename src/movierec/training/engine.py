@@ -21,7 +21,7 @@ import torch
 
 from movierec.data.layout import SequenceData
 from movierec.data.negatives import SeenItems
-from movierec.device import resolve_device, resolve_precision
+from movierec.device import available_memory_bytes, resolve_device, resolve_precision
 from movierec.errors import ConfigError
 from movierec.models.base import ModelConfig, SequentialModel, build_model
 from movierec.models.checkpoint import TrainState
@@ -53,6 +53,25 @@ def keep_freed_memory_on_cpu() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients and Adam's two moments
+
+
+def check_model_fits(config: ModelConfig, device: torch.device) -> None:
+    """A one-line ConfigError, before any allocation, when the model's weights, gradients and optimizer state
+    alone would not fit the memory `device` has available (a huge model.d_item or num_blocks would otherwise
+    allocate until the machine swaps or the kernel kills the process). Counted on the meta device."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_model(config).parameters())
+    needed, available = parameters * TRAINING_BYTES_PER_PARAMETER, available_memory_bytes(device)
+    if needed > available:
+        raise ConfigError(
+            f"the model has {parameters:,} parameters: training needs at least {needed / 2**30:,.1f} GiB for its "
+            f"weights, gradients and optimizer state, and {device.type} has {available / 2**30:,.1f} GiB available; "
+            f"lower model.d_item (now {config.d_item}), model.num_blocks ({config.num_blocks}) or model.max_len "
+            f"({config.max_len}), or train on a larger device"
+        )
+
+
 class Engine:
     """A model, its objective, optimizers, grad scaler and batches, built from a run config and data.
 
@@ -75,6 +94,7 @@ class Engine:
         self.dist = dist or Distributed()
         t = config.train
         self.model_config = ModelConfig(num_users=data.num_users, num_items=data.num_items, **vars(config.model))
+        check_model_fits(self.model_config, device)
         self.model: SequentialModel = build_model(self.model_config).to(device)
         self.optimizer_kind = resolve_optimizer(
             t.optimizer, (t.start_loss, t.loss), data.num_items, t.batch_size, config.model.max_len,
