@@ -172,3 +172,22 @@ def test_request_gets_the_documented_answer(port, case):
                 assert len(body) == int(headers["content-length"])
                 assert isinstance(json.loads(body)["detail"], str)
     assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+
+
+def test_the_listening_socket_gets_tcp_nodelay_connections():
+    """asyncio sets TCP_NODELAY only on connections of a socket made with IPPROTO_TCP; without it every
+    keep-alive answer (headers and body written apart) waited out a ~40 ms delayed ACK."""
+    import asyncio.base_events
+    import socket
+
+    from movierec.cli import bind
+
+    listener = bind("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        asyncio.base_events._set_nodelay(accepted)  # what the event loop does to each accepted connection
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()
