@@ -87,7 +87,8 @@ def main() -> None:
     killed_how = f"SIGKILL after {killed.wall_s:.1f} s" if killed.status == "timeout" else "not killed: it ended first"
     result = {
         "model": label, "users": users, "k": args.k, "rows": rows, "wall_s": whole.wall_s, "export_s": seconds,
-        "users_per_s": users / whole.wall_s, "export_users_per_s": users / seconds,
+        "users_per_s": users / whole.wall_s,
+        "export_users_per_s": users / seconds if seconds > 0 else None,  # None: under the 0.1 s export-recs prints
         "peak_rss_mib": whole.peak_rss_mib, "killed": killed.status == "timeout", "killed_after_s": killed.wall_s,
         "parts_kept": kept, "passes": passes, "resumed_wall_s": resumed.wall_s,
         "resumed_peak_rss_mib": resumed.peak_rss_mib, "identical": identical,
@@ -96,11 +97,12 @@ def main() -> None:
     print(f"machine: {machine_line(info)}")
     print(f"command: movierec export-recs {model} --out FILE --k {args.k} {' '.join(model_flags(args))}".rstrip())
     print()
+    export_rate = "—" if result["export_users_per_s"] is None else f"{result['export_users_per_s']:,.0f}"
     print("| model | users | k | rows | wall s | export s | users/s (wall) | users/s (export) | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {label} | {users:,} | {args.k} | {rows:,} | {whole.wall_s:.1f} | {seconds:.1f} | "
-        f"{result['users_per_s']:,.0f} | {result['export_users_per_s']:,.0f} | {whole.peak_rss_mib:,.0f} |"
+        f"{result['users_per_s']:,.0f} | {export_rate} | {whole.peak_rss_mib:,.0f} |"
     )
     print()
     print(

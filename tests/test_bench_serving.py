@@ -59,7 +59,8 @@ def test_export_recs_is_timed_then_killed_and_resumed_to_the_same_rows(trained_r
     (row,) = table_rows(result.stdout, header)
     users, rows = number(row[1]), number(row[3])
     assert users > 0 and 0 < rows <= 5 * users and row[2] == "5"
-    assert all(number(cell) > 0 for cell in row[4:])
+    assert all(number(row[i]) > 0 for i in (4, 6, 8)) and number(row[5]) >= 0
+    assert row[7] == "—" or number(row[7]) > 0  # a tiny export can finish under the 0.1 s export-recs prints
     assert "identical: yes" in result.stdout
     saved = json.loads(out.read_text())
     assert saved["identical"] is True and saved["users"] == users and saved["parts_kept"] <= saved["passes"]

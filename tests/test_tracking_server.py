@@ -6,6 +6,7 @@ every training here is a few tiny epochs on a 200-user synthetic dataset.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -186,47 +187,61 @@ def test_a_hung_server_or_a_closed_port_fails_fast_with_one_line(data, tmp_path)
         hung.close()
 
 
-def test_a_server_that_trickles_bytes_is_given_a_total_deadline(monkeypatch):
-    """A server that sends one byte a second never times out a read; the probe's deadline is for the whole answer."""
-    from movierec import mlflow_store
-
-    monkeypatch.setattr(mlflow_store, "PROBE_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(mlflow_store, "PROBE_PAUSES_S", (0.1,))
+@contextlib.contextmanager
+def trickling_server(pause_s: float, answer_first: bool = False):
+    """The URL of a server on 127.0.0.1 that answers every request a byte every `pause_s` seconds, which no
+    per-read timeout ends (with `answer_first`, the first request gets a quick 404, as a pre-check would)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
+    listener.listen(16)
+    stop, answered = threading.Event(), []
 
-    def trickle() -> None:
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            if answer_first and not answered:
+                answered.append(True)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if stop.wait(pause_s):
+                    return
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    return
+
+    def accept() -> None:
         listener.settimeout(0.2)
         while not stop.is_set():
             try:
                 conn = listener.accept()[0]
             except OSError:
                 continue
-            conn.recv(4096)
-            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60:
-                if stop.wait(0.2):
-                    break
-                try:
-                    conn.send(bytes([byte]))
-                except OSError:
-                    break
-            conn.close()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
-    thread = threading.Thread(target=trickle, daemon=True)
+    thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_a_server_that_trickles_bytes_is_given_a_total_deadline(monkeypatch):
+    """A server that sends one byte a second never times out a read; the probe's deadline is for the whole answer."""
+    from movierec import mlflow_store
+
+    monkeypatch.setattr(mlflow_store, "PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(mlflow_store, "PROBE_PAUSES_S", (0.1,))
+    with trickling_server(pause_s=0.2) as uri:
         started = time.monotonic()
         with pytest.raises(TrackingError, match=r"not answering \(no answer within 1 s; 2 tries") as caught:
             mlflow_store.check_server(uri)
         assert time.monotonic() - started < 5
         assert uri in str(caught.value) and "\n" not in str(caught.value)
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
 
 
 @pytest.mark.parametrize(
@@ -326,7 +341,9 @@ def test_a_sigkilled_run_is_marked_killed_and_resume_continues_it(server, data, 
     killed_state = load_checkpoint(killed_dir / "last.ckpt")
     killed_id, killed_at = killed_state.mlflow_run_id, killed_state.train_state.epoch
     run = client.get_run(killed_id)
-    assert run.info.status == "RUNNING" and run.data.tags[PID_TAG] == str(killed.pid)  # nobody could end it
+    # nobody could end it, unless the other training's start (it looks for runs of dead processes of this host)
+    # came after the kill, which a loaded machine allows
+    assert run.info.status in ("RUNNING", "KILLED") and run.data.tags[PID_TAG] == str(killed.pid)
     stopped_state = load_checkpoint(stopped_dir / "last.ckpt")
     assert status(server, stopped_state.mlflow_run_id) == "KILLED" and not stopped_state.finished
 
@@ -432,41 +449,9 @@ def test_a_store_that_stops_answering_mid_run_is_given_a_total_deadline(server, 
 def test_a_server_that_answers_the_check_and_then_trickles_fails_in_seconds(data, tmp_path):
     """The pre-check gets an answer; every later request gets a byte every 0.3 s, which no per-read timeout
     ends. The run is cut at its total deadline before training starts."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    stop, answered = threading.Event(), []
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            conn.recv(65536)
-            if not answered:  # the pre-check: a quick 404 (no such experiment yet) counts as answering
-                answered.append(True)
-                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                return
-            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
-                if stop.wait(0.3):
-                    return
-                try:
-                    conn.send(bytes([byte]))
-                except OSError:
-                    return
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn = listener.accept()[0]
-            except OSError:
-                continue
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
     env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # fmt: skip
-    try:
+    with trickling_server(pause_s=0.3, answer_first=True) as uri:
         started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "movierec.cli", *train_args(data, tmp_path / "run", uri, "trickled", 1)],
@@ -475,10 +460,6 @@ def test_a_server_that_answers_the_check_and_then_trickles_fails_in_seconds(data
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and "did not finish creating the run within 6 s" in proc.stderr
         assert time.monotonic() - started < 60
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
 
 
 def test_a_failure_in_the_final_logging_leaves_the_run_resumable(server, data, tmp_path, monkeypatch):
