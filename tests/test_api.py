@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -700,3 +702,19 @@ def test_documented_limits_are_the_defaults():
     assert MAX_CONCURRENT_REQUESTS == MAX_CONCURRENT_UPLOADS == 128
     assert "At most 128 request bodies are received at once, and at most 128 requests are served at once" in text
     assert "| **503** | 128 requests are already being served, or (for a request with a body) 128 bodies" in text
+
+
+@contextlib.contextmanager
+def served_run(run_dir: Path, folder: Path) -> Iterator[int]:
+    """`movierec serve` of a run folder, as a user starts it (one torch thread), on a free port of 127.0.0.1;
+    yields the port once /health answers. Its log goes to `folder`/serve.log."""
+    log_path, port = folder / "serve.log", free_port()
+    argv = [sys.executable, "-m", "movierec.cli", "serve", str(run_dir), "--port", str(port), "--threads", "1"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_health(proc, port, log_path)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

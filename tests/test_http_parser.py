@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from itertools import dropwhile, takewhile
@@ -17,7 +15,7 @@ from typing import NamedTuple
 import httpx
 import pytest
 from serving_docs import DOCS
-from test_api import connect, free_port, head, read_response, wait_for_health
+from test_api import connect, head, read_response, served_run
 
 from movierec.serving.limits import MAX_HEADER_BYTES, PARSER_HEADER_BUFFER
 
@@ -105,17 +103,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def port(trained_run, tmp_path_factory) -> Iterator[int]:
     """`movierec serve` of the tiny trained run, as a user starts it, on a free port of 127.0.0.1."""
-    log_path = tmp_path_factory.mktemp("parser-server") / "serve.log"
-    port = free_port()
-    argv = [sys.executable, "-m", "movierec.cli", "serve", str(trained_run.run_dir), "--port", str(port)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([*argv, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_health(proc, port, log_path)
+    with served_run(trained_run.run_dir, tmp_path_factory.mktemp("parser-server")) as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def documented_answers() -> dict[str, str]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_api import free_port, wait_for_health
+from test_api import served_run
 
 from movierec.serving.http import PAGE_FILES, create_app
 from movierec.serving.loader import load_model
@@ -43,17 +41,8 @@ def rec(trained_run):
 @pytest.fixture(scope="module")
 def base_url(trained_run, tmp_path_factory) -> Iterator[str]:
     """`movierec serve` of the tiny trained run, as a user starts it, on a free port of 127.0.0.1."""
-    log_path = tmp_path_factory.mktemp("page-server") / "serve.log"
-    port = free_port()
-    argv = [sys.executable, "-m", "movierec.cli", "serve", str(trained_run.run_dir), "--port", str(port)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([*argv, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_health(proc, port, log_path)
+    with served_run(trained_run.run_dir, tmp_path_factory.mktemp("page-server")) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
