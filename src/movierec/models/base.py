@@ -99,9 +99,14 @@ class SequentialModel(nn.Module, ABC):
         return 3.0 * (config.num_blocks * (10 * d * d + 4 * d * length) + 4 * d)
 
     @abstractmethod
-    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def queries(
+        self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False, times: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Query vectors (B, L, Q) for left-padded item sequences (B, L) of users (B,): position t's query
-        predicts the item after position t. `last_only`: the last position's alone, (B, Q)."""
+        predicts the item after position t. `last_only`: the last position's alone, (B, Q). `times` (B, L):
+        the Unix seconds of each input item (any value at padding), or None where they are unknown; only a
+        model with a time bias reads them (`uses_times`; callers pass them only to such a model, so a model
+        written before timestamps existed keeps working), and it never sees the time of the item it predicts."""
 
     @abstractmethod
     def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -111,6 +116,11 @@ class SequentialModel(nn.Module, ABC):
     def score_shared(self, queries: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
         """Logits (..., K) of one set of items shared by every query: a 1-D tensor of ids, or a slice lo:hi
         of the catalog (a chunk of it, for bounded memory at full ranking)."""
+
+    @property
+    def uses_times(self) -> bool:
+        """Whether `queries` reads the items' timestamps (a time bias): the data must then carry them."""
+        return False
 
     def training_batch(
         self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor

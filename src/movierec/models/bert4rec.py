@@ -83,7 +83,9 @@ class BERT4Rec(SequentialModel):
             x = block(x, attn_bias)
         return x if self.head is None else self.head_norm(F.gelu(self.head(x)))
 
-    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def queries(
+        self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False, times: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not last_only:  # training: the cloze positions of `training_batch`'s inputs
             return self._encode(sequences)
         if sequences.shape[1] >= self.config.max_len:  # room for the [mask]: the oldest item leaves the window

@@ -71,14 +71,16 @@ class CatalogScorer:
     def __init__(self, model: SequentialModel, item_chunk: int = 32768, autocast_dtype: torch.dtype | None = None):
         self.model, self.item_chunk, self.autocast_dtype = model, item_chunk, autocast_dtype
 
-    def queries(self, sequences: np.ndarray, users: np.ndarray) -> torch.Tensor:
+    def queries(self, sequences: np.ndarray, users: np.ndarray, times: np.ndarray | None = None) -> torch.Tensor:
         """Float32 last-position queries (B, Q) of left-padded `sequences` (B, L) of `users` (B,), on the
-        model's device; user 0 is a person without a user embedding."""
+        model's device; user 0 is a person without a user embedding. `times` (B, L): the items' Unix seconds,
+        for a model with a time bias (None: unknown)."""
         device = next(self.model.parameters()).device
         dtype = self.autocast_dtype or torch.float32
+        extra = {"times": torch.from_numpy(times).to(device)} if self.model.uses_times and times is not None else {}
         with torch.autocast(device.type, dtype=dtype, enabled=self.autocast_dtype is not None):
             queries = self.model.queries(
-                torch.from_numpy(sequences).to(device), torch.from_numpy(users).to(device), last_only=True
+                torch.from_numpy(sequences).to(device), torch.from_numpy(users).to(device), last_only=True, **extra
             )
         return queries.float()
 

@@ -117,7 +117,9 @@ class HSTU(SequentialModel):
 
     # ------------------------------------------------------------------ the SequentialModel contract
 
-    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def queries(
+        self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False, times: torch.Tensor | None = None
+    ) -> torch.Tensor:
         hidden = self(sequences, last_only=last_only)
         return hidden[:, -1] if last_only else hidden
 

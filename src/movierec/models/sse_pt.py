@@ -163,7 +163,9 @@ class SSEPT(SequentialModel):
 
     # ------------------------------------------------------------------ the SequentialModel contract
 
-    def queries(self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def queries(
+        self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False, times: torch.Tensor | None = None
+    ) -> torch.Tensor:
         user_vecs = self.user_vectors(users)
         hidden = self(sequences, user_vecs, last_only=last_only)
         if last_only:
