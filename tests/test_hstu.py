@@ -11,13 +11,16 @@ import torch.nn.functional as F
 
 from movierec.errors import ConfigError
 from movierec.models.base import ModelConfig, build_model
-from movierec.models.hstu import HSTUBlock
+from movierec.models.hstu import HSTUBlock, time_gap_buckets
 from movierec.training.config import load_config
 from movierec.training.losses import sampled_softmax_loss
 
 
-def reference_block(block: HSTUBlock, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """The block written out position by position, head by head, for left-padded rows of the given lengths."""
+def reference_block(
+    block: HSTUBlock, x: torch.Tensor, lengths: list[int], times: list[list[int]] | None = None
+) -> torch.Tensor:
+    """The block written out position by position, head by head, for left-padded rows of the given lengths;
+    with `times`, plus the time bias of bucket floor(2 log2(1 + t_i - t_j))."""
     batch, length, d = x.shape
     w = block.uvqk.weight.t()  # (d, 4d): U, V, Q, K
     h, hd = block.heads, block.head_dim
@@ -35,7 +38,10 @@ def reference_block(block: HSTUBlock, x: torch.Tensor, lengths: list[int]) -> to
                 sl = slice(head * hd, (head + 1) * hd)
                 for j in range(first, i + 1):
                     _, vj, _, kj = project(x[b, j]).split(d)
-                    a = F.silu(qi[sl] @ kj[sl] + block.relative_bias[i - j]) / block.max_len
+                    bias = block.relative_bias[i - j]
+                    if times is not None:
+                        bias = bias + block.time_bias[min(63, math.floor(2 * math.log2(1 + times[b][i] - times[b][j])))]
+                    a = F.silu(qi[sl] @ kj[sl] + bias) / block.max_len
                     attended[sl] += a * vj[sl]
             mixed = F.layer_norm(attended, (d,), eps=1e-6) * ui
             out[b, i] = x[b, i] + block.out(mixed)
@@ -58,6 +64,93 @@ def test_an_hstu_block_computes_the_papers_equations():
     for b, n in enumerate(lengths):
         torch.testing.assert_close(got[b, 5 - n :], expected[b, 5 - n :], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(block(x, allowed, last_only=True)[:, 0], got[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_time_bias_adds_a_bias_per_log_bucket_of_the_gap():
+    torch.manual_seed(0)
+    block = HSTUBlock(d=6, heads=2, dropout=0.0, max_len=8, time_bias=True).eval()
+    with torch.no_grad():
+        block.relative_bias.normal_(std=0.5)
+        block.time_bias.normal_(std=1.0)
+    times = [[0, 100, 101, 5000, 90000], [0, 0, 0, 7, 7 + 86400 * 400]]  # row 1: 2 items (left padding)
+    lengths = [5, 2]
+    x = torch.randn(2, 5, 6)
+    allowed = torch.zeros(2, 5, 5)
+    for b, n in enumerate(lengths):
+        for i in range(5 - n, 5):
+            allowed[b, i, 5 - n : i + 1] = 1
+    gaps = time_gap_buckets(torch.tensor(times))
+    assert gaps[0, 4].tolist() == [32, 32, 32, 32, 0]  # 90,000 s, ..., 84,999 s, 0 s: floor(2 log2(1 + gap))
+    assert gaps[0, 2, :3].tolist() == [13, 2, 0]  # 101 s, 1 s, 0 s
+    got = block(x, allowed, gaps=gaps)
+    expected = reference_block(block, x, lengths, times)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, 5 - n :], expected[b, 5 - n :], rtol=1e-5, atol=1e-6)
+    without = block(x, allowed)
+    assert not torch.allclose(got[0, 1:], without[0, 1:])
+
+
+def test_a_query_never_sees_the_time_of_the_item_it_predicts():
+    """Query i predicts item i + 1: the times of items i + 1, ... (the target's included) never change it; the
+    times of items 0..i do. Without times (a served history) the time bias is left out."""
+    model = hstu(time_bias=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.time_bias.normal_(std=1.0)
+    sequences = torch.tensor([[0, 0, 3, 7, 9, 4, 2, 11]])
+    times = torch.tensor([[0, 0, 10, 500, 90000, 90060, 10**6, 10**7]])
+    later = times.clone()
+    later[0, -1] = 10**8  # the time of the last position: the target of query 6
+    earlier = times.clone()
+    earlier[0, 3] = 20  # the time of position 3
+    with torch.no_grad():
+        base, moved_late, moved_early = (
+            model.queries(sequences, torch.zeros(1), times=t) for t in (times, later, earlier)
+        )
+        untimed = model.queries(sequences, torch.zeros(1))
+        plain = hstu().queries(sequences, torch.zeros(1))
+    torch.testing.assert_close(base[:, :-1], moved_late[:, :-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(base[:, :3], moved_early[:, :3], rtol=0, atol=1e-6)
+    assert not torch.allclose(base[:, 3], moved_early[:, 3])
+    torch.testing.assert_close(untimed, plain)  # same seed, same weights but the (unused) time bias
+    last = model.queries(sequences, torch.zeros(1), last_only=True, times=times)
+    torch.testing.assert_close(last, base[:, -1], rtol=1e-5, atol=1e-6)
+    assert model.uses_times and not hstu().uses_times
+
+
+def test_the_time_bias_trains_on_timestamped_data_and_is_refused_without(trained_run, tmp_path):
+    import json
+    import shutil
+
+    from movierec.data.layout import load_sequences
+    from movierec.models.checkpoint import load_checkpoint
+    from movierec.training.run import train
+
+    overrides = ["model.kind=hstu", "model.time_bias=true", "model.max_len=20", "model.d_item=16",
+                 "model.num_heads=2", "train.loss=sampled-softmax", "train.temperature=0.05",
+                 "train.num_negatives=32", "train.batch_size=64", "train.epochs=2", "tracking.log_model=false",
+                 "tracking.system_metrics=false", "eval.ks=[10]", "eval.protocol=full"]  # fmt: skip
+    config = load_config(None, overrides)
+    config.data.path, config.run_dir = str(trained_run.data_dir), str(tmp_path / "run")
+    config.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(config)
+    assert 0 < result.test_metrics["test_full/ndcg@10"] <= 1
+    state = load_checkpoint(tmp_path / "run" / "best.ckpt").model
+    assert any(state[f"blocks.{b}.time_bias"].abs().max() > 0 for b in range(2))  # it learned from the gaps
+    data = load_sequences(trained_run.data_dir)
+    assert data.train_times is not None and data.valid_time[data.users].min() > 0
+
+    untimed = tmp_path / "untimed"  # the same shards, as SASRec's text format would give: times are line numbers
+    shutil.copytree(trained_run.data_dir, untimed)
+    meta = json.loads((untimed / "meta.json").read_text())
+    meta["source"]["kind"] = "sasrec-text"
+    (untimed / "meta.json").write_text(json.dumps(meta))
+    assert load_sequences(untimed).train_times is None
+    config.data.path, config.run_dir = str(untimed), str(tmp_path / "run-untimed")
+    with pytest.raises(ConfigError, match=r"reads timestamps \(model\.time_bias\).*has none"):
+        train(config)
+    with pytest.raises(ConfigError, match=r"model\.time_bias does not apply to model\.kind sse-pt"):
+        load_config(None, ["model.time_bias=true"])
 
 
 def hstu(**overrides) -> torch.nn.Module:

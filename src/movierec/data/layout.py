@@ -292,8 +292,11 @@ def _member(path: Path, name: str) -> np.ndarray | None:
         raise DataError(f"shard {path} cannot be read ({exc}); re-run `movierec prepare`") from exc
 
 
-def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items: int, verify: bool) -> np.ndarray:
-    """A shard's (N, 2) `pairs`, memory-mapped, after checking it against meta.json and its user range."""
+def _load_npz(
+    path: Path, expected: dict, user_range: tuple[int, int], num_items: int, verify: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A shard's (N, 2) `pairs` and its (N,) `timestamps` (None when it has none), memory-mapped, after
+    checking them against meta.json and its user range."""
     if not path.is_file():
         raise DataError(f"shard {path} is missing; the dataset is incomplete, re-run `movierec prepare`")
     if verify and sha256_file(path) != expected["sha256"]:
@@ -317,7 +320,7 @@ def _load_npz(path: Path, expected: dict, user_range: tuple[int, int], num_items
             raise DataError(f"shard {path}: item ids outside 1..{num_items}")
         if np.any(users[1:] < users[:-1]):
             raise DataError(f"shard {path}: pairs are not grouped by user")
-    return pairs
+    return pairs, timestamps
 
 
 def verify_files(path: str | Path) -> tuple[int, list[str]]:
@@ -332,7 +335,7 @@ def verify_files(path: str | Path) -> tuple[int, list[str]]:
             expected = shard["files"][split]
             checked += 1
             try:
-                pairs = _load_npz(root / expected["path"], expected, user_range, num_items, verify=True)
+                pairs, _ = _load_npz(root / expected["path"], expected, user_range, num_items, verify=True)
                 if split != "training" and np.any(pairs[1:, 0] <= pairs[:-1, 0]):
                     raise DataError(f"{root / expected['path']}: a user has more than one held-out pair")
             except DataError as exc:
@@ -354,7 +357,9 @@ class SequenceData:
     `valid_item[u]` / `test_item[u]` are the held-out items (0 when the user is not evaluated).
     Users outside the selected shards have empty sequences and are not in `users`.
     `train_items` is a view over the memory-mapped shards (no private copy): gather from it with index
-    arrays (`train_items[idx]`); `np.asarray(train_items)` copies it whole.
+    arrays (`train_items[idx]`); `np.asarray(train_items)` copies it whole. `train_times` (aligned with
+    `train_items`) and `valid_time` (per user) are the Unix seconds of the interactions, or None when the
+    dataset has no real timestamps (see `has_real_timestamps`).
     """
 
     path: Path
@@ -367,6 +372,8 @@ class SequenceData:
     valid_item: np.ndarray
     test_item: np.ndarray
     shard_indices: list[int]
+    train_times: ConcatenatedColumn | None = None
+    valid_time: np.ndarray | None = None
     _item_counts: np.ndarray | None = field(default=None, repr=False)
 
     def train_sequence(self, user: int) -> np.ndarray:
@@ -407,7 +414,10 @@ def load_sequences(
     chosen = select_shards(len(meta["shards"]), fraction, shards)
     counts = np.zeros(num_users + 2, dtype=np.int64)
     item_parts: list[np.ndarray] = []
+    time_parts: list[np.ndarray | None] = []
     held_out = {split: np.zeros(num_users + 1, dtype=np.int32) for split in ("validation", "evaluation")}
+    valid_time = np.zeros(num_users + 1, dtype=np.int64)
+    timed = has_real_timestamps(meta)
     for index in chosen:
         shard = meta["shards"][index]
         user_range = (int(shard["users"][0]), int(shard["users"][1]))
@@ -416,16 +426,20 @@ def load_sequences(
                 expected = shard["files"][split]
             except KeyError as exc:
                 raise DataError(f"{root / META_FILE}: shard {index} has no {split} file") from exc
-            pairs = _load_npz(root / expected["path"], expected, user_range, num_items, verify)
+            pairs, times = _load_npz(root / expected["path"], expected, user_range, num_items, verify)
+            timed = timed and times is not None
             if split == "training":
                 lo, hi = user_range
                 counts[lo:hi] += np.bincount(pairs[:, 0] - lo, minlength=hi - lo)[: hi - lo]
                 item_parts.append(pairs[:, 1])
+                time_parts.append(times)
                 continue
             users = pairs[:, 0]
             if np.any(users[1:] <= users[:-1]):
                 raise DataError(f"{root / expected['path']}: a user has more than one held-out pair")
             held_out[split][users] = pairs[:, 1]
+            if split == "validation" and times is not None:
+                valid_time[users] = times
     offsets = np.zeros(num_users + 2, dtype=np.int64)
     np.cumsum(counts[: num_users + 1], out=offsets[1:])
     users = np.flatnonzero(counts[: num_users + 1] + (held_out["evaluation"] > 0))
@@ -440,7 +454,15 @@ def load_sequences(
         valid_item=held_out["validation"],
         test_item=held_out["evaluation"],
         shard_indices=chosen,
+        train_times=ConcatenatedColumn(time_parts) if timed else None,
+        valid_time=valid_time if timed else None,
     )
+
+
+def has_real_timestamps(meta: dict) -> bool:
+    """Whether a dataset's shards hold the interactions' real times: not for SASRec's text format (whose
+    "timestamps" are line numbers) nor MLPerf's files (which have none)."""
+    return meta.get("time_ordered", True) and meta.get("source", {}).get("kind") != "sasrec-text"
 
 
 def _read_table(path: str | Path, name: str, id_column: str, key: str) -> pa.Table:

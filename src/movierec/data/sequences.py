@@ -26,9 +26,15 @@ def left_padded(items, ends: np.ndarray, starts: np.ndarray, width: int) -> tupl
 
 
 def inputs_with_appended(
-    items, offsets: np.ndarray, users: np.ndarray, appended: np.ndarray | None, width: int
+    items,
+    offsets: np.ndarray,
+    users: np.ndarray,
+    appended: np.ndarray | None,
+    width: int,
+    present: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Left-padded (len(users), width) inputs: each user's last items, then `appended[row]` when it is > 0.
+    """Left-padded (len(users), width) inputs: each user's last items, then `appended[row]` when it is > 0
+    (or where `present`, for values that may be 0, such as the held-out items' timestamps).
 
     Evaluation feeds the training sequence (validation) or the training sequence plus the validation item
     (test) without building a second copy of the histories.
@@ -36,7 +42,7 @@ def inputs_with_appended(
     starts, ends = offsets[users], offsets[users + 1]
     if appended is None:
         return left_padded(items, ends, starts, width)[0]
-    has = appended > 0
+    has = appended > 0 if present is None else present
     out, _ = left_padded(items, ends, starts, width)
     shifted, _ = left_padded(items, ends, starts, width - 1) if width > 1 else (np.zeros((len(users), 0), np.int64), 0)
     out[has, :-1] = shifted[has]

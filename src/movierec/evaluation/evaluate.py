@@ -109,6 +109,17 @@ class Evaluator:
 
         return length_sorted_batches(rows, self.lengths, self.batch_size, max_len, inputs)
 
+    def input_times(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """The timestamps (len(rows), width) aligned with `batches()`' inputs of `rows`, for a model with a time
+        bias: the training items' times, then the validation item's for the evaluation split."""
+        data = self.data
+        if data.train_times is None:
+            raise ConfigError(f"the model reads timestamps (model.time_bias), and {data.path} has none")
+        users = self.users[rows]
+        appended = None if self.appended is None else data.valid_time[users]
+        present = None if self.appended is None else self.appended[rows] > 0
+        return inputs_with_appended(data.train_times, data.train_offsets, users, appended, width, present)
+
     def history(self, rows: np.ndarray) -> SeenPairs:
         """(row in batch, item) of every item in the input histories of `rows` (training + appended)."""
         offsets, items = self.histories.gather(self.users[rows])
@@ -175,7 +186,8 @@ class Evaluator:
         batch's mean validation loss (BCE vs one negative, or full CE)."""
         device = torch.device(device)
         scorer = CatalogScorer(model, self.item_chunk, autocast_dtype)
-        queries = scorer.queries(sequences, self.users[rows])
+        times = self.input_times(rows, sequences.shape[1]) if model.uses_times else None
+        queries = scorer.queries(sequences, self.users[rows], times)
         targets = torch.from_numpy(self.targets[rows]).to(device)
         target_scores = model.score(queries, targets[:, None])[:, 0]
         full_ranks, log_partition = None, None

@@ -47,6 +47,9 @@ class ModelSection:
     # SSE-PT: start the user term of the logits at 0 (the user half of the final LayerNorm's gain starts at 0)
     # instead of the official code's init, where it starts as a positive bias of every logit (docs/results.md)
     zero_user_term: bool = True
+    # HSTU: a learned attention bias per log-bucketed time gap between a query's latest item and each earlier
+    # item (needs a dataset with timestamps; models/hstu.py)
+    time_bias: bool = False
 
     @property
     def d_model(self) -> int:

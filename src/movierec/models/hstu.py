@@ -8,9 +8,14 @@ Each block, on the LayerNorm'd input X (no affine parameters):
     Y = X + W_o dropout(LayerNorm(A V) * U)              no separate feed-forward block
 
 per head, with d_qk = d_v = model.d_item / model.num_heads. `rab` is a learned bias per relative position
-(query minus key, causal); `n` is model.max_len, a constant, so a batch padded to fewer positions computes the
-same function. Inputs are the item embedding x sqrt(d) plus a learned absolute position (counted from the most
-recent item, as SSE-PT's), with dropout. The outputs are L2-normalised, and items are scored by cosine
+(query minus key, causal), plus with `model.time_bias` a learned bias per bucket of the time gap between the
+query's latest item and the key's item, log-bucketed (two buckets per doubling of the gap in seconds). Query i
+predicts item i + 1 from items 0..i, so the gaps it sees are t_i - t_j: never the time of the item it
+predicts (the published recipe's bias reads the target's time, which a live request does not have).
+Without timestamps (`times=None`, e.g. a history sent to the server) the time bias is left out. `n` is
+model.max_len, a constant, so a batch padded to fewer positions computes the same function.
+Inputs are the item embedding x sqrt(d) plus a learned absolute position (counted from the most recent item,
+as SSE-PT's), with dropout. The outputs are L2-normalised, and items are scored by cosine
 similarity: `train.temperature` divides the logits of the softmax losses (0.05 in the paper's recipe).
 Sequences are left-padded: padding keys are masked and padding positions are zeroed after every block.
 """
@@ -27,21 +32,33 @@ from movierec.models.base import ModelConfig, ModelSection, SequentialModel, reg
 from movierec.models.layers import fast_dropout
 
 NORM_EPS = 1e-6
+TIME_BUCKETS = 64  # two per doubling of the gap in seconds: 2^32 s (136 years) fill them
+
+
+def time_gap_buckets(times: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) bucket of t_i - t_j for each query position i and key j of (B, L) timestamps:
+    floor(2 log2(1 + gap)); gaps below 0 (keys after the query, masked anyway) count as 0."""
+    gaps = (times.unsqueeze(-1) - times.unsqueeze(1)).clamp(min=0).double()
+    return torch.floor(2 * torch.log2(1 + gaps)).long().clamp(max=TIME_BUCKETS - 1)
 
 
 class HSTUBlock(nn.Module):
     """One HSTU layer over left-padded (B, L, d) inputs."""
 
-    def __init__(self, d: int, heads: int, dropout: float, max_len: int):
+    def __init__(self, d: int, heads: int, dropout: float, max_len: int, time_bias: bool = False):
         super().__init__()
         self.d, self.heads, self.head_dim, self.dropout, self.max_len = d, heads, d // heads, dropout, max_len
         self.uvqk = nn.Linear(d, 4 * d, bias=False)  # U, V, Q, K: heads x head_dim each
         self.out = nn.Linear(d, d)
         self.relative_bias = nn.Parameter(torch.zeros(max_len))  # by query position minus key position
+        self.time_bias = nn.Parameter(torch.zeros(TIME_BUCKETS)) if time_bias else None  # by time-gap bucket
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False, gaps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`allowed` (B, L, L) is 1 where query i may read key j (causal, key not padding), else 0; with
-        `last_only` only the last position is computed, (B, 1, d)."""
+        `last_only` only the last position is computed, (B, 1, d). `gaps` (B, Lq, L): the time-gap buckets
+        of `time_gap_buckets` (None: no time bias)."""
         batch, length, d = x.shape
         u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (d,), eps=NORM_EPS))).split(d, dim=-1)
         if last_only:
@@ -53,6 +70,8 @@ class HSTUBlock(nn.Module):
         queries = torch.arange(length - q.shape[1], length, device=x.device)
         distance = (queries[:, None] - torch.arange(length, device=x.device)[None, :]).clamp(0, self.max_len - 1)
         scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias[distance]
+        if self.time_bias is not None and gaps is not None:
+            scores = scores + self.time_bias[gaps].unsqueeze(1)
         weights = F.silu(scores) * (allowed.unsqueeze(1) / self.max_len)
         attended = (weights @ heads(v)).transpose(1, 2).reshape(batch, q.shape[1], d)
         mixed = F.layer_norm(attended, (d,), eps=NORM_EPS) * u
@@ -66,7 +85,7 @@ class HSTU(SequentialModel):
 
     @classmethod
     def options(cls, kind: str) -> frozenset[str]:
-        return frozenset({"kind", "max_len", "d_item", "num_blocks", "num_heads", "dropout"})
+        return frozenset({"kind", "max_len", "d_item", "num_blocks", "num_heads", "dropout", "time_bias"})
 
     @classmethod
     def resolve(cls, config: ModelSection) -> None:
@@ -89,10 +108,11 @@ class HSTU(SequentialModel):
         self.item_emb = nn.Embedding(config.num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d)
         self.blocks = nn.ModuleList(
-            HSTUBlock(d, config.num_heads, config.dropout, config.max_len) for _ in range(config.num_blocks)
+            HSTUBlock(d, config.num_heads, config.dropout, config.max_len, config.time_bias)
+            for _ in range(config.num_blocks)
         )
         for name, param in self.named_parameters():
-            if "relative_bias" in name or name.endswith("bias"):
+            if name.endswith("bias"):  # the linear biases, the relative-position and time-gap biases
                 nn.init.zeros_(param)
             elif name.endswith("uvqk.weight") or name.endswith("emb.weight"):
                 nn.init.normal_(param, std=0.02)
@@ -101,8 +121,15 @@ class HSTU(SequentialModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def forward(self, sequences: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """L2-normalised outputs (B, L, d) of left-padded item sequences (B, L), or of the last position."""
+    @property
+    def uses_times(self) -> bool:
+        return self.config.time_bias
+
+    def forward(
+        self, sequences: torch.Tensor, last_only: bool = False, times: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised outputs (B, L, d) of left-padded item sequences (B, L), or of the last position;
+        `times` (B, L): the items' Unix seconds, for the time bias."""
         length = sequences.shape[1]
         keep = (sequences != 0).unsqueeze(-1)
         positions = torch.arange(self.config.max_len - length, self.config.max_len, device=sequences.device)
@@ -110,9 +137,11 @@ class HSTU(SequentialModel):
         x = fast_dropout(x, self.config.dropout, self.training) * keep
         causal = torch.ones(length, length, dtype=torch.bool, device=sequences.device).tril()
         allowed = (causal & (sequences != 0).unsqueeze(1)).to(x.dtype)  # (B, L, L)
+        gaps = time_gap_buckets(times) if self.config.time_bias and times is not None else None
         for index, block in enumerate(self.blocks):
             last = last_only and index == len(self.blocks) - 1
-            x = block(x, allowed, last) * (keep[:, -1:] if last else keep)
+            block_gaps = gaps[:, -1:] if last and gaps is not None else gaps
+            x = block(x, allowed, last, block_gaps) * (keep[:, -1:] if last else keep)
         return F.normalize(x, dim=-1, eps=NORM_EPS)
 
     # ------------------------------------------------------------------ the SequentialModel contract
@@ -120,7 +149,7 @@ class HSTU(SequentialModel):
     def queries(
         self, sequences: torch.Tensor, users: torch.Tensor, last_only: bool = False, times: torch.Tensor | None = None
     ) -> torch.Tensor:
-        hidden = self(sequences, last_only=last_only)
+        hidden = self(sequences, last_only=last_only, times=times)
         return hidden[:, -1] if last_only else hidden
 
     def item_vectors(self, items: torch.Tensor | slice) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 
 from movierec.data.layout import SequenceData
 from movierec.data.sequences import left_padded
+from movierec.errors import ConfigError
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Batch:
     users: np.ndarray  # (B,)
     inputs: np.ndarray  # (B, L) left-padded
     targets: np.ndarray  # (B, L) next item, 0 at padding
+    times: np.ndarray | None = None  # (B, L) Unix seconds of the inputs, for a model with a time bias
 
     @property
     def num_tokens(self) -> int:
@@ -35,10 +37,21 @@ class TrainBatches:
     """Yields shuffled, length-bucketed batches of (users, inputs, targets) for one epoch at a time."""
 
     def __init__(
-        self, data: SequenceData, batch_size: int, max_len: int, bucket_batches: int = 32, window_prob: float = 0.0
+        self,
+        data: SequenceData,
+        batch_size: int,
+        max_len: int,
+        bucket_batches: int = 32,
+        window_prob: float = 0.0,
+        with_times: bool = False,
     ):
         self.data, self.batch_size, self.max_len, self.bucket_batches = data, batch_size, max_len, bucket_batches
-        self.window_prob = window_prob
+        self.window_prob, self.with_times = window_prob, with_times
+        if with_times and data.train_times is None:
+            raise ConfigError(
+                f"the model reads timestamps (model.time_bias), and {data.path} has none (SASRec's text format "
+                "keeps only the order); prepare a MovieLens release with timestamps, or set model.time_bias=false"
+            )
         lengths = data.train_lengths
         self.users = np.flatnonzero(lengths >= 2)
         self.lengths = np.minimum(lengths[self.users] - 1, max_len)  # target positions per user
@@ -76,7 +89,8 @@ class TrainBatches:
         width = int(min(self.max_len, (ends - starts).max() - 1))
         targets, _ = left_padded(data.train_items, ends, starts + 1, width)
         inputs, _ = left_padded(data.train_items, ends - 1, starts, width)
-        return Batch(users=users, inputs=inputs, targets=targets)
+        times = left_padded(data.train_times, ends - 1, starts, width)[0] if self.with_times else None
+        return Batch(users=users, inputs=inputs, targets=targets, times=times)
 
     def window_ends(self, rng: np.random.Generator, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """`ends`, moved back for the users drawn for an earlier window: a user with n training items has

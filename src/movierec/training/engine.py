@@ -105,7 +105,9 @@ class Engine:
             table.sparse = True
         self.optimizers = build_optimizers(self.model, [t.weight for t in sparse], t.lr, tuple(t.betas), t.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.batches = TrainBatches(data, t.batch_size, config.model.max_len, t.bucket_batches, t.window_prob)
+        self.batches = TrainBatches(
+            data, t.batch_size, config.model.max_len, t.bucket_batches, t.window_prob, self.model.uses_times
+        )
         self.objective = losses.build_objective(self.model, t, data, seen).to(device)
         self.train_module: torch.nn.Module = self.objective
         self.state = TrainState()
@@ -169,9 +171,10 @@ class Engine:
         negatives = torch.from_numpy(self.objective.negatives(rng, batch.users, batch.targets, step)).to(dev)
         users_t, inputs, targets = (torch.from_numpy(x).to(dev) for x in (batch.users, batch.inputs, batch.targets))
         users_t, inputs, targets = self.model.training_batch(users_t, inputs, targets)
+        times = None if batch.times is None else torch.from_numpy(batch.times).to(dev)
         autocast = self.autocast_dtype is not None
         with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32, enabled=autocast):
-            loss = self.train_module(users_t, inputs, targets, negatives, step)
+            loss = self.train_module(users_t, inputs, targets, negatives, step, times)
             if t.token_weighting:
                 loss = loss * (batch.num_tokens / self.batches.mean_tokens)
         not_finite = float(not torch.isfinite(loss))

@@ -48,10 +48,18 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, step: int = 0
+        self,
+        users: torch.Tensor,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        negatives: torch.Tensor,
+        step: int = 0,
+        times: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss of a batch at optimizer step `step` (only a staged objective's choice depends on it)."""
-        return self.loss(self.model.queries(inputs, users), targets, negatives)
+        """The loss of a batch at optimizer step `step` (only a staged objective's choice depends on it);
+        `times`: the inputs' timestamps, for a model that reads them (`uses_times`)."""
+        extra = {"times": times} if times is not None else {}
+        return self.loss(self.model.queries(inputs, users, **extra), targets, negatives)
 
 
 class BCE(Objective):
@@ -127,8 +135,8 @@ class StagedObjective(Objective):
     def negatives(self, rng, users, targets, step=0):
         return self.at(step).negatives(rng, users, targets, step)
 
-    def forward(self, users, inputs, targets, negatives, step=0):
-        return self.at(step)(users, inputs, targets, negatives, step)
+    def forward(self, users, inputs, targets, negatives, step=0, times=None):
+        return self.at(step)(users, inputs, targets, negatives, step, times)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
