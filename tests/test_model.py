@@ -107,6 +107,45 @@ def test_scores_are_tied_to_the_input_tables():
     torch.testing.assert_close(model.score_shared(queries, torch.tensor([9, 3])), every[:, [9, 3]])
 
 
+@pytest.mark.parametrize("kind", ["sse-pt", "sasrec"])
+def test_cosine_logits_are_cosines_of_each_half(kind):
+    """model.cosine: logit(j) = cos(h_i, item_emb(j)) + cos(h_u, u) (SASRec: the first term alone), whichever
+    way the candidates are given; and still affine in the query, which the approximate index relies on."""
+    from movierec.serving.approximate import affine_item_table
+
+    model = make_model(kind, cosine=True)
+    seqs, users = torch.tensor([[0, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]]), torch.tensor([1, 6])
+    user_vecs = model.user_vectors(users)
+    hidden = model(seqs, user_vecs)[:, -1]
+    queries = model.queries(seqs, users, last_only=True)
+    items = torch.tensor([[3, 9, 29], [1, 2, 30]])
+    scores = model.score(queries, items)
+    d_i, cos = model.config.d_item, torch.nn.functional.cosine_similarity
+    for row in range(2):
+        for col in range(3):
+            expected = cos(hidden[row, :d_i], model.item_emb.weight[items[row, col]], dim=0)
+            if kind == "sse-pt":
+                expected = expected + cos(hidden[row, d_i:], user_vecs[row], dim=0)
+            torch.testing.assert_close(scores[row, col], expected, atol=1e-5, rtol=1e-5)
+    every = model.next_item_scores(seqs, users)
+    torch.testing.assert_close(every.gather(1, items), scores)
+    torch.testing.assert_close(model.score_shared(queries, slice(3, 10)), every[:, 3:10])
+    assert every[:, 1:].abs().max() <= (2 if kind == "sse-pt" else 1) + 1e-5
+    table = affine_item_table(model)
+    augmented = torch.cat([queries, torch.ones(2, 1)], 1)
+    torch.testing.assert_close(augmented @ torch.from_numpy(table).t(), every[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_is_an_option_of_sasrec_and_sse_pt_only():
+    from movierec.errors import ConfigError
+    from movierec.training.config import load_config
+
+    assert load_config(None, ["model.kind=sasrec", "model.cosine=true"]).model.cosine
+    for kind in ("bert4rec", "hstu"):  # HSTU always scores by cosine; BERT4Rec has its item bias
+        with pytest.raises(ConfigError, match=rf"model\.cosine does not apply to model\.kind {kind}"):
+            load_config(None, [f"model.kind={kind}", "model.cosine=true"])
+
+
 def test_the_user_term_starts_at_zero_unless_the_paper_init_is_asked_for():
     """model.zero_user_term: the user half of the output (a bias shared by every item at a position) starts
     at 0, so the first BCE loss is 2 log 2 like SASRec's; with the official init it starts positive."""

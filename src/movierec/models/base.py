@@ -47,6 +47,10 @@ class ModelSection:
     # SSE-PT: start the user term of the logits at 0 (the user half of the final LayerNorm's gain starts at 0)
     # instead of the official code's init, where it starts as a positive bias of every logit (docs/results.md)
     zero_user_term: bool = True
+    # SASRec / SSE-PT: L2-normalised queries and items (the softmax recipe of HSTU, gSASRec and eSASRec): an
+    # item's logit is the cosine of the query's item half and the item's embedding, plus for SSE-PT the cosine
+    # of its user half and the user's vector; train.temperature then scales the softmax losses' logits
+    cosine: bool = False
     # HSTU: a learned attention bias per log-bucketed time gap between a query's latest item and each earlier
     # item (needs a dataset with timestamps; models/hstu.py)
     time_bias: bool = False

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from movierec.models.base import ModelConfig, ModelSection, SequentialModel, register
-from movierec.models.layers import fast_dropout
+from movierec.models.layers import fast_dropout, unit_length
 
 NORM_EPS = 1e-6
 TIME_BUCKETS = 64  # two per doubling of the gap in seconds: 2^32 s (136 years) fill them
@@ -142,7 +142,7 @@ class HSTU(SequentialModel):
             last = last_only and index == len(self.blocks) - 1
             block_gaps = gaps[:, -1:] if last and gaps is not None else gaps
             x = block(x, allowed, last, block_gaps) * (keep[:, -1:] if last else keep)
-        return F.normalize(x, dim=-1, eps=NORM_EPS)
+        return unit_length(x)
 
     # ------------------------------------------------------------------ the SequentialModel contract
 
@@ -155,7 +155,7 @@ class HSTU(SequentialModel):
     def item_vectors(self, items: torch.Tensor | slice) -> torch.Tensor:
         """Unit-length item embeddings: scores are cosine similarities."""
         table = self.item_emb.weight[items] if isinstance(items, slice) else self.item_emb(items)
-        return F.normalize(table, dim=-1, eps=NORM_EPS)
+        return unit_length(table)
 
     def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return (queries.unsqueeze(-2) * self.item_vectors(items)).sum(-1)

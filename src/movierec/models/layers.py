@@ -1,4 +1,5 @@
-"""Building blocks the model kinds share: a cheaper CPU dropout and masked attention built on it.
+"""Building blocks the model kinds share: a cheaper CPU dropout, masked attention built on it, and the
+L2 normalisation of cosine scoring.
 
 On CPU, element-wise passes over the (B, heads, L, L) attention weights and their masks cost as much as the
 matrix products around them (see the throughput section of docs/results.md), so both helpers keep those
@@ -61,3 +62,12 @@ def attention(
     scores.add_(bias)  # in place: the product's backward does not need its output
     weights = torch.softmax(scores, dim=-1)
     return fast_dropout(weights, dropout, training) @ value
+
+
+UNIT_EPS = 1e-6
+
+
+def unit_length(x: torch.Tensor) -> torch.Tensor:
+    """`x` scaled to unit L2 norm along its last dimension (a zero vector stays zero): the queries and items
+    of cosine scoring (HSTU, and SASRec / SSE-PT with model.cosine)."""
+    return F.normalize(x, dim=-1, eps=UNIT_EPS)

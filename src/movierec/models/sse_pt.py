@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from movierec.models.base import ModelConfig, ModelSection, SequentialModel, register
-from movierec.models.layers import attention, attention_bias, fast_dropout
+from movierec.models.layers import UNIT_EPS, attention, attention_bias, fast_dropout, unit_length
 
 LN_EPS = 1e-8
 
@@ -60,12 +60,15 @@ class SSEPT(SequentialModel):
     """Input at each position: [item_emb(i)·√d_i ; user_emb(u)·√d_u] + positional embedding.
 
     The logit of item j at a position with hidden state h = [h_i ; h_u] is h_i · item_emb(j) + h_u · u: its
-    query is [h_i ; h_u · u] (d_item + 1 values; SASRec's is h, d_item values).
+    query is [h_i ; h_u · u] (d_item + 1 values; SASRec's is h, d_item values). With `model.cosine` it is
+    cos(h_i, item_emb(j)) + cos(h_u, u): the query is [h_i / |h_i| ; cos(h_u, u)] and the item table is
+    L2-normalised. The user term is the same for every item of a query, so it ranks nothing and cancels in a
+    softmax; it counts only in BCE-style losses.
     """
 
     @classmethod
     def options(cls, kind: str) -> frozenset[str]:
-        common = {"kind", "max_len", "d_item", "num_blocks", "num_heads", "dropout"}
+        common = {"kind", "max_len", "d_item", "num_blocks", "num_heads", "dropout", "cosine"}
         return frozenset(
             common if kind == "sasrec" else {*common, "d_user", "keep_user", "keep_item", "zero_user_term"}
         )
@@ -170,21 +173,30 @@ class SSEPT(SequentialModel):
         hidden = self(sequences, user_vecs, last_only=last_only)
         if last_only:
             hidden = hidden[:, -1]
+        d_i, cosine = self.config.d_item, self.config.cosine
+        item_half = unit_length(hidden[..., :d_i]) if cosine else hidden[..., :d_i]
         if user_vecs is None:
-            return hidden
-        d_i = self.config.d_item
-        user_term = (hidden[..., d_i:] * _broadcast_user(user_vecs, hidden)).sum(-1, keepdim=True)
-        return torch.cat([hidden[..., :d_i], user_term], dim=-1)
+            return item_half
+        user_half, user_vecs = hidden[..., d_i:], _broadcast_user(user_vecs, hidden)
+        if cosine:
+            user_term = F.cosine_similarity(user_half, user_vecs, dim=-1, eps=UNIT_EPS).unsqueeze(-1)
+        else:
+            user_term = (user_half * user_vecs).sum(-1, keepdim=True)
+        return torch.cat([item_half, user_term], dim=-1)
+
+    def item_vectors(self, items: torch.Tensor | slice) -> torch.Tensor:
+        """Item embeddings as the logits read them: L2-normalised with `model.cosine`."""
+        table = self.item_emb.weight[items] if isinstance(items, slice) else self.item_emb(items)
+        return unit_length(table) if self.config.cosine else table
 
     def score(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         d_i = self.config.d_item
-        logits = (queries[..., :d_i].unsqueeze(-2) * self.item_emb(items)).sum(-1)
+        logits = (queries[..., :d_i].unsqueeze(-2) * self.item_vectors(items)).sum(-1)
         return logits + queries[..., d_i:] if self.user_emb is not None else logits
 
     def score_shared(self, queries: torch.Tensor, items: torch.Tensor | slice) -> torch.Tensor:
         d_i = self.config.d_item
-        table = self.item_emb.weight[items] if isinstance(items, slice) else self.item_emb(items)
-        logits = queries[..., :d_i] @ table.t()
+        logits = queries[..., :d_i] @ self.item_vectors(items).transpose(-1, -2)
         return logits + queries[..., d_i:] if self.user_emb is not None else logits
 
     def training_batch(
