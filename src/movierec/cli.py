@@ -248,7 +248,7 @@ def config_from_args(args: argparse.Namespace):
     return config
 
 
-@command("train", "train SSE-PT, SASRec or BERT4Rec with MLflow, checkpoints, resume and fine-tuning", add_train)
+@command("train", "train SSE-PT, SASRec, BERT4Rec or HSTU with MLflow, checkpoints, resume and fine-tuning", add_train)
 def cmd_train(args: argparse.Namespace) -> int:
     from movierec.evaluation.metrics import print_metrics
     from movierec.training.run import train
