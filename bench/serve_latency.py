@@ -1,6 +1,8 @@
-"""Requests/s and latency of `movierec serve` under concurrent clients, per top-k index, on 127.0.0.1.
+"""Requests/s and latency of `movierec serve` under concurrent clients, per top-k index and for title
+search, on 127.0.0.1.
 
     python bench/serve_latency.py [MODEL] [--clients 1,8,32,128] [--seconds 20] [--index exact,approximate]
+    python bench/serve_latency.py --endpoints search --clients 1,8     # search over 27,278 titles (issue 27)
     python bench/serve_latency.py --mlperf --index exact,approximate      # issue 26's table, ~10-15 minutes
     python bench/serve_latency.py --mlperf tiny --index exact,approximate --clients 1,8 --seconds 2  # smoke run
 
@@ -11,7 +13,9 @@ ml-20mx16x32 (137,327 users, 855,776 items), generated and prepared by bench/sca
 for `--steps` optimizer steps of configs/ml-20mx16x32-sse-pt.yaml (`train --max-steps`, 100 evaluation
 users): data and run folder are cached under `--cache` ($TMPDIR/movierec-bench by default), so only the first
 call trains (a few minutes); delete `CACHE/runs` to retrain. `--mlperf tiny` is scale.py's --tiny shape
-(138 users, 100,000 items): the same path in seconds.
+(138 users, 100,000 items): the same path in seconds. With `--endpoints search` and no MODEL, the model is
+one with ML-20M's catalogue size instead: 27,278 synthetic titles shaped like MovieLens's (bench/titles.py),
+configs/synthetic.yaml trained `--steps` steps on them, cached under `--cache` the same way.
 
 Measurement. One server process per `--index` (`movierec serve MODEL --index I`, one after the other),
 warmed with `--warmup` requests, then one phase per `--clients` count: each client thread opens its own
@@ -19,6 +23,13 @@ keep-alive connection (http.client), sends one untimed request, and then, from a
 `GET /v1/users/{id}/recommendations?k=K` for users drawn at random (seeded) one after another for
 `--seconds`. requests/s is the phase's 200 answers over its wall time (start to the last answer); p50/p99 are
 the client's latency, request sent to body read; errors counts other answers and broken connections.
+
+Search (`--endpoints` with `search`). After the recommendation phases of the first server (the title index
+is the same whatever --index), one phase per `--clients` count sends `GET /v1/items?query=Q&limit=L`, the
+page's as-you-type request, labelled `search` in the table. Each Q is what someone types while looking for a
+title of the served catalogue (drawn at random, seeded): the title's beginning cut at a random keystroke,
+the beginning of a later word, a word and the year, or the year alone, in lower case without accents (the
+way people type "amelie"). Since each Q comes from a title, an answer without a match also counts as an error.
 
 Recall. Each server also answers the same `--recall-users` users (a seeded sample), one by one, after its
 phases; the recall@K of an approximate server is the mean share of the exact server's top-K movieIds that it
@@ -42,16 +53,20 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
-from common import ROOT, cli, log, machine, machine_line, run_child
+from common import ROOT, cli, is_prepared, log, machine, machine_line, run_child
 
 INDEXES = ("exact", "approximate")
+ENDPOINTS = ("recommend", "search")
+NO_MATCH = b'{"items":[]}'  # the search answer without a match
+SEARCH_QUERIES = 5000  # typed queries the search clients draw from
 MLPERF_CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
-# a bounded run: validation and test of 100 users instead of the config's 10,000 (the weights do not matter)
-MLPERF_OVERRIDES = ("eval.max_users=100", "tracking.log_model=false", "tracking.system_metrics=false")
+# a bounded run: validation and test of 100 users instead of the config's all (the weights do not matter)
+BOUNDED_RUN = ("eval.max_users=100", "tracking.log_model=false", "tracking.system_metrics=false")
 SERVE_MODE = re.compile(r"listening on \S+ \((exact scoring|approximate index);")
 SERVER_START_LIMIT_S = 900  # the approximate index of 855,776 items is built before the server answers
 
@@ -66,9 +81,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--mlperf", nargs="?", const="full", choices=("full", "tiny"),
         help="SSE-PT on ml-20mx16x32 file 0 (full; tiny: scale.py's --tiny shape), trained and cached",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=20, help="--mlperf: training steps (train --max-steps)")
+    parser.add_argument("--steps", type=int, default=20, help="--mlperf (and the titles model): training steps")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "movierec-bench",
-                        help="--mlperf: where its data and run are kept (default $TMPDIR/movierec-bench)")  # fmt: skip
+                        help="--mlperf (and the titles model): where data and run are kept (default "
+                             "$TMPDIR/movierec-bench)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the measured command (--threads)")
     parser.add_argument("--data", default=None, help="--data of the measured command")
     parser.add_argument(
@@ -121,8 +137,7 @@ def train_tiny(root: Path) -> Path:
 
 def mlperf_run(tiny: bool, steps: int, cache: Path) -> Path:
     """The run folder of SSE-PT trained `steps` steps on ml-20mx16x32 file 0 (scale.py's `file` dataset, its
-    --tiny shape if `tiny`): generated, prepared and trained unless cached under `cache`. Training writes to
-    a `.partial` folder renamed at the end, so an interrupted one is never served."""
+    --tiny shape if `tiny`): generated, prepared and trained unless cached under `cache`."""
     import scale  # bench/scale.py: the dataset's shape, generator call and cached prepare
 
     dataset = scale.datasets(argparse.Namespace(datasets=["file"], tiny=tiny, cache=cache))[0]
@@ -132,22 +147,44 @@ def mlperf_run(tiny: bool, steps: int, cache: Path) -> Path:
         return run
     scale.make_input(dataset, argparse.Namespace(tiny=tiny))
     scale.ensure_prepared(dataset)
+    train_cached(run, MLPERF_CONFIG, dataset.prepared, steps, (*BOUNDED_RUN, *(scale.TINY_OVERRIDES if tiny else ())))
+    return run
+
+
+def titles_run(steps: int, cache: Path) -> Path:
+    """The run folder of configs/synthetic.yaml trained `steps` steps on bench/titles.py's 27,278-title
+    dataset, made unless cached under `cache` (only the titles matter to search, not the weights)."""
+    import titles  # bench/titles.py
+
+    run = cache / "runs" / f"titles-{titles.ML20M_MOVIES}-sse-pt-{steps}-steps"
+    if run.is_dir():
+        log(f"using the cached run {run}")
+        return run
+    data = cache / "prepared" / "titles"
+    if not is_prepared(data):
+        log(f"writing {titles.ML20M_MOVIES:,} synthetic titles and their dataset into {data} ...")
+        titles.write_titles_dataset(data.parent)
+    train_cached(run, ROOT / "configs" / "synthetic.yaml", data, steps, BOUNDED_RUN)
+    return run
+
+
+def train_cached(run: Path, config: Path, data: Path, steps: int, overrides: tuple[str, ...]) -> None:
+    """`movierec train` of `config` on `data` for `steps` steps into `run`, through a `.partial` folder
+    renamed at the end, so that an interrupted run is never served."""
     partial = run.with_name(run.name + ".partial")
     if partial.exists():
         import shutil
 
         shutil.rmtree(partial)
-    log(f"training {MLPERF_CONFIG.name} for {steps} steps into {run} ...")
+    log(f"training {config.name} for {steps} steps into {run} ...")
     command = cli(
-        "train", "--config", str(MLPERF_CONFIG), "--data", str(dataset.prepared), "--max-steps", str(steps),
-        "--run-dir", str(partial), "--tracking-uri", f"sqlite:///{run.parent / 'mlflow.db'}",
-        *MLPERF_OVERRIDES, *(scale.TINY_OVERRIDES if tiny else ()),
+        "train", "--config", str(config), "--data", str(data), "--max-steps", str(steps), "--run-dir", str(partial),
+        "--tracking-uri", f"sqlite:///{run.parent / 'mlflow.db'}", *overrides,
     )  # fmt: skip
     finished = run_child(command, echo=True)
     if not finished.ok:
-        raise SystemExit(f"training the ml-20mx16x32 model failed: {finished.why()}")
+        raise SystemExit(f"training {config.name} on {data} failed: {finished.why()}")
     partial.rename(run)
-    return run
 
 
 def model_users(model: str, tracking_uri: str | None) -> np.ndarray:
@@ -159,6 +196,18 @@ def model_users(model: str, tracking_uri: str | None) -> np.ndarray:
     dataset = state.dataset
     data = load_sequences(dataset.path, shards=dataset.shards, verify=False)
     return np.asarray(dataset.user_ids)[data.users - 1]
+
+
+def model_titles(model: str, tracking_uri: str | None) -> list[str]:
+    """The titles of the model's catalogue (the ones the server searches); exits if it has none."""
+    from movierec.data.layout import read_items
+    from movierec.serving.loader import load_state
+
+    items = read_items(load_state(model, tracking_uri).dataset.path)
+    titles = [title for title in items.column("title").to_pylist() if title] if "title" in items.column_names else []
+    if not titles:
+        raise SystemExit("the model's catalogue has no titles to search (MLPerf's has none): give another MODEL")
+    return titles
 
 
 # --------------------------------------------------------------------------- the server
@@ -247,9 +296,10 @@ class ClientLog:
     last: float = 0.0  # perf_counter of its last answer
 
 
-def phase(port: int, users: np.ndarray, clients: int, seconds: float, k: int, seed: int) -> dict:
-    """`clients` threads, each over its own keep-alive connection, asking for random users' top-k one after
-    another for `seconds` from a common start: requests/s, p50/p99 ms and errors."""
+def phase(port: int, paths: Sequence[str], clients: int, seconds: float, seed: int, no_match: bytes = b"") -> dict:
+    """`clients` threads, each over its own keep-alive connection, sending GET of random `paths` one after
+    another for `seconds` from a common start: requests/s, p50/p99 ms and errors (a 200 whose body holds
+    `no_match`, when given, is one too)."""
     logs = [ClientLog() for _ in range(clients)]
     clock: dict[str, float] = {}
     gate = threading.Barrier(clients, action=lambda: clock.update(start=time.perf_counter()))
@@ -260,7 +310,7 @@ def phase(port: int, users: np.ndarray, clients: int, seconds: float, k: int, se
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
         def path() -> str:
-            return f"/v1/users/{int(users[rng.integers(len(users))])}/recommendations?k={k}"
+            return paths[rng.integers(len(paths))]
 
         with contextlib.suppress(OSError, http.client.HTTPException):
             get(connection, path())  # untimed: opens the connection
@@ -268,13 +318,13 @@ def phase(port: int, users: np.ndarray, clients: int, seconds: float, k: int, se
         deadline = clock["start"] + seconds
         while (sent := time.perf_counter()) < deadline:
             try:
-                status, _ = get(connection, path())
+                status, body = get(connection, path())
             except (OSError, http.client.HTTPException):
                 record.errors += 1
                 connection.close()  # the next request reconnects
                 continue
             record.last = time.perf_counter()
-            if status == 200:
+            if status == 200 and not (no_match and no_match in body):
                 record.latencies.append(record.last - sent)
             else:
                 record.errors += 1
@@ -313,6 +363,33 @@ def top_k_ids(port: int, users: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def typed_queries(titles: Sequence[str], count: int, seed: int) -> list[str]:
+    """`count` queries as people type them into the page's search box, each looking for a title drawn at
+    random: in lower case without accents (search.normalise's words, the way "amelie" is typed), so that
+    every one matches at least its own title."""
+    from movierec.serving.search import normalise
+
+    rng = np.random.default_rng([seed, count])
+    queries: list[str] = []
+    while len(queries) < count:
+        words = normalise(titles[rng.integers(len(titles))]).split()
+        if not words:
+            continue
+        form, last = rng.random(), words[-1]  # MovieLens titles end with the year
+        if form < 0.6:  # the title's beginning, sent at a keystroke: "the godf"
+            text = " ".join(words)
+            query = text[: rng.integers(min(2, len(text)), len(text) + 1)]
+        elif form < 0.8:  # the beginning of one word, remembered alone: "godf"
+            word = words[rng.integers(len(words))]
+            query = word[: rng.integers(min(3, len(word)), len(word) + 1)]
+        elif form < 0.95:  # a word and the year: "godfather 1972"
+            query = f"{words[rng.integers(max(len(words) - 1, 1))]} {last}"
+        else:  # the year alone
+            query = last
+        queries.append(query.strip())
+    return queries
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -324,11 +401,15 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(parser)
     parser.add_argument("--index", default="exact", help=f"comma-separated subset of {', '.join(INDEXES)}")
+    parser.add_argument("--endpoints", default="recommend",
+                        help=f"comma-separated subset of {', '.join(ENDPOINTS)} (default recommend); search "
+                             "without MODEL serves the 27,278-title model")  # fmt: skip
     parser.add_argument("--clients", default="1,8,32,128", help="client counts, a phase each (default 1,8,32,128)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests before the first phase")
     parser.add_argument("--recall-users", type=int, default=300, help="users whose top-k recall@k compares")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=8, help="search: matches asked for (default 8, the page's)")
     parser.add_argument("--batch-window-ms", type=float, default=None, help="serve --batch-window-ms")
     parser.add_argument("--max-batch", type=int, default=None, help="serve --max-batch")
     parser.add_argument("--nprobe", type=int, default=None, help="serve --nprobe (approximate index)")
@@ -336,15 +417,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     check_model_options(parser, args)
-    args.index = parse_list(args.index, str)
+    args.index, args.endpoints = parse_list(args.index, str), parse_list(args.endpoints, str)
     try:
         args.clients = parse_list(args.clients, int)
     except ValueError:
         parser.error(f"--clients {args.clients!r}: give counts separated by commas, like 1,8,32")
     if unknown := sorted(set(args.index) - set(INDEXES)):
         parser.error(f"--index: unknown {', '.join(unknown)}; known: {', '.join(INDEXES)}")
-    if not args.index or not args.clients or not all(1 <= c <= 1024 for c in args.clients):
-        parser.error("--index needs an index and --clients counts of 1..1024")
+    if unknown := sorted(set(args.endpoints) - set(ENDPOINTS)):
+        parser.error(f"--endpoints: unknown {', '.join(unknown)}; known: {', '.join(ENDPOINTS)}")
+    if not args.index or not args.endpoints or not args.clients or not all(1 <= c <= 1024 for c in args.clients):
+        parser.error("--index and --endpoints need a value each, --clients counts of 1..1024")
+    if "recommend" not in args.endpoints and len(args.index) > 1:
+        parser.error("search alone is timed on one server (the index does not matter to it): give one --index")
+    if not 1 <= args.limit <= 100:
+        parser.error("--limit must be from 1 to 100")
     if args.seconds <= 0 or args.warmup < 0 or args.recall_users < 0:
         parser.error("--seconds must be positive, --warmup and --recall-users not negative")
     return args
@@ -358,35 +445,61 @@ def main() -> None:
     rows: list[dict] = []
     answers: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="movierec-serve-bench-") as tmp:
-        model, label = resolve_model(args, Path(tmp))
-        users = model_users(model, args.tracking_uri)
+        model, label = serving_model(args, Path(tmp))
         rng = np.random.default_rng(args.seed)
-        compared = min(args.recall_users, len(users)) if {"exact", "approximate"} <= set(args.index) else 0
-        recall_users = rng.choice(users, size=compared, replace=False)
+        requests: dict[str, list[str]] = {}  # endpoint -> the paths its clients draw from
+        recall_users, queries = np.zeros(0, dtype=np.int64), []
+        if "recommend" in args.endpoints:
+            users = model_users(model, args.tracking_uri)
+            compared = min(args.recall_users, len(users)) if {"exact", "approximate"} <= set(args.index) else 0
+            recall_users = rng.choice(users, size=compared, replace=False)
+            requests["recommend"] = [f"/v1/users/{int(user)}/recommendations?k={args.k}" for user in users]
+        if "search" in args.endpoints:
+            queries = typed_queries(model_titles(model, args.tracking_uri), SEARCH_QUERIES, args.seed)
+            requests["search"] = [f"/v1/items?query={quote(query)}&limit={args.limit}" for query in queries]
         for index in args.index:
             log(f"starting the {index} server ...")
             with running(args, model, index, Path(tmp) / f"server-{index}.log") as server:
                 log(f"{index}: answering after {server.startup_s:.1f} s")
-                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-                for user in rng.choice(users, size=args.warmup):
-                    get(connection, f"/v1/users/{int(user)}/recommendations?k={args.k}")
-                connection.close()
-                for clients in args.clients:
-                    log(f"{index}: {clients} client(s) for {args.seconds:g} s ...")
-                    rows.append({"index": index, **phase(server.port, users, clients, args.seconds, args.k, args.seed)})
+                for endpoint, paths in requests.items():
+                    if endpoint == "search" and index != args.index[0]:
+                        continue  # the title index is the same whatever --index: timed once
+                    name = index if endpoint == "recommend" else "search"
+                    no_match = NO_MATCH if endpoint == "search" else b""
+                    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+                    for at in rng.integers(len(paths), size=args.warmup):
+                        get(connection, paths[at])
+                    connection.close()
+                    for clients in args.clients:
+                        log(f"{name}: {clients} client(s) for {args.seconds:g} s ...")
+                        timed = phase(server.port, paths, clients, args.seconds, args.seed, no_match)
+                        rows.append({"index": name, **timed})
                 if len(recall_users):
                     answers[index] = top_k_ids(server.port, recall_users, args.k)
             servers.append(server)
     recall = {index: recall_at_k(found, answers["exact"]) for index, found in answers.items() if index != "exact"}
     for row in rows:
         row["recall"] = recall.get(row["index"])
-    report(args, model, label, servers, rows, len(recall_users))
+    report(args, model, label, servers, rows, len(recall_users), queries)
     if any(row["errors"] for row in rows):
         raise SystemExit(1)
 
 
+def serving_model(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
+    """resolve_model's (MODEL, label), but the 27,278-title model when search is timed without a MODEL."""
+    if "search" in args.endpoints and args.model is None and args.mlperf is None:
+        return str(titles_run(args.steps, args.cache)), "synthetic titles"
+    return resolve_model(args, scratch)
+
+
 def report(
-    args: argparse.Namespace, model: str, label: str, servers: list[Server], rows: list[dict], recall_users: int
+    args: argparse.Namespace,
+    model: str,
+    label: str,
+    servers: list[Server],
+    rows: list[dict],
+    recall_users: int,
+    queries: list[str],
 ) -> None:
     health = servers[0].health
     dataset = f"{health['dataset']} ({health['num_users']:,} users, {health['num_items']:,} items)"
@@ -394,12 +507,16 @@ def report(
                "nprobe": args.nprobe}  # fmt: skip
     given = ", ".join(f"--{name} {value}" for name, value in options.items() if value is not None) or "defaults"
     recall = f"recall@{args.k} over {recall_users} users against the exact server"
+    if not recall_users:
+        recall = "no recall (it needs recommend and both exact and approximate)"
+    search = f"search: GET /v1/items?query=Q&limit={args.limit}, Q one of {len(queries):,} typed queries like "
+    search += ", ".join(map(repr, queries[:6]))
     info = machine(with_gpus=False)
     lines = [
         f"machine: {machine_line(info)}",
         f"model: {health['model']}, max_len {health['max_len']}, on {dataset}; MODEL {model}",
-        f"serve options: {given}; phases of {args.seconds:g} s; k {args.k}; seed {args.seed}; "
-        f"{recall if recall_users else 'no recall (it needs both exact and approximate in --index)'}",
+        f"serve options: {given}; phases of {args.seconds:g} s; k {args.k}; seed {args.seed}; {recall}",
+        *([search] if queries else []),
         *(f"{s.index} server: /health after {s.startup_s:.1f} s, peak RSS {s.peak_rss_mib:,.0f} MiB" for s in servers),
         "",
         f"| dataset | index | clients | requests | errors | requests/s | p50 ms | p99 ms | recall@{args.k} |",
