@@ -4,8 +4,9 @@ A title and a query are both normalised the same way (casefolded, accents stripp
 characters than letters and digits one space), and a title matches when every word of the query occurs in it,
 in any order: "toy 1995" finds "Toy Story (1995)", "amelie" finds "Amélie", "wall e" finds "WALL·E". The year
 is part of the searched text even where the title does not carry it. The normalised titles are built once,
-when the model is loaded; a query is a scan of plain strings (p50 2 ms, p99 6-9 ms over 27,278 titles, the size
-of ML-20M, on a busy 2-core CPU).
+when the model is loaded; a query is a scan of plain strings (a whole `GET /v1/items` request over 27,278
+titles, the size of ML-20M: p50 3.5 ms, p99 7.0 ms at one client on a 2-core CPU;
+`python bench/serve_latency.py --endpoints search`, docs/results.md).
 
 Matches are ranked by the number of query words that start a word of the title (what someone typing the
 beginning of a title means), then by popularity (how many users watched the movie), then by item order.
