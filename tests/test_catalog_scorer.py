@@ -8,7 +8,7 @@ import torch
 
 from movierec.evaluation.evaluate import evaluate_checkpoint
 from movierec.models.base import ModelConfig
-from movierec.models.catalog import NOTHING_SEEN, CatalogScorer, length_sorted_batches
+from movierec.models.catalog import NOTHING_SEEN, BF16Screen, CatalogScorer, length_sorted_batches, row_item_pairs
 from movierec.models.sse_pt import SSEPT
 from movierec.serving.loader import load_model
 
@@ -173,3 +173,91 @@ def test_batches_group_rows_by_length_and_pad_to_the_longest_of_the_batch():
     lengths = np.array([3, 0, 5, 1, 2])
     batches = list(length_sorted_batches(np.array([0, 1, 2, 3]), lengths, 2, 4, lambda rows, width: (rows, width)))
     assert [(rows.tolist(), inputs[1]) for rows, inputs in batches] == [([1, 3], 1), ([0, 2], 4)]  # row 4 not asked
+
+
+# --------------------------------------------------------------------------- the bfloat16 screen of top_k
+
+SCREEN_ITEMS = 3000
+
+
+def screen_model(seed: int, scale: float = 1.0) -> SSEPT:
+    torch.manual_seed(seed)
+    config = ModelConfig(num_users=4, num_items=SCREEN_ITEMS, max_len=5, d_item=16, d_user=4, dropout=0.0)
+    model = SSEPT(config).eval()
+    with torch.no_grad():
+        model.item_emb.weight.mul_(scale)
+    return model
+
+
+def brute_force_top_k(model: SSEPT, queries: torch.Tensor, k: int, seen) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        scores = model.score(queries, torch.arange(1, SCREEN_ITEMS + 1).expand(len(queries), -1))
+        scores[torch.from_numpy(seen[0]), torch.from_numpy(seen[1] - 1)] = float("-inf")
+        return torch.topk(scores, k, dim=1)
+
+
+@pytest.mark.parametrize("seed, scale", [(0, 1.0), (1, 1e-3), (2, 1e3)])
+def test_the_screen_error_is_within_its_bound_for_every_item(seed, scale):
+    model = screen_model(seed, scale)
+    screen = BF16Screen(model)
+    with torch.inference_mode():
+        queries = model.queries(torch.randint(1, SCREEN_ITEMS + 1, (64, 5)), torch.randint(0, 5, (64,)), True)
+        queries[:8, :16] = torch.randn(8, 16) * 1e4  # large queries: cancellation between terms
+        rows, bound = screen.rows(queries)
+        screened = torch.cat([scores for _, _, scores in screen.chunks(rows, 1000)], 1).double()
+        exact = model.score_shared(queries, slice(1, SCREEN_ITEMS + 1)).double()
+    row_constant = queries[:, 16:].double()  # SSE-PT's user term: the same for every item of a row
+    error = (screened - (exact - row_constant)).abs()
+    assert (error <= bound[:, None]).all()
+    assert (error.amax(1) > bound / 100).all(), "the bound is not vacuous"
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_screened_top_k_is_the_float32_top_k(k):
+    model = screen_model(0)
+    users = np.arange(32) % 5
+    sequences = np.random.default_rng(0).integers(1, SCREEN_ITEMS + 1, (32, 5))
+    seen = row_item_pairs(sequences.ravel(), np.arange(32) * 5, np.full(32, 5))
+    scorer = CatalogScorer(model, 700, screen=True)
+    with torch.inference_mode():
+        queries = scorer.queries(sequences, users)
+        scores, items = scorer.top_k(queries, k, seen)
+    expected_scores, expected_items = brute_force_top_k(model, queries, k, seen)
+    assert scorer._screen is not None
+    assert torch.equal(items, expected_items + 1)
+    torch.testing.assert_close(scores, expected_scores)
+
+
+def near_tie_scorer(ties: int) -> tuple[CatalogScorer, torch.Tensor]:
+    """A scorer whose catalogue has `ties` items scoring 3 +- ~1e-4 for its one query (bfloat16 steps there are
+    1.6e-2), well above the other items (random, |score| < ~0.5)."""
+    model = screen_model(3)
+    scorer = CatalogScorer(model, 1000, screen=True)
+    with torch.inference_mode():
+        queries = scorer.queries(np.array([[1, 2, 3, 4, 5]]), np.array([0]))
+        direction = queries[0, :16] / queries[0, :16].norm() ** 2
+        tied = torch.randperm(SCREEN_ITEMS)[:ties] + 1
+        model.item_emb.weight[tied] = 3 * direction + 1e-5 * torch.randn(ties, 16)
+    return scorer, queries
+
+
+def test_near_ties_the_screen_cannot_tell_apart_come_out_in_float32_order(monkeypatch):
+    scorer, queries = near_tie_scorer(20)  # fewer than the screen keeps: found by it, ordered in float32
+    monkeypatch.setattr(scorer, "_chunks", None)  # the float32 pass over the catalogue is not needed
+    with torch.inference_mode():
+        scores, items = scorer.top_k(queries, 10)
+    expected_scores, expected_items = brute_force_top_k(scorer.model, queries, 10, NOTHING_SEEN)
+    assert torch.equal(items, expected_items + 1) and torch.equal(scores, expected_scores)
+
+
+def test_a_row_with_more_near_ties_than_the_screen_keeps_is_scored_in_float32(monkeypatch):
+    scorer, queries = near_tie_scorer(500)
+    passes = []
+    chunks = scorer._chunks
+    monkeypatch.setattr(scorer, "_chunks", lambda rows: passes.append(len(rows)) or chunks(rows))
+    with torch.inference_mode():
+        scores, items = scorer.top_k(queries, 10)
+    expected_scores, expected_items = brute_force_top_k(scorer.model, queries, 10, NOTHING_SEEN)
+    assert passes == [1]
+    assert torch.equal(items, expected_items + 1)
+    torch.testing.assert_close(scores, expected_scores)

@@ -2,10 +2,10 @@
 
 Every model kind scores an item as an affine function of its query: `score(q, j) = q . w_j + b_j` (SSE-PT:
 w_j = [e_j ; 1] with the user term as the query's last value; BERT4Rec: its item bias b_j; HSTU: the
-unit-length e_j). The index reads w_j and b_j off the model itself, through `score_shared` of the unit
-queries and of the zero query, and checks the identity on random queries, so no kind needs code of its own.
-It stores [w_j ; b_j] and searches with [q ; 1]: inner products, not cosine, so the user half of an SSE-PT
-query and a bias count as they do in exact scoring.
+unit-length e_j). The index reads w_j and b_j off the model itself (models/catalog.py's
+`affine_item_table`, which the exact scorer's bfloat16 screen reads too). It stores [w_j ; b_j] and searches
+with [q ; 1]: inner products, not cosine, so the user half of an SSE-PT query and a bias count as they do in
+exact scoring.
 
 The search returns `k + seen` candidates per query (the seen items are dropped afterwards), and the scores
 of the kept ones are recomputed exactly; only which items are found is approximate. `recall_at_k` measures
@@ -17,34 +17,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from movierec.errors import ConfigError
 from movierec.models.base import SequentialModel
+from movierec.models.catalog import affine_item_table
 
-AFFINE_TOLERANCE = 1e-3
 # serve --index auto: exact scoring below this many items, the index from it (docs/results.md, Serving latency)
 APPROXIMATE_FROM_ITEMS = 200_000
-
-
-def affine_item_table(model: SequentialModel, chunk: int = 65536) -> np.ndarray:
-    """(num_items, Q + 1) float32 rows [w_j ; b_j] with score(q, j) = [q ; 1] . row_j, item j at row j - 1."""
-    width = model.config.num_items + 1
-    with torch.inference_mode():
-        probe = model.queries(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), last_only=True)
-        q = probe.shape[-1]
-        basis = torch.cat([torch.eye(q), torch.zeros(1, q)])  # unit queries, then the zero query
-        parts = []
-        for lo in range(1, width, chunk):
-            scores = model.score_shared(basis, slice(lo, min(lo + chunk, width))).float()
-            parts.append(torch.cat([scores[:q] - scores[q:], scores[q:]]).t())  # (items, q + 1)
-        table = torch.cat(parts).numpy().astype(np.float32)
-        check = torch.randn(4, q)
-        exact = model.score_shared(check, slice(1, width)).float().numpy()
-        derived = np.concatenate([check.numpy(), np.ones((4, 1), np.float32)], 1) @ table.T
-    if not np.allclose(exact, derived, atol=AFFINE_TOLERANCE * max(1.0, float(np.abs(exact).max()))):
-        raise ConfigError(f"model.kind {model.config.kind} does not score items affinely: use the exact index")
-    return np.ascontiguousarray(table)
 
 
 class ApproximateIndex:
