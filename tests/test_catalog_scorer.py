@@ -223,7 +223,7 @@ def test_screened_top_k_is_the_float32_top_k(k):
         queries = scorer.queries(sequences, users)
         scores, items = scorer.top_k(queries, k, seen)
     expected_scores, expected_items = brute_force_top_k(model, queries, k, seen)
-    assert scorer._screen is not None
+    assert scorer.bf16_screen is not None
     assert torch.equal(items, expected_items + 1)
     torch.testing.assert_close(scores, expected_scores)
 

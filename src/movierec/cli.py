@@ -533,6 +533,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from movierec.serving.approximate import ApproximateIndex
 
         recommender.use_index(ApproximateIndex(recommender.model, nprobe=args.nprobe))
+    else:  # exact scoring's bfloat16 screen, built now (seconds for a large catalogue), not at the first request
+        _ = recommender.scorer.bf16_screen
     app = create_app(recommender, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch)
     host, port = listener.getsockname()[:2]
     index = "approximate index" if recommender.index is not None else "exact scoring"

@@ -14,6 +14,7 @@ whole catalogue. Either way the answer is the float32 top k.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from functools import cached_property
 
@@ -63,8 +64,9 @@ def seen_of_rows(seen: SeenPairs, rows: np.ndarray, batch: int) -> SeenPairs:
     return position[seen[0][keep]], seen[1][keep]
 
 
-def affine_item_table(model: SequentialModel, chunk: int = 65536) -> np.ndarray:
-    """(num_items, Q + 1) float32 rows [w_j ; b_j] with score(q, j) = [q ; 1] . row_j, item j at row j - 1.
+def affine_item_chunks(model: SequentialModel, chunk: int = 65536) -> Iterator[torch.Tensor]:
+    """(items, Q + 1) float32 rows [w_j ; b_j] of items lo..hi-1, chunk by chunk, with score(q, j) =
+    [q ; 1] . row_j: `affine_item_table` a chunk at a time, so that a copy of it need not exist in float32.
 
     Every model kind scores an item as an affine function of its query; w_j and b_j are read off the model
     itself, through `score_shared` of the unit queries and of the zero query, and the identity is checked on
@@ -75,17 +77,21 @@ def affine_item_table(model: SequentialModel, chunk: int = 65536) -> np.ndarray:
         probe = model.queries(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), last_only=True)
         q = probe.shape[-1]
         basis = torch.cat([torch.eye(q), torch.zeros(1, q)])  # unit queries, then the zero query
-        parts = []
-        for lo in range(1, width, chunk):
-            scores = model.score_shared(basis, slice(lo, min(lo + chunk, width))).float()
-            parts.append(torch.cat([scores[:q] - scores[q:], scores[q:]]).t())  # (items, q + 1)
-        table = torch.cat(parts).numpy()
         check = torch.randn(4, q)
-        exact = model.score_shared(check, slice(1, width)).float().numpy()
-        derived = np.concatenate([check.numpy(), np.ones((4, 1), np.float32)], 1) @ table.T
-    if not np.allclose(exact, derived, atol=AFFINE_TOLERANCE * max(1.0, float(np.abs(exact).max()))):
-        raise ConfigError(f"model.kind {model.config.kind} does not score items affinely: use the exact index")
-    return np.ascontiguousarray(table)
+        for lo in range(1, width, chunk):
+            items = slice(lo, min(lo + chunk, width))
+            scores = model.score_shared(basis, items).float()
+            part = torch.cat([scores[:q] - scores[q:], scores[q:]]).t()  # (items, q + 1)
+            exact = model.score_shared(check, items).float()
+            derived = torch.cat([check, torch.ones(4, 1)], 1) @ part.t()
+            if not torch.allclose(exact, derived, rtol=0, atol=AFFINE_TOLERANCE * max(1.0, exact.abs().max().item())):
+                raise ConfigError(f"model.kind {model.config.kind} does not score items affinely: use the exact index")
+            yield part
+
+
+def affine_item_table(model: SequentialModel, chunk: int = 65536) -> np.ndarray:
+    """(num_items, Q + 1) float32 rows [w_j ; b_j] with score(q, j) = [q ; 1] . row_j, item j at row j - 1."""
+    return np.ascontiguousarray(torch.cat(list(affine_item_chunks(model, chunk))).numpy())
 
 
 def native_bf16() -> bool:
@@ -103,24 +109,29 @@ class BF16Screen:
     """
 
     def __init__(self, model: SequentialModel):
-        table = torch.from_numpy(affine_item_table(model))
-        self.varying = (table != table[0]).any(0)
-        if not self.varying.any():
+        parts = affine_item_chunks(model)
+        first = next(parts)
+        table = torch.empty((model.config.num_items, first.shape[1]), dtype=torch.bfloat16)
+        varying = torch.zeros(first.shape[1], dtype=torch.bool)
+        column_max = torch.zeros(first.shape[1])  # each bounds |t_ji| over the items j
+        lo = 0
+        for part in itertools.chain([first], parts):
+            table[lo : lo + len(part)] = part
+            varying |= (part != first[0]).any(0)
+            column_max = torch.maximum(column_max, part.abs().amax(0))
+            lo += len(part)
+        if not varying.any():
             raise ConfigError("every item scores the same: there is nothing to screen")
-        self.constant = table[0, ~self.varying].double()
-        varying = table[:, self.varying]
-        self.table = varying.to(torch.bfloat16)
-        self.column_max = varying.abs().amax(0).double()  # each bounds |t_ji| over the items j
-        self.norm_max = torch.linalg.vector_norm(varying, dim=1, dtype=torch.float64).max()
-        self.entry_max = self.column_max.max()
-        self.bias_max = table[:, -1].abs().max().double()
+        self.varying, self.table = varying, table[:, varying]
+        self.constant = first[0, ~varying].double()
+        self.column_max, self.bias_max = column_max[varying].double(), column_max[-1].double()
 
     def rows(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bfloat16 screen rows x (B, m), float64 bound (B,)) of float32 queries (B, Q).
 
         For every item j, |screen score - (float32 score - row constant)| <= bound, whatever the order of the
-        float32 sums. With A >= sum_i |x_i t_ji| (the smaller of the column-max and Cauchy-Schwarz bounds),
-        u = 2^-8 and gamma = (m + 2) 2^-24 / (1 - (m + 2) 2^-24):
+        float32 sums. With A = sum_i |x_i| max_j |t_ji| >= sum_i |x_i t_ji|, u = 2^-8 and
+        gamma = (m + 2) 2^-24 / (1 - (m + 2) 2^-24):
         - bfloat16 inputs (relative error u each), float32 accumulation (gamma) and a bfloat16 result (u):
           (3u + 2^-13 + 2 gamma) A, the 2^-13 covering the u^2 and u^3 terms;
         - the float32 score itself and the table read off it: 4 gamma (A + |row constant| + |q|_1 max|b_j|);
@@ -130,12 +141,12 @@ class BF16Screen:
         x = augmented[:, self.varying]
         m = x.shape[1]
         gamma = (m + 2) * FP32_UNIT / (1 - (m + 2) * FP32_UNIT)
-        spread = torch.minimum(x.abs() @ self.column_max, x.norm(dim=1) * self.norm_max)
+        spread = x.abs() @ self.column_max
         row_constant = augmented[:, ~self.varying] @ self.constant
         bound = (
             (3 * BF16_UNIT + 2.0**-13 + 2 * gamma) * spread
             + 4 * gamma * (spread + row_constant.abs() + augmented[:, :-1].abs().sum(1) * self.bias_max)
-            + (m + 1) * 2.0**-125 * (1 + x.abs().amax(1) + self.entry_max)
+            + (m + 1) * 2.0**-125 * (1 + x.abs().amax(1) + self.column_max.max())
         )  # fmt: skip
         return x.to(torch.bfloat16), bound
 
@@ -195,7 +206,7 @@ class CatalogScorer:
         self.model, self.item_chunk, self.autocast_dtype, self.screen = model, item_chunk, autocast_dtype, screen
 
     @cached_property
-    def _screen(self) -> BF16Screen | None:
+    def bf16_screen(self) -> BF16Screen | None:
         """`top_k`'s bfloat16 screen, built at its first use (None: off, or a model that is not affine)."""
         if not self.screen or next(self.model.parameters()).device.type != "cpu":
             return None
@@ -238,10 +249,11 @@ class CatalogScorer:
         items gets -inf scores in its last places (drop them).
         """
         width = self.screen_width(k)
-        if width >= self.model.config.num_items or self._screen is None:
+        screen = self.bf16_screen
+        if width >= self.model.config.num_items or screen is None:
             return _chunked_top_k(self._chunks(queries), k, _SeenMask(seen, queries.device))
-        rows, bound = self._screen.rows(queries)
-        values, items = _chunked_top_k(self._screen.chunks(rows, self.item_chunk), width, _SeenMask(seen, rows.device))
+        rows, bound = screen.rows(queries)
+        values, items = _chunked_top_k(screen.chunks(rows, self.item_chunk), width, _SeenMask(seen, rows.device))
         values = values.double()
         # the float32 top k of a row lies among the items within 2 x bound of its k-th screen score: held by its
         # candidates when the last of them is below that (or -inf: the row has fewer unseen items than that)
