@@ -111,7 +111,7 @@ def test_scores_are_tied_to_the_input_tables():
 def test_cosine_logits_are_cosines_of_each_half(kind):
     """model.cosine: logit(j) = cos(h_i, item_emb(j)) + cos(h_u, u) (SASRec: the first term alone), whichever
     way the candidates are given; and still affine in the query, which the approximate index relies on."""
-    from movierec.serving.approximate import affine_item_table
+    from movierec.models.catalog import affine_item_table
 
     model = make_model(kind, cosine=True)
     seqs, users = torch.tensor([[0, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]]), torch.tensor([1, 6])
