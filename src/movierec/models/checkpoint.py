@@ -28,7 +28,7 @@ import torch
 from movierec.data.layout import META_FILE, read_meta, sha256_file
 from movierec.errors import CheckpointError, DataError, one_line
 from movierec.files import GuardedWriter, atomic_path
-from movierec.models.base import ModelConfig, SequentialModel, build_model
+from movierec.models.base import ModelConfig, ModelSection, SequentialModel, build_model
 
 FORMAT = "movierec-checkpoint-v2"
 FORMAT_V1 = "movierec-checkpoint-v1"  # flat keys; read, never written
@@ -140,6 +140,8 @@ def _typed(raw: dict, where: Path) -> Checkpoint:
     known = {f.name for f in fields(Checkpoint)} - {"path", "dataset", "train_state"}
     values = {k: v for k, v in raw.items() if k in known}
     values["test_metrics"] = values.get("test_metrics") or {}
+    # a model option added after the checkpoint was written takes its default: the behaviour it was trained with
+    values["model_config"] = {**asdict(ModelSection()), **raw["model_config"]}
     return Checkpoint(**values, dataset=dataset, train_state=state, path=str(where))
 
 
