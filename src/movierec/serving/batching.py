@@ -1,13 +1,16 @@
-"""Micro-batching: concurrent requests scored together, one (batch x d) x (d x chunk) product per catalogue chunk.
+"""Micro-batching: concurrent requests scored together, one (batch x d) x (d x chunk) product per catalogue chunk
+(a bfloat16 screen, then float32 scores of each row's candidates, where the CPU has native bfloat16:
+`CatalogScorer.top_k`).
 
 Scoring one request is one matrix-vector product over the whole catalogue; with 855,776 items that is
 memory-bound, so four concurrent requests cost four times one. `MicroBatcher` collects the requests that
 arrive within `window_s` of the first (at most `max_rows` histories) and scores them in one call, which reads
 the item table once for all of them. A request's result is its own rows of the batch, truncated to its k.
 
-Results equal scoring alone to floating-point rounding: a batched product sums the same terms in a blocking
-that may differ from a single row's, so a score can differ in its last bits (tests allow 1e-5), and only two
-items whose scores tie within that can swap places. A batch that fails is retried request by request, so
+Results equal scoring alone to floating-point rounding: the screen's candidates are scored row by row (the
+same bits batched or alone), and a row that falls back to the float32 product sums the same terms in a
+blocking that may differ from a single row's, so a score can differ in its last bits (tests allow 1e-5), and
+only two items whose scores tie within that can swap places. A batch that fails is retried request by request, so
 one failing request never fails its neighbours.
 """
 
