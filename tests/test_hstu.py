@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,7 @@ def test_the_time_bias_trains_on_timestamped_data_and_is_refused_without(trained
 
     from movierec.data.layout import load_sequences
     from movierec.models.checkpoint import load_checkpoint
+    from movierec.serving.recommender import Recommender
     from movierec.training.run import train
 
     overrides = ["model.kind=hstu", "model.time_bias=true", "model.max_len=20", "model.d_item=16",
@@ -139,6 +141,32 @@ def test_the_time_bias_trains_on_timestamped_data_and_is_refused_without(trained
     assert any(state[f"blocks.{b}.time_bias"].abs().max() > 0 for b in range(2))  # it learned from the gaps
     data = load_sequences(trained_run.data_dir)
     assert data.train_times is not None and data.valid_time[data.users].min() > 0
+
+    # serving a known user reads their timestamps too: the top 5 is the model's own, with times, seen items out
+    recommender = Recommender.from_checkpoint(load_checkpoint(tmp_path / "run" / "best.ckpt"))
+    user = 7
+    _, items = recommender.histories.gather(np.array([user]))
+    times = recommender.history_times.gather(np.array([user]))[1]
+    assert len(times) == len(items) and np.all(np.diff(times) >= 0)
+    window = slice(-config.model.max_len, None)
+    with torch.no_grad():
+        query = recommender.model.queries(torch.from_numpy(items[window])[None], torch.tensor([user]), last_only=True,
+                                          times=torch.from_numpy(times[window])[None])  # fmt: skip
+        scores = recommender.model.score_shared(query, slice(0, data.num_items + 1))[0]
+    scores[0], scores[torch.from_numpy(items)] = -math.inf, -math.inf
+    best = scores.topk(5)
+    expected = recommender.item_movie_ids[best.indices.numpy() - 1].tolist()
+    with torch.no_grad():
+        untimed = recommender.model.queries(torch.from_numpy(items[window])[None], torch.tensor([user]), last_only=True)
+        untimed_scores = recommender.model.score(untimed, best.indices[None])[0]
+    assert not torch.allclose(untimed_scores, best.values, rtol=0, atol=1e-6)  # the times do change the scores
+    user_id = int(recommender.user_ids[user - 1])
+    for batching in (False, True):
+        if batching:
+            recommender.enable_batching(window_s=0.01)
+        got = recommender.recommend_user(user_id, k=5)
+        assert [r.movie_id for r in got] == expected
+        np.testing.assert_allclose([r.score for r in got], best.values.numpy(), rtol=0, atol=1e-5)
 
     untimed = tmp_path / "untimed"  # the same shards, as SASRec's text format would give: times are line numbers
     shutil.copytree(trained_run.data_dir, untimed)

@@ -358,7 +358,7 @@ class SequenceData:
     Users outside the selected shards have empty sequences and are not in `users`.
     `train_items` is a view over the memory-mapped shards (no private copy): gather from it with index
     arrays (`train_items[idx]`); `np.asarray(train_items)` copies it whole. `train_times` (aligned with
-    `train_items`) and `valid_time` (per user) are the Unix seconds of the interactions, or None when the
+    `train_items`), `valid_time` and `test_time` (per user) are the Unix seconds of the interactions, or None when the
     dataset has no real timestamps (see `has_real_timestamps`).
     """
 
@@ -374,6 +374,7 @@ class SequenceData:
     shard_indices: list[int]
     train_times: ConcatenatedColumn | None = None
     valid_time: np.ndarray | None = None
+    test_time: np.ndarray | None = None
     _item_counts: np.ndarray | None = field(default=None, repr=False)
 
     def train_sequence(self, user: int) -> np.ndarray:
@@ -416,7 +417,7 @@ def load_sequences(
     item_parts: list[np.ndarray] = []
     time_parts: list[np.ndarray | None] = []
     held_out = {split: np.zeros(num_users + 1, dtype=np.int32) for split in ("validation", "evaluation")}
-    valid_time = np.zeros(num_users + 1, dtype=np.int64)
+    held_out_time = {split: np.zeros(num_users + 1, dtype=np.int64) for split in ("validation", "evaluation")}
     timed = has_real_timestamps(meta)
     for index in chosen:
         shard = meta["shards"][index]
@@ -438,8 +439,8 @@ def load_sequences(
             if np.any(users[1:] <= users[:-1]):
                 raise DataError(f"{root / expected['path']}: a user has more than one held-out pair")
             held_out[split][users] = pairs[:, 1]
-            if split == "validation" and times is not None:
-                valid_time[users] = times
+            if times is not None:
+                held_out_time[split][users] = times
     offsets = np.zeros(num_users + 2, dtype=np.int64)
     np.cumsum(counts[: num_users + 1], out=offsets[1:])
     users = np.flatnonzero(counts[: num_users + 1] + (held_out["evaluation"] > 0))
@@ -455,7 +456,8 @@ def load_sequences(
         test_item=held_out["evaluation"],
         shard_indices=chosen,
         train_times=ConcatenatedColumn(time_parts) if timed else None,
-        valid_time=valid_time if timed else None,
+        valid_time=held_out_time["validation"] if timed else None,
+        test_time=held_out_time["evaluation"] if timed else None,
     )
 
 

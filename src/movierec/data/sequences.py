@@ -52,11 +52,20 @@ def inputs_with_appended(
 
 class UserHistories:
     """Every user's whole history, read from the mapped shards: the training sequence, then each non-zero
-    held-out item of `appended` (for example validation, then test), without a second copy of the data."""
+    held-out item of `appended` (for example validation, then test), without a second copy of the data.
+    For values that may be 0 (the held-out items' timestamps), `present` gives the held-out items whose
+    presence they follow."""
 
-    def __init__(self, offsets: np.ndarray, items, appended: tuple[np.ndarray, ...] = ()):
+    def __init__(
+        self,
+        offsets: np.ndarray,
+        items,
+        appended: tuple[np.ndarray, ...] = (),
+        present: tuple[np.ndarray, ...] | None = None,
+    ):
         self.offsets, self.items, self.appended = offsets, items, appended
-        self.lengths = np.diff(offsets) + sum((a > 0).astype(np.int64) for a in appended)
+        self.present = appended if present is None else present
+        self.lengths = np.diff(offsets) + sum((a > 0).astype(np.int64) for a in self.present)
 
     def gather(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Compact CSR (offsets, int64 items) of the histories of `users`, oldest item first."""
@@ -68,9 +77,9 @@ class UserHistories:
         out = np.empty(int(offsets[-1]), dtype=np.int64)
         out[ragged_indices(offsets[:-1], train_lengths)] = self.items[ragged_indices(starts, train_lengths)]
         position = offsets[:-1] + train_lengths
-        for column in self.appended:
+        for column, presence in zip(self.appended, self.present, strict=True):
             values = column[users]
-            has = values > 0
+            has = presence[users] > 0
             out[position[has]] = values[has]
             position = position + has
         return offsets, out

@@ -25,32 +25,37 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# (offsets, items, users, k, exclude_seen) -> (top items, top scores), each (rows, k)
-ScoreRows = Callable[[np.ndarray, np.ndarray, np.ndarray, int, bool], tuple[np.ndarray, np.ndarray]]
+# (offsets, items, users, k, exclude_seen, times) -> (top items, top scores), each (rows, k)
+ScoreRows = Callable[[np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
 class Request:
-    """Histories in CSR form (offsets over items), their users, k, and whether seen items are left out."""
+    """Histories in CSR form (offsets over items), their users, k, whether seen items are left out, and the
+    items' timestamps (aligned with `items`) for a model with a time bias, or None."""
 
     offsets: np.ndarray
     items: np.ndarray
     users: np.ndarray
     k: int
     exclude_seen: bool
+    times: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
         return len(self.offsets) - 1
 
 
-def concatenate(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The requests' histories as one CSR block (offsets, items) and their users, rows in request order."""
+def concatenate(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The requests' histories as one CSR block (offsets, items), their users and their items' timestamps
+    (None unless every request has them), rows in request order."""
     lengths = np.concatenate([np.diff(r.offsets) for r in requests])
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     items = np.concatenate([r.items[r.offsets[0] : r.offsets[-1]] for r in requests])
-    return offsets, items, np.concatenate([r.users for r in requests])
+    timed = all(r.times is not None for r in requests)
+    times = np.concatenate([r.times[r.offsets[0] : r.offsets[-1]] for r in requests]) if timed else None
+    return offsets, items, np.concatenate([r.users for r in requests]), times
 
 
 class MicroBatcher:
@@ -86,16 +91,17 @@ class MicroBatcher:
         while True:
             batch = self._collect()
             for exclude in (True, False):  # one scoring call per kind of request
-                group = [(r, f) for r, f in batch if r.exclude_seen == exclude]
-                if group:
-                    self._score(group)
+                for timed in (True, False):
+                    group = [(r, f) for r, f in batch if r.exclude_seen == exclude and (r.times is not None) == timed]
+                    if group:
+                        self._score(group)
 
     def _score(self, group: list[tuple[Request, Future]]) -> None:
         requests = [r for r, _ in group]
         try:
-            offsets, items, users = concatenate(requests)
+            offsets, items, users, times = concatenate(requests)
             k = max(r.k for r in requests)
-            top_items, top_scores = self.score_rows(offsets, items, users, k, requests[0].exclude_seen)
+            top_items, top_scores = self.score_rows(offsets, items, users, k, requests[0].exclude_seen, times)
         except Exception:
             for request, future in group:
                 self._score_alone(request, future)
@@ -110,6 +116,6 @@ class MicroBatcher:
     def _score_alone(self, request: Request, future: Future) -> None:
         try:
             future.set_result(self.score_rows(request.offsets, request.items, request.users, request.k,
-                                              request.exclude_seen))  # fmt: skip
+                                              request.exclude_seen, request.times))  # fmt: skip
         except Exception as exc:
             future.set_exception(exc)

@@ -129,7 +129,10 @@ class Recommender:
     Ids: our item i (1..num_items) is MovieLens movieId ``item_movie_ids[i - 1]``; our user u is userId
     ``user_ids[u - 1]``. ``histories`` reads user u's history (training, validation and test items) from the
     mapped shards; users with an empty history are unknown to this model (for example users outside the
-    shards it was trained on). The catalog is scored in chunks, so memory does not grow with its size.
+    shards it was trained on). ``history_times`` holds the same histories' timestamps for a model with a time
+    bias (HSTU's model.time_bias), so a known user is scored as evaluation scores them; a history sent in a
+    request has no times, and the model then leaves its time bias out. The catalog is scored in chunks, so
+    memory does not grow with its size.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class Recommender:
         batch_size: int = 256,
         item_chunk: int = 65536,
         shard_ranges: Sequence[tuple[int, int]] = (),
+        history_times: UserHistories | None = None,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -160,7 +164,7 @@ class Recommender:
         self.titles = list(titles)
         self.years = list(years) if years is not None else [None] * self.num_items
         self.genres = list(genres) if genres is not None else [None] * self.num_items
-        self.histories = histories
+        self.histories, self.history_times = histories, history_times
         self.source, self.dataset_name, self.batch_size = source, dataset_name, batch_size
         self.shard_ranges = list(shard_ranges)  # [lo, hi) of our user indices per dataset shard
         self.batcher: MicroBatcher | None = None
@@ -218,6 +222,11 @@ class Recommender:
         held_out = (data_seq.valid_item, data_seq.test_item)
         # private copies, not the mapped shards: replacing a shard while serving must not crash the server
         histories = UserHistories(data_seq.train_offsets, data_seq.train_items.in_memory(), held_out)
+        history_times = None
+        if model.uses_times and data_seq.train_times is not None:
+            held_out_times = (data_seq.valid_time, data_seq.test_time)
+            times = data_seq.train_times.in_memory()
+            history_times = UserHistories(data_seq.train_offsets, times, held_out_times, present=held_out)
         return cls(
             model,
             movie_ids,
@@ -229,6 +238,7 @@ class Recommender:
             source=source or state.path,
             dataset_name=identity.name if identity.name != "?" else data_seq.meta.get("name", ""),
             shard_ranges=[tuple(shard["users"]) for shard in data_seq.meta["shards"]],
+            history_times=history_times,
         )
 
     @classmethod
@@ -293,9 +303,16 @@ class Recommender:
     # ------------------------------------------------------------------ scoring
 
     def _top_k(
-        self, offsets: np.ndarray, items: np.ndarray, users: np.ndarray, k: int, exclude_seen: bool
+        self,
+        offsets: np.ndarray,
+        items: np.ndarray,
+        users: np.ndarray,
+        k: int,
+        exclude_seen: bool,
+        times: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, k) item ids and scores for CSR histories; users[r] = 0 means "no user embedding".
+        """(rows, k) item ids and scores for CSR histories (and their items' `times`, for a time bias);
+        users[r] = 0 means "no user embedding".
 
         Scores of excluded items are -inf (drop them); rows are scored in length-sorted batches.
         """
@@ -310,18 +327,24 @@ class Recommender:
         with self._lock, torch.inference_mode():
             for rows, sequences in batches:
                 seen = row_item_pairs(items, offsets[rows], lengths[rows]) if exclude_seen else NOTHING_SEEN
+                width = sequences.shape[1]
+                row_times = None if times is None else left_padded(times, offsets[rows + 1], offsets[rows], width)[0]
+                queries = self._queries(sequences, users[rows], row_times)
                 if self.index is not None:
-                    scores, indices = self._top_k_approximate(sequences, users[rows], seen, k)
+                    scores, indices = self._top_k_approximate(queries, len(rows), seen, k)
                 else:
-                    scores, indices = self.scorer.top_k(self._queries(sequences, users[rows]), k, seen)
+                    scores, indices = self.scorer.top_k(queries, k, seen)
                 top_items[rows] = indices.cpu().numpy()
                 top_scores[rows] = scores.cpu().numpy()
         return top_items, top_scores
 
-    def _queries(self, sequences: np.ndarray, users: np.ndarray) -> torch.Tensor:
+    def _queries(self, sequences: np.ndarray, users: np.ndarray, times: np.ndarray | None = None) -> torch.Tensor:
         """The scorer's queries of a batch, computed QUERY_ROWS rows at a time."""
-        return torch.cat([self.scorer.queries(sequences[lo : lo + QUERY_ROWS], users[lo : lo + QUERY_ROWS])
-                          for lo in range(0, len(sequences), QUERY_ROWS)])  # fmt: skip
+        return torch.cat([
+            self.scorer.queries(sequences[lo : lo + QUERY_ROWS], users[lo : lo + QUERY_ROWS],
+                                None if times is None else times[lo : lo + QUERY_ROWS])
+            for lo in range(0, len(sequences), QUERY_ROWS)
+        ])  # fmt: skip
 
     def use_index(self, index: ApproximateIndex | None) -> None:
         """Find top-k items with an approximate index (serving/approximate.py) instead of scoring them all;
@@ -329,12 +352,11 @@ class Recommender:
         self.index = index
 
     def _top_k_approximate(
-        self, sequences: np.ndarray, users: np.ndarray, seen: SeenPairs, k: int
+        self, queries: torch.Tensor, rows: int, seen: SeenPairs, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The index's k best unseen items per row, scored exactly."""
-        queries = self._queries(sequences, users)
+        """The index's k best unseen items for each of the `rows` queries, scored exactly."""
         seen_rows, seen_items = seen
-        extra = int(np.bincount(seen_rows, minlength=len(users)).max()) if len(seen_rows) else 0
+        extra = int(np.bincount(seen_rows, minlength=rows).max()) if len(seen_rows) else 0
         _, found = self.index.search(queries.cpu().numpy(), k + extra)
         if len(seen_rows):  # (row, item) pairs of the found items that the row has seen: left out
             width = self.num_items + 2
@@ -353,12 +375,23 @@ class Recommender:
         self.batcher = MicroBatcher(self._top_k, window_s, max_rows)
 
     def _score(
-        self, offsets: np.ndarray, items: np.ndarray, users: np.ndarray, k: int, exclude_seen: bool
+        self,
+        offsets: np.ndarray,
+        items: np.ndarray,
+        users: np.ndarray,
+        k: int,
+        exclude_seen: bool,
+        times: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`_top_k`, through the micro-batcher when batching is on."""
         if self.batcher is None:
-            return self._top_k(offsets, items, users, k, exclude_seen)
-        return self.batcher.submit(Request(offsets, items, users, k, exclude_seen))
+            return self._top_k(offsets, items, users, k, exclude_seen, times)
+        return self.batcher.submit(Request(offsets, items, users, k, exclude_seen, times))
+
+    def _times_of(self, users: np.ndarray) -> np.ndarray | None:
+        """The timestamps of known users' histories, aligned with `histories.gather(users)`, for a model with
+        a time bias (None otherwise)."""
+        return None if self.history_times is None else self.history_times.gather(users)[1]
 
     def _to_recommendations(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         keep = np.isfinite(scores)
@@ -384,7 +417,7 @@ class Recommender:
             return {}
         users = np.asarray([self._user_of[u] for u in wanted], dtype=np.int64)
         offsets, items = self.histories.gather(users)
-        top_items, top_scores = self._score(offsets, items, users, k, not include_seen)
+        top_items, top_scores = self._score(offsets, items, users, k, not include_seen, self._times_of(users))
         return {u: self._to_recommendations(top_items[r], top_scores[r]) for r, u in enumerate(wanted)}
 
     def recommend_user(self, user_id: int, k: int = 10, include_seen: bool = False) -> list[Recommendation]:
@@ -530,8 +563,8 @@ class Recommender:
             chunk = users[start : start + pass_users]
             if not parts.done(number):
                 offsets, items = self.histories.gather(chunk)
-                parts.write(number, self._recommendation_table(chunk, *self._top_k(offsets, items, chunk, k,
-                                                                                  not include_seen)))  # fmt: skip
+                top = self._top_k(offsets, items, chunk, k, not include_seen, self._times_of(chunk))
+                parts.write(number, self._recommendation_table(chunk, *top))
             if progress is not None:
                 progress.advance(len(chunk))
         return parts.combine(len(passes))
