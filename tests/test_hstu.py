@@ -49,6 +49,15 @@ def reference_block(
     return out
 
 
+def causal_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """(B, width, width) 1 where query i may read key j: causal, within each left-padded row's last items."""
+    allowed = torch.zeros(len(lengths), width, width)
+    for b, n in enumerate(lengths):
+        for i in range(width - n, width):
+            allowed[b, i, width - n : i + 1] = 1
+    return allowed
+
+
 def test_an_hstu_block_computes_the_papers_equations():
     torch.manual_seed(0)
     block = HSTUBlock(d=6, heads=2, dropout=0.0, max_len=8).eval()
@@ -56,10 +65,7 @@ def test_an_hstu_block_computes_the_papers_equations():
         block.relative_bias.normal_(std=0.5)
     lengths = [5, 2]
     x = torch.randn(2, 5, 6)
-    allowed = torch.zeros(2, 5, 5)
-    for b, n in enumerate(lengths):
-        for i in range(5 - n, 5):
-            allowed[b, i, 5 - n : i + 1] = 1
+    allowed = causal_mask(lengths, 5)
     got = block(x, allowed)
     expected = reference_block(block, x, lengths)
     for b, n in enumerate(lengths):
@@ -76,10 +82,7 @@ def test_the_time_bias_adds_a_bias_per_log_bucket_of_the_gap():
     times = [[0, 100, 101, 5000, 90000], [0, 0, 0, 7, 7 + 86400 * 400]]  # row 1: 2 items (left padding)
     lengths = [5, 2]
     x = torch.randn(2, 5, 6)
-    allowed = torch.zeros(2, 5, 5)
-    for b, n in enumerate(lengths):
-        for i in range(5 - n, 5):
-            allowed[b, i, 5 - n : i + 1] = 1
+    allowed = causal_mask(lengths, 5)
     gaps = time_gap_buckets(torch.tensor(times))
     assert gaps[0, 4].tolist() == [32, 32, 32, 32, 0]  # 90,000 s, ..., 84,999 s, 0 s: floor(2 log2(1 + gap))
     assert gaps[0, 2, :3].tolist() == [13, 2, 0]  # 101 s, 1 s, 0 s

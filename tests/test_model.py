@@ -87,15 +87,21 @@ def test_input_is_scaled_concatenation_of_item_and_user_embeddings():
     assert torch.all(model.item_emb.weight[0] == 0)  # row 0 is padding
 
 
-def test_scores_are_tied_to_the_input_tables():
-    """logit(j) = h · [item_emb(j) ; user vector], whichever way the candidates are given."""
-    model = make_model()
+def scored_candidates(model: SSEPT) -> tuple[torch.Tensor, ...]:
+    """Two sequences' inputs and last-position outputs, and the logits of three candidates each:
+    (sequences, users, user vectors, hidden states, queries, candidates, logits)."""
     seqs, users = torch.tensor([[0, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]]), torch.tensor([1, 6])
     user_vecs = model.user_vectors(users)
     hidden = model(seqs, user_vecs)[:, -1]
     queries = model.queries(seqs, users, last_only=True)
     items = torch.tensor([[3, 9, 29], [1, 2, 30]])
-    scores = model.score(queries, items)
+    return seqs, users, user_vecs, hidden, queries, items, model.score(queries, items)
+
+
+def test_scores_are_tied_to_the_input_tables():
+    """logit(j) = h · [item_emb(j) ; user vector], whichever way the candidates are given."""
+    model = make_model()
+    seqs, users, user_vecs, hidden, queries, items, scores = scored_candidates(model)
     for row in range(2):
         for col in range(3):
             out_emb = torch.cat([model.item_emb.weight[items[row, col]], user_vecs[row]])
@@ -114,12 +120,7 @@ def test_cosine_logits_are_cosines_of_each_half(kind):
     from movierec.models.catalog import affine_item_table
 
     model = make_model(kind, cosine=True)
-    seqs, users = torch.tensor([[0, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]]), torch.tensor([1, 6])
-    user_vecs = model.user_vectors(users)
-    hidden = model(seqs, user_vecs)[:, -1]
-    queries = model.queries(seqs, users, last_only=True)
-    items = torch.tensor([[3, 9, 29], [1, 2, 30]])
-    scores = model.score(queries, items)
+    seqs, users, user_vecs, hidden, queries, items, scores = scored_candidates(model)
     d_i, cos = model.config.d_item, torch.nn.functional.cosine_similarity
     for row in range(2):
         for col in range(3):

@@ -374,19 +374,12 @@ class Recommender:
         """Score concurrent requests together (serving/batching.py): what `serve` does."""
         self.batcher = MicroBatcher(self._top_k, window_s, max_rows)
 
-    def _score(
-        self,
-        offsets: np.ndarray,
-        items: np.ndarray,
-        users: np.ndarray,
-        k: int,
-        exclude_seen: bool,
-        times: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`_top_k`, through the micro-batcher when batching is on."""
+    def _score(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """`_top_k` of a request, through the micro-batcher when batching is on."""
         if self.batcher is None:
-            return self._top_k(offsets, items, users, k, exclude_seen, times)
-        return self.batcher.submit(Request(offsets, items, users, k, exclude_seen, times))
+            r = request
+            return self._top_k(r.offsets, r.items, r.users, r.k, r.exclude_seen, r.times)
+        return self.batcher.submit(request)
 
     def _times_of(self, users: np.ndarray) -> np.ndarray | None:
         """The timestamps of known users' histories, aligned with `histories.gather(users)`, for a model with
@@ -417,7 +410,7 @@ class Recommender:
             return {}
         users = np.asarray([self._user_of[u] for u in wanted], dtype=np.int64)
         offsets, items = self.histories.gather(users)
-        top_items, top_scores = self._score(offsets, items, users, k, not include_seen, self._times_of(users))
+        top_items, top_scores = self._score(Request(offsets, items, users, k, not include_seen, self._times_of(users)))
         return {u: self._to_recommendations(top_items[r], top_scores[r]) for r, u in enumerate(wanted)}
 
     def recommend_user(self, user_id: int, k: int = 10, include_seen: bool = False) -> list[Recommendation]:
@@ -432,9 +425,8 @@ class Recommender:
         """
         k = self.check_k(k)
         items, unknown = self._known_history(movie_ids)
-        top_items, top_scores = self._score(
-            np.asarray([0, len(items)]), items, np.zeros(1, dtype=np.int64), k, not include_seen
-        )
+        new_person = Request(np.asarray([0, len(items)]), items, np.zeros(1, dtype=np.int64), k, not include_seen)
+        top_items, top_scores = self._score(new_person)
         return HistoryResult(self._to_recommendations(top_items[0], top_scores[0]), unknown)
 
     def recommend_histories(self, histories: Sequence[Iterable[int]], k: int = 10) -> list[HistoryResult]:
@@ -451,7 +443,7 @@ class Recommender:
             return []
         offsets = np.concatenate([[0], np.cumsum([len(items) for items, _ in known])]).astype(np.int64)
         items = np.concatenate([items for items, _ in known])
-        top_items, top_scores = self._score(offsets, items, np.zeros(len(known), dtype=np.int64), k, True)
+        top_items, top_scores = self._score(Request(offsets, items, np.zeros(len(known), dtype=np.int64), k, True))
         return [HistoryResult(self._to_recommendations(top_items[row], top_scores[row]), unknown)
                 for row, (_, unknown) in enumerate(known)]  # fmt: skip
 
