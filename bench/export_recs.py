@@ -34,7 +34,8 @@ from pathlib import Path
 from common import Finished, cli, log, machine, machine_line, run_child
 from serve_latency import add_model_options, check_model_options, model_flags, resolve_model
 
-DONE = re.compile(r"([\d,]+) rows for ([\d,]+) users \(k=\d+\) -> .* in ([0-9.]+)s")  # export-recs' last line
+DONE = re.compile(r"([\d,]+) rows for ([\d,]+) users \(k=\d+\) -> .* in ([0-9.]+)s")  # export-recs' result line
+SCREENED = re.compile(r"screened ([0-9.]+)% of the catalogue per user")  # printed when the bfloat16 screen ran
 
 
 def export(model: str, out: Path, args: argparse.Namespace, timeout: float | None = None) -> Finished:
@@ -49,6 +50,12 @@ def finished_export(finished: Finished, what: str) -> tuple[int, int, float]:
         raise SystemExit(f"the {what} export failed: {finished.why()}\n{finished.output[-3000:]}")
     rows, users, seconds = match.groups()
     return int(rows.replace(",", "")), int(users.replace(",", "")), float(seconds)
+
+
+def screened_share(output: str) -> float | None:
+    """The share of the catalogue the exact top k's bfloat16 screen scored per user (None: it did not run)."""
+    match = SCREENED.search(output)
+    return None if match is None else float(match.group(1)) / 100
 
 
 def main() -> None:
@@ -90,19 +97,21 @@ def main() -> None:
         "users_per_s": users / whole.wall_s,
         "export_users_per_s": users / seconds if seconds > 0 else None,  # None: under the 0.1 s export-recs prints
         "peak_rss_mib": whole.peak_rss_mib, "killed": killed.status == "timeout", "killed_after_s": killed.wall_s,
-        "parts_kept": kept, "passes": passes, "resumed_wall_s": resumed.wall_s,
-        "resumed_peak_rss_mib": resumed.peak_rss_mib, "identical": identical,
+        "screened_share": screened_share(whole.output), "parts_kept": kept, "passes": passes,
+        "resumed_wall_s": resumed.wall_s, "resumed_peak_rss_mib": resumed.peak_rss_mib, "identical": identical,
     }  # fmt: skip
     info = machine(with_gpus=False)
     print(f"machine: {machine_line(info)}")
     print(f"command: movierec export-recs {model} --out FILE --k {args.k} {' '.join(model_flags(args))}".rstrip())
     print()
     export_rate = "—" if result["export_users_per_s"] is None else f"{result['export_users_per_s']:,.0f}"
-    print("| model | users | k | rows | wall s | export s | users/s (wall) | users/s (export) | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    screened = "—" if result["screened_share"] is None else f"{100 * result['screened_share']:.2f} %"
+    print("| model | users | k | rows | wall s | export s | users/s (wall) | users/s (export) | catalogue screened "
+          "per user | peak RSS MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {label} | {users:,} | {args.k} | {rows:,} | {whole.wall_s:.1f} | {seconds:.1f} | "
-        f"{result['users_per_s']:,.0f} | {export_rate} | {whole.peak_rss_mib:,.0f} |"
+        f"{result['users_per_s']:,.0f} | {export_rate} | {screened} | {whole.peak_rss_mib:,.0f} |"
     )
     print()
     print(

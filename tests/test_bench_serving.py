@@ -103,11 +103,15 @@ def test_the_titles_catalogue_has_ml_20m_s_size_and_movielens_s_shape():
 def test_export_recs_is_timed_then_killed_and_resumed_to_the_same_rows(trained_run, tmp_path):
     out = tmp_path / "export.json"
     result = run_bench("export_recs.py", str(trained_run.run_dir), "--k", "5", "--json", str(out))
-    header = "| model | users | k | rows | wall s | export s | users/s (wall) | users/s (export) | peak RSS MiB |"
+    header = (
+        "| model | users | k | rows | wall s | export s | users/s (wall) | users/s (export) | catalogue screened per "
+        "user | peak RSS MiB |"
+    )
     (row,) = table_rows(result.stdout, header)
     users, rows = number(row[1]), number(row[3])
     assert users > 0 and 0 < rows <= 5 * users and row[2] == "5"
-    assert all(number(row[i]) > 0 for i in (4, 6, 8)) and number(row[5]) >= 0
+    assert all(number(row[i]) > 0 for i in (4, 6, 9)) and number(row[5]) >= 0
+    assert row[8] == "—" or 0 < number(row[8].removesuffix(" %")) <= 100  # "—": no screen (a tiny catalogue)
     assert row[7] == "—" or number(row[7]) > 0  # a tiny export can finish under the 0.1 s export-recs prints
     assert "identical: yes" in result.stdout
     saved = json.loads(out.read_text())

@@ -204,12 +204,15 @@ def test_the_screen_error_is_within_its_bound_for_every_item(seed, scale):
         queries = model.queries(torch.randint(1, SCREEN_ITEMS + 1, (64, 5)), torch.randint(0, 5, (64,)), True)
         queries[:8, :16] = torch.randn(8, 16) * 1e4  # large queries: cancellation between terms
         rows, bound = screen.rows(queries)
-        screened = torch.cat([scores for _, _, scores in screen.chunks(rows, 1000)], 1).double()
+        screened = (rows @ screen.table.t()).double()[:, screen.position]  # item j at column j - 1
         exact = model.score_shared(queries, slice(1, SCREEN_ITEMS + 1)).double()
     row_constant = queries[:, 16:].double()  # SSE-PT's user term: the same for every item of a row
     error = (screened - (exact - row_constant)).abs()
     assert (error <= bound[:, None]).all()
     assert (error.amax(1) > bound / 100).all(), "the bound is not vacuous"
+    ceiling = screen.ceilings(rows)[:, None] * screen.norms[screen.position] + (rows.shape[1] + 1) * 2.0**-124
+    assert (screened <= ceiling).all(), "no item screens above the early stop's ceiling"
+    assert (screen.norms[:-1] >= screen.norms[1:]).all()
 
 
 @pytest.mark.parametrize("k", [1, 10, 100])
@@ -226,6 +229,26 @@ def test_screened_top_k_is_the_float32_top_k(k):
     assert scorer.bf16_screen is not None
     assert torch.equal(items, expected_items + 1)
     torch.testing.assert_close(scores, expected_scores)
+
+
+def test_the_norm_ordered_screen_stops_early_and_still_returns_the_float32_top_k():
+    model = screen_model(4)
+    with torch.no_grad():  # a popular head (items 1..150) far from the origin, a long tail close to it
+        model.item_emb.weight[151:] *= 0.01
+    rng = np.random.default_rng(4)
+    sequences = rng.integers(1, 151, (40, 5))  # seen items among the head, so the early stop skips masked ones
+    sequences[:5] = rng.integers(151, SCREEN_ITEMS + 1, (5, 5))
+    users = np.arange(40) % 5
+    seen = row_item_pairs(sequences.ravel(), np.arange(40) * 5, np.full(40, 5))
+    scorer = CatalogScorer(model, 256, screen=True)
+    with torch.inference_mode():
+        queries = scorer.queries(sequences, users)
+        scores, items = scorer.top_k(queries, 10, seen)
+    expected_scores, expected_items = brute_force_top_k(model, queries, 10, seen)
+    assert torch.equal(items, expected_items + 1)
+    torch.testing.assert_close(scores, expected_scores)
+    assert scorer.screened_rows == 40
+    assert scorer.screened_scores <= 40 * 512, "every row stopped after the first two chunks of 256 items"
 
 
 def near_tie_scorer(ties: int) -> tuple[CatalogScorer, torch.Tensor]:

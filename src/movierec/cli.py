@@ -497,6 +497,10 @@ def cmd_export_recs(args: argparse.Namespace) -> int:
     with Progress("export-recs", len(users), "users") as progress:
         rows = recommender.export_all(args.out, args.k, args.include_seen, users=users, progress=progress)
     print(f"{rows:,} rows for {len(users):,} users (k={args.k}) -> {args.out} in {time.perf_counter() - started:.1f}s")
+    scorer = recommender.scorer
+    if scorer.screened_rows:  # how much of the catalogue the early stop of the bfloat16 screen left to score
+        share = scorer.screened_scores / (scorer.screened_rows * recommender.num_items)
+        print(f"the exact top k screened {share:.2%} of the catalogue per user (items by decreasing norm)")
     return 0
 
 

@@ -6,7 +6,8 @@ of a row's seen items, the same chunking. A batch never holds a (batch x catalog
 number of items.
 
 Serving's top k (`screen=True`) first ranks the catalogue in bfloat16 (`BF16Screen`: about four times the
-float32 product's speed on a CPU with native bfloat16), keeps a few more candidates than k, and scores those
+float32 product's speed on a CPU with native bfloat16), in order of decreasing item norm, stopping for a row
+once no later item can beat its candidates (Cauchy-Schwarz), keeps a few more candidates than k, and scores those
 again in float32 with the model's own `score`. A proven bound on the bfloat16 error says when the candidates
 hold every item that the float32 top k could hold; a row where it cannot say so is scored in float32 over the
 whole catalogue. Either way the answer is the float32 top k.
@@ -103,10 +104,14 @@ class BF16Screen:
     """A bfloat16 copy of the catalogue's affine item table (`affine_item_table`), for `top_k`'s first pass.
 
     Columns that are the same for every item (SSE-PT's user term, a bias of zero) add the same amount to each
-    item of a row and are left out: the screen ranks x . t_j over the other m columns. A copy of the weights at
-    construction: for a model that no longer trains (serving). On the CPU only: a CUDA bfloat16 product may
-    reduce in reduced precision, which the bound below does not cover.
+    item of a row and are left out: the screen ranks x . t_j over the other m columns. The rows are stored by
+    decreasing norm |t_j|, so that `candidates` can stop early: by Cauchy-Schwarz no item after position p
+    screens above |x| |t_p|, and once a row's candidates all beat that, the rest of the catalogue cannot
+    enter them. A copy of the weights at construction: for a model that no longer trains (serving). On the
+    CPU only: a CUDA bfloat16 product may reduce in reduced precision, which the bounds below do not cover.
     """
+
+    FIRST_CHUNK = 4096  # items screened before the first test for an early stop; each later chunk doubles
 
     def __init__(self, model: SequentialModel):
         parts = affine_item_chunks(model)
@@ -122,8 +127,13 @@ class BF16Screen:
             lo += len(part)
         if not varying.any():
             raise ConfigError("every item scores the same: there is nothing to screen")
-        self.varying, self.table = varying, table[:, varying]
-        self.constant = first[0, ~varying].double()
+        table = table[:, varying]
+        norms = torch.cat([part.double().norm(dim=1) for part in table.split(65536)])  # of the bfloat16 values
+        self.norms, order = norms.sort(descending=True, stable=True)
+        self.table, self.items = table[order], order + 1  # position p holds item items[p]
+        self.position = torch.empty_like(order)
+        self.position[order] = torch.arange(len(order))  # of item j at j - 1
+        self.varying, self.constant = varying, first[0, ~varying].double()
         self.column_max, self.bias_max = column_max[varying].double(), column_max[-1].double()
 
     def rows(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,11 +160,50 @@ class BF16Screen:
         )  # fmt: skip
         return x.to(torch.bfloat16), bound
 
-    def chunks(self, rows: torch.Tensor, item_chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(lo, hi, bfloat16 screen scores (B, hi - lo) of items lo..hi-1) over the catalogue."""
-        for lo in range(1, len(self.table) + 1, item_chunk):
-            hi = min(lo + item_chunk, len(self.table) + 1)
-            yield lo, hi, rows @ self.table[lo - 1 : hi - 1].t()
+    def ceilings(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B,) c with screen score <= c |t_j| for every item j: the screen product of bfloat16 values
+        (exact products, float32 sums within (1 + gamma), a bfloat16 result within (1 + u)) is at most
+        (1 + 2^-6) |x| |t_j|, plus (m + 1) 2^-124 for flushed denormals, folded in by `candidates`."""
+        return rows.double().norm(dim=1) * (1 + 2.0**-6)
+
+    def candidates(
+        self, rows: torch.Tensor, width: int, seen: SeenPairs, item_chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(screen scores, item ids) of each row's `width` best unseen items by screen score, best first, and
+        the number of (row, item) screen scores computed.
+
+        Chunks of the norm-ordered table, FIRST_CHUNK items, then twice as many each time, up to `item_chunk`.
+        After each, a row whose width-th best beats every later item's ceiling (|x| |t_p| at the next position
+        p) drops out: every item it never screened scores at most that width-th best, as it would have in a
+        full pass, so `top_k`'s coverage test holds as before. Ties and -inf never drop a row.
+        """
+        batch, total = len(rows), len(self.table)
+        best = torch.full((batch, width), float("-inf"), device=rows.device)
+        best_positions = torch.zeros((batch, width), dtype=torch.long, device=rows.device)
+        ceilings = self.ceilings(rows)
+        flushed = (rows.shape[1] + 1) * 2.0**-124
+        seen_positions = (seen[0], self.position[torch.from_numpy(seen[1] - 1)].numpy())
+        active = torch.arange(batch, device=rows.device)
+        mask = _SeenMask(seen_positions, rows.device)
+        lo, size, computed = 0, min(self.FIRST_CHUNK, item_chunk), 0
+        while lo < total:
+            hi = min(lo + size, total)
+            scores = rows[active] @ self.table[lo:hi].t()
+            mask.apply(scores, lo, hi)
+            computed += scores.numel()
+            values, positions = torch.topk(scores.float(), min(width, hi - lo), dim=1)
+            merged, pick = torch.topk(torch.cat([best[active], values], 1), width, dim=1)
+            best_positions[active] = torch.cat([best_positions[active], positions + lo], 1).gather(1, pick)
+            best[active] = merged
+            lo, size = hi, min(2 * size, item_chunk)
+            if lo < total:
+                done = (ceilings[active] * self.norms[lo] + flushed) < merged[:, -1].double()
+                if done.any():
+                    active = active[~done]
+                    if len(active) == 0:
+                        break
+                    mask = _SeenMask(seen_of_rows(seen_positions, active.cpu().numpy(), batch), rows.device)
+        return best, self.items[best_positions], computed
 
 
 class _SeenMask:
@@ -204,6 +253,7 @@ class CatalogScorer:
         screen: bool = False,
     ):
         self.model, self.item_chunk, self.autocast_dtype, self.screen = model, item_chunk, autocast_dtype, screen
+        self.screened_rows = self.screened_scores = 0  # rows through the screen, and the item scores it computed
 
     @cached_property
     def bf16_screen(self) -> BF16Screen | None:
@@ -253,7 +303,9 @@ class CatalogScorer:
         if width >= self.model.config.num_items or screen is None:
             return _chunked_top_k(self._chunks(queries), k, _SeenMask(seen, queries.device))
         rows, bound = screen.rows(queries)
-        values, items = _chunked_top_k(screen.chunks(rows, self.item_chunk), width, _SeenMask(seen, rows.device))
+        values, items, computed = screen.candidates(rows, width, seen, self.item_chunk)
+        self.screened_rows += len(rows)
+        self.screened_scores += computed
         values = values.double()
         # the float32 top k of a row lies among the items within 2 x bound of its k-th screen score: held by its
         # candidates when the last of them is below that (or -inf: the row has fewer unseen items than that)
