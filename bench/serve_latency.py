@@ -4,6 +4,7 @@ search, on 127.0.0.1.
     python bench/serve_latency.py [MODEL] [--clients 1,8,32,128] [--seconds 20] [--index exact,approximate]
     python bench/serve_latency.py --endpoints search --clients 1,8     # search over 27,278 titles (issue 27)
     python bench/serve_latency.py --mlperf --index exact,approximate      # issue 26's table, ~10-15 minutes
+    python bench/serve_latency.py --mlperf --endpoints health --clients 1,32  # the HTTP stack's own ceiling
     python bench/serve_latency.py --mlperf tiny --index exact,approximate --clients 1,8 --seconds 2  # smoke run
 
 Models. MODEL is anything `movierec serve` takes (checkpoint, run folder, runs:/..., models:/...). Without it
@@ -30,6 +31,10 @@ page's as-you-type request, labelled `search` in the table. Each Q is what someo
 title of the served catalogue (drawn at random, seeded): the title's beginning cut at a random keystroke,
 the beginning of a later word, a word and the year, or the year alone, in lower case without accents (the
 way people type "amelie"). Since each Q comes from a title, an answer without a match also counts as an error.
+
+Health (`--endpoints` with `health`). One phase per `--clients` count of `GET /health` on the first server: the
+same HTTP server, framework and client threads with no model work, so the most requests/s this machine gives
+any endpoint of the stack (labelled `health`).
 
 Recall. Each server also answers the same `--recall-users` users (a seeded sample), one by one, after its
 phases; the recall@K of an approximate server is the mean share of the exact server's top-K movieIds that it
@@ -61,7 +66,7 @@ import numpy as np
 from common import ROOT, cli, is_prepared, log, machine, machine_line, run_child
 
 INDEXES = ("exact", "approximate")
-ENDPOINTS = ("recommend", "search")
+ENDPOINTS = ("recommend", "search", "health")
 NO_MATCH = b'{"items":[]}'  # the search answer without a match
 SEARCH_QUERIES = 5000  # typed queries the search clients draw from
 MLPERF_CONFIG = ROOT / "configs" / "ml-20mx16x32-sse-pt.yaml"
@@ -429,7 +434,7 @@ def parse_args() -> argparse.Namespace:
     if not args.index or not args.endpoints or not args.clients or not all(1 <= c <= 1024 for c in args.clients):
         parser.error("--index and --endpoints need a value each, --clients counts of 1..1024")
     if "recommend" not in args.endpoints and len(args.index) > 1:
-        parser.error("search alone is timed on one server (the index does not matter to it): give one --index")
+        parser.error("search and health are timed on one server (the index does not matter to them): give one --index")
     if not 1 <= args.limit <= 100:
         parser.error("--limit must be from 1 to 100")
     if args.seconds <= 0 or args.warmup < 0 or args.recall_users < 0:
@@ -457,14 +462,16 @@ def main() -> None:
         if "search" in args.endpoints:
             queries = typed_queries(model_titles(model, args.tracking_uri), SEARCH_QUERIES, args.seed)
             requests["search"] = [f"/v1/items?query={quote(query)}&limit={args.limit}" for query in queries]
+        if "health" in args.endpoints:
+            requests["health"] = ["/health"]
         for index in args.index:
             log(f"starting the {index} server ...")
             with running(args, model, index, Path(tmp) / f"server-{index}.log") as server:
                 log(f"{index}: answering after {server.startup_s:.1f} s")
                 for endpoint, paths in requests.items():
-                    if endpoint == "search" and index != args.index[0]:
-                        continue  # the title index is the same whatever --index: timed once
-                    name = index if endpoint == "recommend" else "search"
+                    if endpoint != "recommend" and index != args.index[0]:
+                        continue  # search and health do not depend on --index: timed once
+                    name = index if endpoint == "recommend" else endpoint
                     no_match = NO_MATCH if endpoint == "search" else b""
                     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
                     for at in rng.integers(len(paths), size=args.warmup):

@@ -60,13 +60,13 @@ def test_serve_latency_prints_a_row_per_index_and_client_count(trained_run, tmp_
     assert len(saved["rows"]) == len(rows)
 
 
-def test_serve_latency_times_search_alone_and_every_typed_query_finds_a_movie(trained_run, tmp_path):
+def test_serve_latency_times_search_and_health_alone_and_every_typed_query_finds_a_movie(trained_run, tmp_path):
     out = tmp_path / "search.json"
-    result = run_bench("serve_latency.py", str(trained_run.run_dir), "--endpoints", "search", "--clients", "1,2",
-                       "--seconds", "1", "--warmup", "2", "--json", str(out))  # fmt: skip
+    result = run_bench("serve_latency.py", str(trained_run.run_dir), "--endpoints", "search,health", "--clients",
+                       "1,2", "--seconds", "1", "--warmup", "2", "--json", str(out))  # fmt: skip
     header = "| dataset | index | clients | requests | errors | requests/s | p50 ms | p99 ms | recall@10 |"
     rows = table_rows(result.stdout, header)
-    assert [(r[1], r[2]) for r in rows] == [("search", "1"), ("search", "2")]
+    assert [(r[1], r[2]) for r in rows] == [("search", "1"), ("search", "2"), ("health", "1"), ("health", "2")]
     for row in rows:
         # every answer was a 200 holding a match: the bench counts a search without one as an error
         assert "(150 items)" in row[0] and number(row[3]) > 0 and row[4] == "0" and number(row[5]) > 0
