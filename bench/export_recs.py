@@ -12,8 +12,8 @@ cached under `--cache`, else the tiny synthetic model trained into a temporary f
    last line), users/s of each, and its peak RSS (os.wait4).
 2. Killed: the same command with `--out resumed.parquet`, SIGKILLed `--kill-at` x (1.'s wall time) after its
    start; the passes it finished are kept in `resumed.parquet.parts/` (export-recs writes a part per pass of
-   65,536 users: EXPORT_USERS_PER_PASS). The default 0.6 lands in the second of the three passes of 137,327
-   users, after the first is kept (0.4 would fall before it ends: the resume would redo everything).
+   16,384 users: EXPORT_USERS_PER_PASS). The default 0.6 lands in the sixth of the nine passes of 137,327
+   users, after about five are kept.
 3. Resumed: the same command again, run to its end; then resumed.parquet is compared with whole.parquet row
    for row (pyarrow Table.equals: every column, in order) and "identical: yes/no" printed.
 

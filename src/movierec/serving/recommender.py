@@ -116,7 +116,9 @@ class ExplainedResult:
     unknown_movie_ids: list[int]
 
 
-EXPORT_USERS_PER_PASS = 65536  # export-recs gathers this many users' histories at a time
+# export-recs gathers this many users' histories at a time: a pass's gather holds several int64 copies of its
+# histories (ml-20mx16x32: 557 items a user): 65,536 users a pass peaked at 4,180 MiB, 16,384 at 3,191
+EXPORT_USERS_PER_PASS = 16384
 # histories per forward pass of the model: on a 2-core CPU SSE-PT's forward (200 items, d 150) costs 0.8 ms a row
 # in passes of 16-32 rows and 1.6 ms in one of 256 (its activations leave the cache), while the catalogue is
 # scored fastest for the whole batch at once
