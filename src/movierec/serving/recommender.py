@@ -378,10 +378,10 @@ class Recommender:
 
     def _score(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         """`_top_k` of a request, through the micro-batcher when batching is on."""
-        if self.batcher is None:
-            r = request
-            return self._top_k(r.offsets, r.items, r.users, r.k, r.exclude_seen, r.times)
-        return self.batcher.submit(request)
+        if self.batcher is not None:
+            return self.batcher.submit(request)
+        return self._top_k(request.offsets, request.items, request.users, request.k, request.exclude_seen,
+                           request.times)  # fmt: skip
 
     def _times_of(self, users: np.ndarray) -> np.ndarray | None:
         """The timestamps of known users' histories, aligned with `histories.gather(users)`, for a model with
